@@ -1,0 +1,148 @@
+"""The FAISS half of an index: an HNSW graph over L2-normalised vectors, keyed by SQLite row ids.
+
+Inner product on normalised vectors is cosine similarity, so scores are in [-1, 1], higher is closer.
+HNSW cannot delete, so ids whose rows are gone stay in the graph as "dead" and are excluded from
+every search with an `IDSelector` until the next rebuild. The file is written atomically (temporary
+file, fsync, rename) and is only handed to FAISS after its checksum and header have been checked:
+FAISS trusts its input and can crash the process on a malformed file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import IndexCorruptError
+from .files import atomic_write
+
+# faiss.serialize_index writes each index as: fourcc, d (int32), ntotal (int64), two reserved int64s,
+# is_trained (uint8), metric (int32). An IndexIDMap2 ("IxM2") is followed by its inner index ("IHNf").
+_INDEX_HEADER = struct.Struct("<4siqqqBi")
+_OUTER, _INNER = b"IxM2", b"IHNf"
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    """HNSW parameters, named as in the paper (Malkov & Yashunin): `M` links per node,
+    `ef_construction` candidates while building, `ef_search` candidates while searching."""
+
+    M: int = 32
+    ef_construction: int = 100
+    ef_search: int = 128
+
+    def to_dict(self) -> dict:
+        return {"M": self.M, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HnswParams:
+        return cls(M=int(data["M"]), ef_construction=int(data["ef_construction"]), ef_search=int(data["ef_search"]))
+
+
+class AnnIndex:
+    """An HNSW index whose ids are SQLite row ids."""
+
+    def __init__(self, index: faiss.IndexIDMap2, params: HnswParams):
+        self._index = index
+        self.params = params
+        self._dead = np.empty(0, dtype=np.int64)
+
+    @classmethod
+    def empty(cls, dim: int, params: HnswParams) -> AnnIndex:
+        hnsw = faiss.IndexHNSWFlat(dim, params.M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = params.ef_construction
+        return cls(faiss.IndexIDMap2(hnsw), params)
+
+    @property
+    def dim(self) -> int:
+        return self._index.d
+
+    def __len__(self) -> int:
+        return self._index.ntotal
+
+    def ids(self) -> np.ndarray:
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def max_id(self) -> int:
+        ids = self.ids()
+        return int(ids.max()) if len(ids) else 0
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+
+    def set_dead(self, dead_ids: np.ndarray) -> None:
+        """Ids still in the graph whose rows were removed: never returned by `search`."""
+        self._dead = np.unique(np.asarray(dead_ids, dtype=np.int64))
+
+    @property
+    def dead_count(self) -> int:
+        return len(self._dead)
+
+    def search(self, queries: np.ndarray, k: int, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (scores, ids), each (len(queries), k); missing places have id -1."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = max(1, min(k, len(self)))
+        if len(self) == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(ef_search or self.params.ef_search, k)
+        if len(self._dead):
+            batch = faiss.IDSelectorBatch(self._dead)
+            params.sel = faiss.IDSelectorNot(batch)
+            params._keep = batch  # the selector refers to it; keep it alive as long as params
+        return self._index.search(queries, k, params=params)
+
+    # -- files -----------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        return faiss.serialize_index(self._index).tobytes()
+
+    def save(self, path: Path) -> str:
+        """Write atomically; return the sha256 of what was written."""
+        data = self.to_bytes()
+        atomic_write(path, data)
+        return hashlib.sha256(data).hexdigest()
+
+    @classmethod
+    def load(cls, path: Path, expect_sha256: str, dim: int, params: HnswParams) -> AnnIndex:
+        """Read a FAISS file after checking it is the one the manifest describes.
+
+        Raises `IndexCorruptError` if it is missing, differs from `expect_sha256`, or is not an
+        ID-mapped HNSW index of dimension `dim`; the caller can then rebuild it from SQLite.
+        """
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise IndexCorruptError(f"cannot read {path}: {e.strerror or e}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expect_sha256:
+            raise IndexCorruptError(f"{path} does not match its manifest (sha256 {digest[:12]}...)")
+        check_header(data, dim, path)
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as e:
+            raise IndexCorruptError(f"{path} could not be read by FAISS: {str(e).splitlines()[0]}") from None
+        if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
+            raise IndexCorruptError(f"{path} is not an HNSW index of dimension {dim}")
+        return cls(index, params)
+
+
+def check_header(data: bytes, dim: int, path: Path) -> None:
+    """Refuse anything but an ID-mapped, inner-product HNSW index of `dim` dimensions."""
+    size = _INDEX_HEADER.size
+    if len(data) < 2 * size:
+        raise IndexCorruptError(f"{path} is too short to be a FAISS index")
+    outer = _INDEX_HEADER.unpack_from(data, 0)
+    inner = _INDEX_HEADER.unpack_from(data, size)
+    for (fourcc, d, ntotal, _, _, trained, metric), expected in ((outer, _OUTER), (inner, _INNER)):
+        if fourcc != expected or d != dim or metric != faiss.METRIC_INNER_PRODUCT or trained not in (0, 1):
+            raise IndexCorruptError(f"{path} is not an imgsim HNSW index of dimension {dim}")
+        if ntotal < 0 or ntotal * dim * 4 > len(data):
+            raise IndexCorruptError(f"{path} claims {ntotal} vectors but is only {len(data)} bytes")
+    if outer[2] != inner[2]:
+        raise IndexCorruptError(f"{path} is inconsistent (id map and graph sizes differ)")
+

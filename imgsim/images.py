@@ -1,0 +1,243 @@
+"""Finding image files, decoding them safely, and turning them into model input arrays.
+
+The pipeline for one file is: `decode` (open, check the pixel count from the header, draft-mode decode
+for JPEG, apply the EXIF orientation, convert any mode to RGB) then `to_array` (resize, crop,
+normalise, CHW float32). Nothing here knows about models or storage: a `Preprocess` says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 150_000_000
+"""Images whose header claims more pixels than this are refused before decoding (decompression bombs)."""
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a decoded RGB image becomes a model input.
+
+    `resize` modes: ``crop`` scales the shorter side to `resize_to` and cuts the centre `size` x `size`
+    square; ``squash`` scales the whole image to `size` x `size`, ignoring its aspect ratio.
+    `mean` and `std` are per RGB channel on the 0..1 scale.
+    """
+
+    size: int = 224
+    resize_to: int = 256
+    resize: str = "crop"
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def to_dict(self) -> dict:
+        return {
+            "size": self.size,
+            "resize_to": self.resize_to,
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        return cls(
+            size=int(data["size"]),
+            resize_to=int(data["resize_to"]),
+            resize=str(data["resize"]),
+            interpolation=str(data["interpolation"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+        )
+
+    @property
+    def decode_size(self) -> int:
+        """The smallest shorter side a decoded image needs for this preprocessing."""
+        return self.resize_to if self.resize == "crop" else self.size
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image ready for `to_array`, with what it was before any reduction."""
+
+    image: Image.Image
+    width: int
+    height: int
+    format: str
+
+
+def is_hidden(name: str) -> bool:
+    """Dot files and folders, which includes macOS `._*` resource forks and `.Trash`."""
+    return name.startswith(".")
+
+
+def has_image_extension(path: str | os.PathLike) -> bool:
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def discover(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield the image files under `folder`, recursively, in a stable sorted order.
+
+    Hidden files and folders are skipped. Symbolic links are followed, but a folder already
+    visited (a symlink loop, or two links to one place) is walked only once.
+    """
+    root = Path(folder)
+    seen: set[tuple[int, int]] = set()
+
+    def walk(directory: Path) -> Iterator[Path]:
+        try:
+            st = directory.stat()
+        except OSError:
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return
+        seen.add(key)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                yield from walk(path)
+            elif has_image_extension(entry.name):
+                yield path
+
+    yield from walk(root)
+
+
+def expand(sources: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Yield image files from a mix of files and folders; a folder is walked with `discover`."""
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            yield from discover(path)
+        else:
+            yield path
+
+
+def decode(path: str | os.PathLike, min_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Open and decode an image file as RGB, upright, reduced cheaply where `min_side` allows.
+
+    JPEGs are decoded in draft mode at the smallest DCT scale that keeps the shorter side at least
+    `min_side` pixels, which is many times faster than a full decode of a large photo.
+    Raises `ImageError` with a short reason for anything that is not a readable image.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ImageError(e.strerror or str(e)) from None
+    if not stat.S_ISREG(mode):
+        raise ImageError("not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageError(f"{width}x{height} pixels is over the limit of {max_pixels:,}")
+                fmt = img.format or ""
+                if min_side and fmt == "JPEG":
+                    img.draft("RGB", _draft_request(width, height, min_side))
+                img.load()
+                rgb = to_rgb(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(str(e)) from None
+    except Exception as e:  # Pillow raises many types for bad data: all mean "not a readable image".
+        raise ImageError(_reason(e)) from None
+    if rgb.width < 1 or rgb.height < 1:
+        raise ImageError("image has no pixels")
+    return Decoded(rgb, width, height, fmt)
+
+
+def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """The (w, h) to ask `draft` for so that the shorter side stays at least `min_side`."""
+    scale = min_side / max(1, min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _reason(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    if "cannot identify image file" in text:
+        return "not an image (unrecognised format)"
+    return text.splitlines()[0]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: transparency onto white, 16-bit and float scaled down."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
+    if (img.mode == "P" and "transparency" in img.info) or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Greyscale of more than 8 bits to 8: 16-bit modes by 257; 32-bit int and float by their range."""
+    values = values.astype(np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if mode.startswith("I;16") or (mode == "I" and 255 < top <= 65535):
+        values = values / 257.0
+    elif mode == "F" and top <= 1.0:
+        values = values * 255.0
+    elif top > 255:
+        values = values * (255.0 / top)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def to_array(img: Image.Image, prep: Preprocess) -> np.ndarray:
+    """Resize, crop and normalise an RGB image into a (3, size, size) float32 array."""
+    resample = _RESAMPLE[prep.interpolation]
+    if prep.resize == "squash":
+        img = img.resize((prep.size, prep.size), resample)
+    elif prep.resize == "crop":
+        img = _resize_shorter(img, prep.resize_to, resample)
+        left = (img.width - prep.size) // 2
+        top = (img.height - prep.size) // 2
+        img = img.crop((left, top, left + prep.size, top + prep.size))
+    else:
+        raise ValueError(f"unknown resize mode {prep.resize!r}")
+    pixels = np.asarray(img, dtype=np.float32) / 255.0
+    pixels = (pixels - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _resize_shorter(img: Image.Image, target: int, resample: Image.Resampling) -> Image.Image:
+    w, h = img.size
+    scale = target / min(w, h)
+    size = (max(target, round(w * scale)), max(target, round(h * scale)))
+    # reducing_gap makes Pillow shrink in integer steps first: much faster, visually identical.
+    return img.resize(size, resample, reducing_gap=3.0)
+
+
+def load_array(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Decoded]:
+    """`decode` then `to_array`: what indexing and searching do with each file."""
+    decoded = decode(path, prep.decode_size, max_pixels)
+    return to_array(decoded.image, prep), decoded

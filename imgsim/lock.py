@@ -1,0 +1,45 @@
+"""One writer at a time: an advisory lock held on the index's SQLite file while it is open for writing.
+
+Readers take no lock; SQLite's WAL lets them search while a writer commits batches. The lock is an
+flock (not a POSIX record lock), so it does not interfere with SQLite's own locks on the same file,
+and the kernel releases it if the process dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import IndexLockedError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here; SQLite still keeps the file consistent.
+    fcntl = None
+
+
+class WriterLock:
+    def __init__(self, fd: int | None):
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, path: Path, create: bool = False) -> WriterLock:
+        if fcntl is None:
+            return cls(None)
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY)  # a read-only file: the write itself will be refused later
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise IndexLockedError(f"{path} is being written by another process: wait for it to finish, "
+                                   f"or open the index read-only to search it") from None
+        return cls(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,174 @@
+"""The model catalogue, where model files are found, and running them through onnxruntime.
+
+A model is an ONNX file with one float32 input ``input`` of shape (N, 3, H, W) and an output
+``embedding`` of shape (N, dim): pooled features before any classifier. `Embedder.embed`
+L2-normalises them, so inner product is cosine similarity.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelError
+from .files import file_sha256
+from .images import Preprocess
+
+MODELS_ENV = "IMGSIM_MODELS"
+"""Environment variable naming an extra folder of model files."""
+
+# EfficientNet-Lite was trained in TensorFlow on inputs scaled as (x - 127) / 128; see models/README.md.
+_LITE_PREPROCESS = Preprocess(
+    size=224, resize_to=256, resize="crop", interpolation="bicubic",
+    mean=(127.0 / 255, 127.0 / 255, 127.0 / 255), std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
+)
+_TORCHVISION_PREPROCESS = Preprocess(
+    size=224, resize_to=256, resize="crop", interpolation="bilinear",
+    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A catalogue entry. `sha256` is set where the file is a fixed, published artefact."""
+
+    name: str
+    filename: str
+    dim: int
+    preprocess: Preprocess
+    description: str
+    sha256: str | None = None
+    how_to_get: str = ""
+
+
+CATALOGUE: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="efficientnet-lite0",
+            filename="efficientnet-lite0.onnx",
+            dim=1280,
+            preprocess=_LITE_PREPROCESS,
+            description="EfficientNet-Lite0, ImageNet weights, fp32; bundled",
+            how_to_get="it ships with imgsim: reinstall imgsim, or run scripts/convert_efficientnet_lite0.py",
+        ),
+        ModelSpec(
+            name="resnet50",
+            filename="resnet50.onnx",
+            dim=2048,
+            preprocess=_TORCHVISION_PREPROCESS,
+            description="ResNet50, torchvision ImageNet weights, fp32; exported by you",
+            how_to_get="run scripts/export_resnet50.py WEIGHTS -o models/resnet50.onnx",
+        ),
+    )
+}
+
+BUNDLED_MODEL = "efficientnet-lite0"
+
+
+def search_dirs() -> list[Path]:
+    """Where model files are looked for, in order: the source tree's models/, the copy bundled in
+    the installed package, then the folder named by IMGSIM_MODELS."""
+    here = Path(__file__).resolve().parent
+    dirs = [here.parent / "models", here / "_models"]
+    extra = os.environ.get(MODELS_ENV)
+    if extra:
+        dirs.append(Path(extra))
+    return dirs
+
+
+def spec_for(name: str) -> ModelSpec:
+    try:
+        return CATALOGUE[name]
+    except KeyError:
+        known = ", ".join(sorted(CATALOGUE))
+        raise ModelError(f"unknown model {name!r}: known models are {known}") from None
+
+
+def find_file(spec: ModelSpec) -> Path | None:
+    for directory in search_dirs():
+        candidate = directory / spec.filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def default_model() -> tuple[str, str]:
+    """The model a new index gets when none is named, and why."""
+    if find_file(CATALOGUE["resnet50"]) is not None:
+        return "resnet50", "its ONNX file is installed"
+    return BUNDLED_MODEL, "bundled; resnet50.onnx is not installed"
+
+
+@dataclass
+class Model:
+    """A catalogue entry together with its installed, verified file."""
+
+    spec: ModelSpec
+    path: Path
+    sha256: str
+
+    @classmethod
+    def load(cls, name: str, expect_sha256: str | None = None) -> Model:
+        """Find and verify a model file. `expect_sha256` is what an existing index was made with."""
+        spec = spec_for(name)
+        path = find_file(spec)
+        if path is None:
+            dirs = ", ".join(str(d) for d in search_dirs())
+            raise ModelError(f"model {name} is not installed (looked in {dirs}): {spec.how_to_get}")
+        digest = file_sha256(path)
+        if spec.sha256 and digest != spec.sha256:
+            raise ModelError(f"model file {path} is damaged (sha256 {digest[:12]}..., expected "
+                             f"{spec.sha256[:12]}...): {spec.how_to_get}")
+        if expect_sha256 and digest != expect_sha256:
+            raise ModelError(f"the index was made with a different {name} file (sha256 {expect_sha256[:12]}...) "
+                             f"than {path} (sha256 {digest[:12]}...): install the same file, or rebuild the index")
+        return cls(spec, path, digest)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.spec.preprocess
+
+    @cached_property
+    def _session(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = available_cpus()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelError(f"model file {self.path} could not be loaded by onnxruntime: {e}") from None
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """Embed a (N, 3, H, W) float32 batch into (N, dim) L2-normalised float32 vectors."""
+        (out,) = self._session.run(["embedding"], {"input": np.ascontiguousarray(batch, dtype=np.float32)})
+        return normalize(out.reshape(len(batch), -1))
+
+
+def normalize(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)

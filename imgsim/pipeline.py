@@ -1,0 +1,75 @@
+"""The indexing pipeline: decode in worker threads while the model embeds the previous batch.
+
+Pillow and onnxruntime both release the GIL for their heavy work, so threads give real overlap. At
+most `window` decoded images wait in memory at any time, so memory stays bounded on any folder size.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+
+from . import images as imgs
+from .errors import ImageError
+from .models import Model, available_cpus
+from .store import NewImage
+from .sync import Candidate
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
+    """Like `ThreadPoolExecutor.map`, in order, but with at most `window` results pending at once."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def embed_files(candidates: list[Candidate], model: Model, *, batch_size: int = 16,
+                max_pixels: int = imgs.DEFAULT_MAX_PIXELS,
+                workers: int | None = None) -> Iterator[tuple[list[NewImage], list[tuple[str, str]]]]:
+    """Yield (embedded images, failures) per batch of `batch_size` files; a failure is (path, reason)."""
+    prep = model.preprocess
+
+    def decode(candidate: Candidate):
+        try:
+            array, decoded = imgs.load_array(candidate.path, prep, max_pixels)
+            return candidate, array, (decoded.width, decoded.height, decoded.format)  # drop the pixels
+        except ImageError as e:
+            return candidate, None, str(e)
+
+    workers = workers or available_cpus()
+    arrays: list[np.ndarray] = []
+    metas: list[tuple[Candidate, tuple[int, int, str]]] = []
+    failures: list[tuple[str, str]] = []
+
+    def flush() -> tuple[list[NewImage], list[tuple[str, str]]]:
+        vectors = model.embed(np.stack(arrays)) if arrays else np.empty((0, model.dim), np.float32)
+        batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v)
+                 for (c, (w, h, fmt)), v in zip(metas, vectors)]
+        result = (batch, list(failures))
+        arrays.clear()
+        metas.clear()
+        failures.clear()
+        return result
+
+    for candidate, array, decoded in bounded_map(decode, candidates, workers, window=2 * batch_size):
+        if array is None:
+            failures.append((str(candidate.path), decoded))
+        else:
+            arrays.append(array)
+            metas.append((candidate, decoded))
+        if len(arrays) + len(failures) >= batch_size:
+            yield flush()
+    if arrays or failures:
+        yield flush()
