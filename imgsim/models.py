@@ -21,9 +21,10 @@ from .images import Preprocess
 MODELS_ENV = "IMGSIM_MODELS"
 """Environment variable naming an extra folder of model files."""
 
-# EfficientNet-Lite was trained in TensorFlow on inputs scaled as (x - 127) / 128; see models/README.md.
+# EfficientNet-Lite was trained in TensorFlow on inputs scaled as (x - 127) / 128; models/README.md
+# has the evidence (BatchNorm statistics and ImageNet classification of real photos).
 _LITE_PREPROCESS = Preprocess(
-    size=224, resize_to=256, resize="crop", interpolation="bicubic",
+    size=224, resize_to=256, resize="crop", interpolation="bilinear",
     mean=(127.0 / 255, 127.0 / 255, 127.0 / 255), std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
 )
 _TORCHVISION_PREPROCESS = Preprocess(

@@ -1,0 +1,155 @@
+"""Shared fixtures: real photos from scikit-image, transformed copies of them, and a tiny real ONNX model.
+
+The tiny model ("tiny-test") is a genuine ONNX graph run by onnxruntime (average-pool the picture to
+4x4, flatten: 48 dimensions), registered in the catalogue for the test session. Logic tests use it to
+stay fast; the tests that judge search quality use the bundled EfficientNet-Lite0.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from imgsim import models
+from imgsim.images import Preprocess
+
+# Distinct real photos (skimage's `cat` is the same picture as `chelsea`, so it is left out).
+PHOTO_NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "retina", "immunohistochemistry",
+               "hubble_deep_field", "moon", "page", "brick", "gravel", "grass", "motorcycle_left"]
+
+TINY_MODEL = "tiny-test"
+
+
+def _photo(name: str) -> Image.Image | None:
+    from skimage import data
+
+    if not hasattr(data, name):
+        return None
+    try:
+        array = getattr(data, name)()
+    except Exception:  # some skimage photos are fetched on demand: not available offline
+        return None
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[..., :3]
+    return Image.fromarray(array).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def photo_images() -> dict[str, Image.Image]:
+    found = {name: img for name in PHOTO_NAMES if (img := _photo(name)) is not None}
+    assert len(found) >= 10, "scikit-image should ship at least 10 of these photos"
+    return found
+
+
+@pytest.fixture(scope="session")
+def photos_master(tmp_path_factory, photo_images) -> Path:
+    folder = tmp_path_factory.mktemp("photos-master")
+    for name, img in photo_images.items():
+        img.save(folder / f"{name}.jpg", quality=95)
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path, photos_master) -> Path:
+    """A fresh, writable copy of the photo folder (JPEG, quality 95)."""
+    folder = tmp_path / "photos"
+    shutil.copytree(photos_master, folder)
+    return folder
+
+
+def exif_rotated(img: Image.Image) -> bytes:
+    """The picture stored rotated by 90 degrees, with an EXIF tag that says how to turn it upright."""
+    stored = img.transpose(Image.Transpose.ROTATE_90)  # counter-clockwise; orientation 6 undoes it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    stored.save(out, "JPEG", quality=90, exif=exif)
+    return out.getvalue()
+
+
+def transformed_copies(img: Image.Image) -> dict[str, bytes]:
+    """What people do to photos: each variant as encoded file bytes (JPEG)."""
+
+    def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=quality)
+        return out.getvalue()
+
+    w, h = img.size
+    cw, ch = int(w * 0.8), int(h * 0.8)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return {
+        "resized": jpeg(img.resize((w // 2, h // 2), Image.Resampling.LANCZOS)),
+        "jpeg40": jpeg(img, quality=40),
+        "crop80": jpeg(img.crop((left, top, left + cw, top + ch))),
+        "brighter": jpeg(ImageEnhance.Brightness(img).enhance(1.4)),
+        "exif-rotated": exif_rotated(img),
+    }
+
+
+def _tiny_onnx(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("AveragePool", ["input"], ["pooled"], kernel_shape=[16, 16], strides=[16, 16]),
+            helper.make_node("Flatten", ["pooled"], ["embedding"], axis=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 64, 64])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 48])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    _tiny_onnx(folder / "tiny-test.onnx")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(monkeypatch, tiny_model_dir):
+    """Make the tiny model available to every test, and keep IMGSIM_* settings out of the tests."""
+    monkeypatch.setenv(models.MODELS_ENV, str(tiny_model_dir))
+    monkeypatch.delenv("IMGSIM_INDEX", raising=False)
+    spec = models.ModelSpec(
+        name=TINY_MODEL, filename="tiny-test.onnx", dim=48,
+        preprocess=Preprocess(size=64, resize_to=64, resize="squash", interpolation="bilinear",
+                              mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        description="test model: a 4x4 average of the picture",
+    )
+    monkeypatch.setitem(models.CATALOGUE, TINY_MODEL, spec)
+    return spec
+
+
+@contextmanager
+def read_only_folder(folder: Path):
+    """Make `folder` unwritable even for root (chattr +i), as a shipped dataset on read-only media is."""
+    os.chmod(folder, 0o555)
+    immutable = False
+    if os.access(folder, os.W_OK):  # root ignores permissions: use the immutable attribute instead
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        if not immutable:
+            os.chmod(folder, 0o755)
+            pytest.skip("cannot make a folder read-only here")
+    try:
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        os.chmod(folder, 0o755)

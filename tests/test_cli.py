@@ -1,0 +1,115 @@
+"""The command line: exit codes, one-line errors, output formats, where the index is found."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from imgsim.cli import cli
+
+from .conftest import TINY_MODEL
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def tiny_index(tmp_path, photos):
+    index = tmp_path / "tiny"
+    result = run("index", photos, "--index", index, "--model", TINY_MODEL)
+    assert result.exit_code == 0, result.output
+    return index
+
+
+def test_index_prints_a_summary_and_json(tmp_path, photos):
+    result = run("index", photos, "--index", tmp_path / "x", "--model", TINY_MODEL)
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"added {len(list(photos.iterdir()))}, updated 0, moved 0, removed 0,")
+    assert "images/s" in result.stdout
+    again = run("index", photos, "--index", tmp_path / "x", "--json")
+    summary = json.loads(again.stdout)
+    assert summary["unchanged"] == len(list(photos.iterdir())) and summary["added"] == 0
+
+
+def test_search_plain_and_json(tiny_index, photos):
+    plain = run("search", photos / "coffee.jpg", "--index", tiny_index, "-k", "3")
+    assert plain.exit_code == 0
+    first = plain.stdout.splitlines()[0].split()
+    assert first[0] == "1" and float(first[1]) == pytest.approx(1.0, abs=1e-4)
+    assert first[2].endswith("coffee.jpg")
+    rows = [json.loads(line) for line in run("search", photos / "coffee.jpg", "--index", tiny_index, "--json").stdout.splitlines()]
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[0]["path"] == "coffee.jpg" and rows[0]["query"].endswith("coffee.jpg")
+
+
+def test_info_json(tiny_index, photos):
+    data = json.loads(run("info", "--index", tiny_index, "--json").stdout)
+    assert data["count"] == len(list(photos.iterdir()))
+    assert data["model"] == TINY_MODEL and data["dimensions"] == 48
+    assert data["faiss_bytes"] > 0 and data["sqlite_bytes"] > 0
+    assert data["root"] == str(photos)
+
+
+def test_index_path_from_environment_and_default(tmp_path, photos, monkeypatch):
+    env_index = tmp_path / "from-env"
+    assert run("index", photos, "--model", TINY_MODEL, env={"IMGSIM_INDEX": str(env_index)}).exit_code == 0
+    assert (tmp_path / "from-env.sqlite").exists() and (tmp_path / "from-env.faiss").exists()
+    monkeypatch.chdir(tmp_path)
+    assert run("index", photos, "--model", TINY_MODEL).exit_code == 0
+    assert (tmp_path / "imgsim.sqlite").exists()
+    assert run("info").exit_code == 0
+
+
+def test_index_file_suffix_is_accepted(tiny_index):
+    assert run("info", "--index", f"{tiny_index}.faiss").exit_code == 0
+    assert run("info", "--index", f"{tiny_index}.sqlite").exit_code == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["index", "{tmp}/nowhere", "--index", "{tmp}/i"], "Error: folder {tmp}/nowhere does not exist"),
+    (["search", "{photos}/coffee.jpg", "--index", "{tmp}/missing"], "Error: no index at {tmp}/missing"),
+    (["info", "--index", "{tmp}/missing"], "Error: no index at {tmp}/missing"),
+    (["index", "{photos}", "--index", "{tmp}/i", "--model", "vgg99"], "Error: unknown model 'vgg99'"),
+])
+def test_bad_input_is_one_line_and_exit_1(tmp_path, photos, args, message):
+    fill = {"tmp": tmp_path, "photos": photos}
+    result = run(*[a.format(**fill) for a in args])
+    assert result.exit_code == 1
+    assert error_line(result).startswith(message.format(**fill))
+    assert not (tmp_path / "i.sqlite").exists()
+
+
+def test_query_that_is_not_an_image(tiny_index, tmp_path):
+    query = tmp_path / "notes.jpg"
+    query.write_text("just text")
+    result = run("search", query, "--index", tiny_index)
+    assert result.exit_code == 1
+    assert error_line(result) == f"Error: cannot read query {query}: not an image (unrecognised format)"
+    missing = run("search", tmp_path / "nope.jpg", "--index", tiny_index)
+    assert missing.exit_code == 1 and "No such file" in error_line(missing)
+
+
+def test_model_cannot_change_on_an_existing_index(tiny_index, photos):
+    result = run("index", photos, "--index", tiny_index, "--model", "efficientnet-lite0")
+    assert result.exit_code == 1
+    assert "was made with tiny-test, not efficientnet-lite0" in error_line(result)
+
+
+def test_bad_k_is_a_usage_error(tiny_index, photos):
+    result = run("search", photos / "coffee.jpg", "--index", tiny_index, "-k", "0")
+    assert result.exit_code == 2
+
+
+def test_every_command_has_help():
+    for name, command in cli.commands.items():
+        assert command.help, name
+        assert run(name, "--help").exit_code == 0

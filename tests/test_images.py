@@ -1,0 +1,145 @@
+"""Finding and decoding image files the way real folders need."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgsim.errors import ImageError
+from imgsim.images import Preprocess, decode, discover, to_array
+
+from .conftest import exif_rotated
+
+
+def _save(path: Path, img: Image.Image, fmt: str | None = None, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, **kwargs)
+    return path
+
+
+def test_discover_walks_recursively_case_insensitive_and_skips_hidden(tmp_path):
+    red = Image.new("RGB", (8, 8), "red")
+    wanted = [
+        _save(tmp_path / "a.JPG", red, "JPEG"),
+        _save(tmp_path / "b.jpeg", red, "JPEG"),
+        _save(tmp_path / "sub" / "c.png", red),
+        _save(tmp_path / "sub" / "deeper" / "d.WebP", red, "WEBP"),
+        _save(tmp_path / "e.bmp", red),
+        _save(tmp_path / "f.gif", red),
+        _save(tmp_path / "g.tif", red),
+        _save(tmp_path / "h.TIFF", red, "TIFF"),
+    ]
+    _save(tmp_path / ".hidden.jpg", red, "JPEG")
+    _save(tmp_path / "._a.JPG", red, "JPEG")  # macOS resource fork
+    _save(tmp_path / ".thumbnails" / "x.jpg", red, "JPEG")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    (tmp_path / "raw.cr2").write_bytes(b"raw")
+    found = list(discover(tmp_path))
+    assert sorted(found) == sorted(wanted)
+
+
+def test_discover_follows_symlinks_once_and_survives_loops(tmp_path):
+    photos = tmp_path / "photos"
+    _save(photos / "a.png", Image.new("RGB", (8, 8)))
+    os.symlink(photos, photos / "loop")  # a folder that contains itself
+    os.symlink(tmp_path / "photos" / "a.png", photos / "link.png")
+    found = list(discover(photos))
+    assert sorted(p.name for p in found) == ["a.png", "link.png"]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    upright = Image.new("RGB", (300, 200), "white")
+    upright.paste(Image.new("RGB", (100, 200), "red"), (0, 0))  # red on the left
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(exif_rotated(upright))
+    with Image.open(path) as raw:
+        assert raw.size == (200, 300)  # stored sideways
+    decoded = decode(path)
+    assert decoded.image.size == (300, 200)
+    pixels = np.asarray(decoded.image)
+    assert pixels[100, 20, 0] > 200 and pixels[100, 20, 1] < 80  # red is back on the left
+    assert pixels[100, 280].min() > 200
+
+
+@pytest.mark.parametrize("mode, maker, expected", [
+    ("L", lambda: Image.new("L", (4, 4), 128), (128, 128, 128)),
+    ("1", lambda: Image.new("1", (4, 4), 1), (255, 255, 255)),
+    ("RGBA", lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)), (255, 255, 255)),  # transparent: white
+    ("LA", lambda: Image.new("LA", (4, 4), (0, 255)), (0, 0, 0)),
+    ("CMYK", lambda: Image.new("CMYK", (4, 4), (0, 255, 255, 0)), (255, 0, 0)),
+    ("I;16", lambda: Image.fromarray(np.full((4, 4), 65535, np.uint16)), (255, 255, 255)),
+    ("I", lambda: Image.fromarray(np.full((4, 4), 32896, np.int32)), (128, 128, 128)),
+    ("F", lambda: Image.fromarray(np.full((4, 4), 0.5, np.float32)), (128, 128, 128)),
+])
+def test_every_mode_becomes_rgb(tmp_path, mode, maker, expected):
+    img = maker()
+    assert img.mode == mode
+    fmt = {"CMYK": "JPEG", "F": "TIFF", "I": "TIFF"}.get(mode, "PNG")
+    path = _save(tmp_path / f"x.{fmt.lower()}", img, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+    decoded = decode(path)
+    assert decoded.image.mode == "RGB"
+    assert np.allclose(np.asarray(decoded.image)[1, 1], expected, atol=3)
+
+
+def test_palette_transparency_goes_onto_white(tmp_path):
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([0, 0, 0] * 256)
+    path = _save(tmp_path / "p.png", img, transparency=0)
+    assert np.asarray(decode(path).image)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_large_jpeg_is_decoded_in_draft_mode_but_not_below_what_the_model_needs(tmp_path):
+    big = Image.new("RGB", (4000, 3000), "blue")
+    path = _save(tmp_path / "big.jpg", big, "JPEG")
+    decoded = decode(path, min_side=256)
+    assert (decoded.width, decoded.height) == (4000, 3000)  # the original size is what is reported
+    assert min(decoded.image.size) >= 256
+    assert decoded.image.size[0] <= 1000  # decoded at 1/4 scale or less
+
+
+def test_animated_gif_uses_the_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "green", "blue")]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    pixel = np.asarray(decode(path).image)[4, 4]
+    assert pixel[0] > 200 and pixel[1] < 60
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "not an image"),
+    (b"hello, this is text", "not an image"),
+])
+def test_unreadable_files_raise_image_error(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=reason):
+        decode(path)
+
+
+def test_truncated_jpeg_is_an_error(tmp_path):
+    buf = io.BytesIO()
+    Image.effect_noise((400, 400), 60).convert("RGB").save(buf, "JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError):
+        decode(path)
+
+
+def test_pixel_limit_refuses_bombs_before_decoding(tmp_path):
+    path = _save(tmp_path / "wide.png", Image.new("L", (5000, 5000)))
+    with pytest.raises(ImageError, match="over the limit"):
+        decode(path, max_pixels=1_000_000)
+
+
+def test_to_array_shapes_and_normalises():
+    prep = Preprocess(size=224, resize_to=256, resize="crop", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    array = to_array(Image.new("RGB", (640, 480), (255, 0, 0)), prep)
+    assert array.shape == (3, 224, 224) and array.dtype == np.float32
+    assert np.allclose(array[0], 1.0) and np.allclose(array[1], -1.0)
+    squash = to_array(Image.new("RGB", (1000, 10), "white"), Preprocess(size=32, resize="squash"))
+    assert squash.shape == (3, 32, 32)

@@ -1,0 +1,234 @@
+"""The `Index` object with the tiny model: what gets embedded, moved, removed, rebuilt, refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgsim import Index, ImgsimError, IndexLockedError, ModelError, ReadOnlyIndexError
+from imgsim.errors import IndexCorruptError
+
+from .conftest import TINY_MODEL, read_only_folder
+
+
+@pytest.fixture
+def index(tmp_path, photos):
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as idx:
+        idx.add(photos)
+        yield idx
+
+
+def n_photos(folder) -> int:
+    return len(list(folder.glob("*.jpg")))
+
+
+def test_add_stores_relative_paths_and_metadata(index, photos):
+    assert len(index) == n_photos(photos)
+    assert index.root == photos.resolve()
+    row = next(r for r in index.rows() if r.path == "coffee.jpg")
+    with Image.open(photos / "coffee.jpg") as img:
+        assert (row.width, row.height, row.format) == (*img.size, "JPEG")
+    assert row.size == (photos / "coffee.jpg").stat().st_size
+
+
+def test_unchanged_folder_embeds_nothing(index, photos):
+    report = index.sync(photos)
+    assert (report.embedded, report.added, report.unchanged) == (0, 0, n_photos(photos))
+
+
+def test_touched_file_is_not_embedded_again(index, photos):
+    os.utime(photos / "coffee.jpg", ns=(1, 1))
+    report = index.sync(photos)
+    assert report.embedded == 0 and report.unchanged == n_photos(photos)
+
+
+def test_changed_file_is_embedded_again(index, photos):
+    Image.new("RGB", (64, 64), "green").save(photos / "coffee.jpg")
+    report = index.sync(photos)
+    assert (report.updated, report.embedded) == (1, 1)
+    assert index.search(photos / "coffee.jpg", k=1)[0].path == "coffee.jpg"
+    assert len(index) == n_photos(photos)
+
+
+def test_renamed_file_keeps_its_vector(index, photos):
+    old_id = next(r.id for r in index.rows() if r.path == "rocket.jpg")
+    (photos / "sub").mkdir()
+    (photos / "rocket.jpg").rename(photos / "sub" / "launch.jpg")
+    report = index.sync(photos)
+    assert (report.moved, report.embedded, report.removed) == (1, 0, 0)
+    hit = index.search(photos / "sub" / "launch.jpg", k=1)[0]
+    assert (hit.id, hit.path) == (old_id, "sub/launch.jpg")
+
+
+def test_deleted_file_leaves_the_results(index, photos):
+    (photos / "coffee.jpg").unlink()
+    report = index.sync(photos)
+    assert report.removed == 1 and len(index) == n_photos(photos)
+    assert all(r.path != "coffee.jpg" for r in index.search(photos / "rocket.jpg", k=50))
+
+
+def test_keep_missing(index, photos):
+    (photos / "coffee.jpg").unlink()
+    report = index.sync(photos, remove_missing=False)
+    assert report.removed == 0 and len(index) == n_photos(photos) + 1
+
+
+def test_byte_identical_copy_reuses_the_vector(index, photos):
+    shutil.copy(photos / "coffee.jpg", photos / "coffee-copy.jpg")
+    report = index.sync(photos)
+    assert (report.added, report.embedded) == (1, 0)
+    top = index.search(photos / "coffee.jpg", k=2)
+    assert {r.path for r in top} == {"coffee.jpg", "coffee-copy.jpg"}
+
+
+def test_bad_files_are_reported_and_skipped(index, photos, tmp_path):
+    good = n_photos(photos)
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "text.png").write_text("not a picture")
+    skipped = []
+    report = index.sync(photos, on_skip=lambda path, reason: skipped.append((os.path.basename(path), reason)))
+    assert report.failed == 2 and report.unchanged == good
+    assert sorted(name for name, _ in skipped) == ["empty.jpg", "text.png"]
+    assert sorted(os.path.basename(p) for p, _, _ in index.errors()) == ["empty.jpg", "text.png"]
+
+
+def test_removed_ids_never_come_back_and_the_graph_is_rebuilt(tmp_path, photos):
+    path = tmp_path / "idx"
+    with Index.create(path, model=TINY_MODEL) as index:
+        index.add(photos)
+    total = n_photos(photos)
+    (photos / "coffee.jpg").unlink()
+    with Index.open(path) as index:  # one removal: the id stays in the graph, excluded from results
+        index.sync(photos)
+        ids = {r.id for r in index.search(photos / "astronaut.jpg", k=100)}
+        assert len(ids) == total - 1 and ids == {r.id for r in index.rows()}
+    with Index.open(path, read_only=True) as index:
+        assert len(index._ann_index()) == total and index._ann_index().dead_count == 1
+    for name in ["rocket.jpg", "camera.jpg", "moon.jpg"]:
+        (photos / name).unlink()
+    with Index.open(path) as index:  # now over the threshold: the graph is rebuilt without dead ids
+        index.sync(photos)
+    with Index.open(path, read_only=True) as index:
+        assert len(index._ann_index()) == total - 4 and index._ann_index().dead_count == 0
+        ids = {r.id for r in index.search(photos / "astronaut.jpg", k=100)}
+        assert ids == {r.id for r in index.rows()}
+
+
+def test_missing_or_damaged_faiss_file_is_rebuilt_from_sqlite(tmp_path, photos, caplog):
+    path = tmp_path / "idx"
+    with Index.create(path, model=TINY_MODEL) as index:
+        index.add(photos)
+        expected = [r.id for r in index.search(photos / "coffee.jpg", k=5)]
+    faiss_file = tmp_path / "idx.faiss"
+    for damage in (lambda: faiss_file.write_bytes(faiss_file.read_bytes()[:100]),
+                   lambda: faiss_file.write_bytes(b"\0" * 5000),
+                   lambda: faiss_file.unlink()):
+        damage()
+        with Index.open(path) as index:
+            assert [r.id for r in index.search(photos / "coffee.jpg", k=5)] == expected
+        assert "rebuilding" in caplog.text
+        caplog.clear()
+
+
+def test_faiss_that_lags_behind_sqlite_is_caught_up(tmp_path, photos):
+    path = tmp_path / "idx"
+    with Index.create(path, model=TINY_MODEL) as index:
+        index.add([photos / "coffee.jpg"])
+    stale = (tmp_path / "idx.faiss").read_bytes()
+    with Index.open(path) as index:
+        index.add(photos)
+    with Index.open(path) as index:
+        manifest = index._store.manifest()
+    (tmp_path / "idx.faiss").write_bytes(stale)  # as if the process died before writing the FAISS file
+    from imgsim.store import Store
+    store = Store.open(tmp_path / "idx.sqlite")
+    with store.transaction():
+        import hashlib
+        store.set_manifest(faiss_sha256=hashlib.sha256(stale).hexdigest(), faiss_max_id=1)
+    store.close()
+    with Index.open(path) as index:
+        assert len(index._ann_index()) == n_photos(photos)
+        assert index.search(photos / "rocket.jpg", k=1)[0].path == "rocket.jpg"
+    assert manifest["faiss_max_id"] == n_photos(photos)
+
+
+def test_second_writer_is_refused_but_readers_are_welcome(tmp_path, photos):
+    path = tmp_path / "idx"
+    with Index.create(path, model=TINY_MODEL) as writer:
+        writer.add(photos)
+        with pytest.raises(IndexLockedError, match="being written by another process"):
+            Index.open(path)
+        with Index.open(path, read_only=True) as reader:
+            assert len(reader) == n_photos(photos)
+            with pytest.raises(ReadOnlyIndexError):
+                reader.add(photos)
+
+
+def test_index_in_a_read_only_folder_can_be_searched(tmp_path, photos):
+    shipped = tmp_path / "dataset"
+    shipped.mkdir()
+    with Index.create(shipped / "idx", model=TINY_MODEL, root=photos) as index:
+        index.add(photos)
+    with read_only_folder(shipped):
+        with Index.open(shipped / "idx", read_only=True) as index:
+            assert index.search(photos / "coffee.jpg", k=1)[0].path == "coffee.jpg"
+            assert len(index) == n_photos(photos)
+        assert sorted(p.name for p in shipped.iterdir()) == ["idx.faiss", "idx.sqlite"]
+
+
+def test_folder_moved_with_its_index_keeps_working(tmp_path, photos):
+    with Index.create(photos / ".imgsim", model=TINY_MODEL) as index:
+        index.add(photos)
+    moved = tmp_path / "elsewhere"
+    photos.rename(moved)
+    with Index.open(moved / ".imgsim") as index:
+        report = index.sync(moved)
+        assert (report.unchanged, report.removed, report.moved) == (n_photos(moved), 0, 0)
+        hit = index.search(moved / "coffee.jpg", k=1)[0]
+        assert index.resolve(hit.path) == moved.resolve() / "coffee.jpg"
+
+
+def test_root_override(tmp_path, photos):
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+        index.add(photos)
+    copy = tmp_path / "copy"
+    shutil.copytree(photos, copy)
+    with Index.open(tmp_path / "idx", read_only=True, root=copy) as index:
+        assert index.resolve("coffee.jpg") == copy.resolve() / "coffee.jpg"
+
+
+def test_model_file_swapped_under_an_index_is_refused(tmp_path, photos, tiny_model_dir, monkeypatch):
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+        index.add(photos)
+    other = tmp_path / "other-models"
+    other.mkdir()
+    (other / "tiny-test.onnx").write_bytes((tiny_model_dir / "tiny-test.onnx").read_bytes() + b"\0")
+    monkeypatch.setenv("IMGSIM_MODELS", str(other))
+    with Index.open(tmp_path / "idx", read_only=True) as index:
+        with pytest.raises(ModelError, match="different tiny-test file"):
+            index.search(photos / "coffee.jpg")
+
+
+def test_not_an_index(tmp_path):
+    (tmp_path / "junk.sqlite").write_bytes(b"SQLite format 3\0" + os.urandom(2000))
+    with pytest.raises(IndexCorruptError):
+        Index.open(tmp_path / "junk", read_only=True)
+    (tmp_path / "plain.sqlite").write_bytes(b"")
+    with pytest.raises(IndexCorruptError, match="not an imgsim index"):
+        Index.open(tmp_path / "plain", read_only=True)
+
+
+def test_create_refuses_to_overwrite(tmp_path):
+    Index.create(tmp_path / "idx", model=TINY_MODEL).close()
+    with pytest.raises(ImgsimError, match="already exists"):
+        Index.create(tmp_path / "idx", model=TINY_MODEL)
+
+
+def test_vectors_are_unit_length_cosine(index, photos):
+    vector = index.embed(photos / "coffee.jpg")
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    assert index.search(vector, k=1)[0].score == pytest.approx(1.0, abs=1e-4)
