@@ -168,6 +168,45 @@ def info(index_path, as_json):
         click.echo(f"{key}: {value}")
 
 
+@cli.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def models(ctx, as_json):
+    """List the known models: installed or not, where, and whether the file is verified."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .installer import catalogue_status
+
+    for entry in catalogue_status():
+        data = entry.to_dict()
+        if as_json:
+            emit(data)
+            continue
+        verified = {True: "sha256 verified", False: "sha256 MISMATCH", None: "no published sha256"}[entry.verified]
+        where = f"{data['path']} ({data['bytes'] / 1e6:.1f} MB, {verified})" if data["installed"] else "not installed"
+        click.echo(f"{data['name']:<24} {data['dimensions']:>5}-d  {data['input_size']}px  {where}")
+
+
+@models.command("add")
+@click.argument("name")
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.option("--url", help="Download the file from this URL instead (needs --sha256).")
+@click.option("--sha256", "sha256", metavar="HEX", help="Expected sha256 of the file.")
+def models_add(name, file, url, sha256):
+    """Install a model file as NAME into $IMGSIM_MODELS (or ~/.local/share/imgsim/models).
+
+    The file is checked (sha256, loads in onnxruntime, right output size) before it is installed.
+    """
+    from .installer import install_file, install_url
+
+    if bool(file) == bool(url):
+        raise click.UsageError("give either FILE or --url")
+    if url and not sha256:
+        raise click.UsageError("--url needs --sha256, so that nothing unverified is installed")
+    path = install_url(name, url, sha256) if url else install_file(name, file, sha256)
+    click.echo(f"installed {name} at {path}")
+
+
 def main() -> None:
     cli(prog_name="imgsim")
 

@@ -46,6 +46,8 @@ class ModelSpec:
     how_to_get: str = ""
 
 
+_QUANTIZE = "run scripts/quantize.py models/{src} --calibrate PHOTO_FOLDER -o models/{dst}"
+
 CATALOGUE: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -54,16 +56,34 @@ CATALOGUE: dict[str, ModelSpec] = {
             filename="efficientnet-lite0.onnx",
             dim=1280,
             preprocess=_LITE_PREPROCESS,
-            description="EfficientNet-Lite0, ImageNet weights, fp32; bundled",
+            description="EfficientNet-Lite0, ImageNet weights, fp32 (bundled)",
+            sha256="b4e688f1897f4e4c828a200f4bda4f1383246818f726ed94248a7777ecf3bbc6",
             how_to_get="it ships with imgsim: reinstall imgsim, or run scripts/convert_efficientnet_lite0.py",
+        ),
+        ModelSpec(
+            name="efficientnet-lite0-int8",
+            filename="efficientnet-lite0.int8.onnx",
+            dim=1280,
+            preprocess=_LITE_PREPROCESS,
+            description="EfficientNet-Lite0, static INT8 (QDQ, per-channel)",
+            how_to_get=_QUANTIZE.format(src="efficientnet-lite0.onnx", dst="efficientnet-lite0.int8.onnx"),
         ),
         ModelSpec(
             name="resnet50",
             filename="resnet50.onnx",
             dim=2048,
             preprocess=_TORCHVISION_PREPROCESS,
-            description="ResNet50, torchvision ImageNet weights, fp32; exported by you",
-            how_to_get="run scripts/export_resnet50.py WEIGHTS -o models/resnet50.onnx",
+            description="ResNet50, torchvision ImageNet weights, fp32 (exported by you)",
+            how_to_get="run scripts/export_resnet50.py WEIGHTS -o models/resnet50.onnx, "
+                       "or `imgsim models add resnet50 FILE`",
+        ),
+        ModelSpec(
+            name="resnet50-int8",
+            filename="resnet50.int8.onnx",
+            dim=2048,
+            preprocess=_TORCHVISION_PREPROCESS,
+            description="ResNet50, static INT8 (QDQ, per-channel)",
+            how_to_get=_QUANTIZE.format(src="resnet50.onnx", dst="resnet50.int8.onnx"),
         ),
     )
 }
@@ -71,15 +91,20 @@ CATALOGUE: dict[str, ModelSpec] = {
 BUNDLED_MODEL = "efficientnet-lite0"
 
 
-def search_dirs() -> list[Path]:
-    """Where model files are looked for, in order: the source tree's models/, the copy bundled in
-    the installed package, then the folder named by IMGSIM_MODELS."""
-    here = Path(__file__).resolve().parent
-    dirs = [here.parent / "models", here / "_models"]
+def user_dir() -> Path:
+    """Where `imgsim models add` installs files: $IMGSIM_MODELS, else the user's data folder."""
     extra = os.environ.get(MODELS_ENV)
     if extra:
-        dirs.append(Path(extra))
-    return dirs
+        return Path(extra)
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data_home) / "imgsim" / "models"
+
+
+def search_dirs() -> list[Path]:
+    """Where model files are looked for, in order: the source tree's models/, the copy bundled in
+    the installed package, then `user_dir()`."""
+    here = Path(__file__).resolve().parent
+    return [here.parent / "models", here / "_models", user_dir()]
 
 
 def spec_for(name: str) -> ModelSpec:

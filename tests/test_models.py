@@ -1,0 +1,98 @@
+"""The model catalogue: listing, installing from a file or a URL (a local HTTP server), default choice."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from imgsim.cli import cli
+from imgsim.models import default_model
+
+from .conftest import TINY_MODEL
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def install_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "installed"
+    monkeypatch.setenv("IMGSIM_MODELS", str(folder))
+    return folder
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve tmp_path/www on 127.0.0.1 for the duration of a test."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_list_shows_the_bundled_model_verified():
+    rows = {r["name"]: r for r in map(json.loads, run("models", "--json").stdout.splitlines())}
+    bundled = rows["efficientnet-lite0"]
+    assert bundled["installed"] and bundled["verified"] is True and bundled["dimensions"] == 1280
+    assert set(rows) >= {"efficientnet-lite0", "efficientnet-lite0-int8", "resnet50", "resnet50-int8"}
+    assert rows["resnet50"]["dimensions"] == 2048
+    plain = run("models").stdout
+    assert "efficientnet-lite0" in plain and "sha256 verified" in plain
+
+
+def test_add_from_file(install_dir, tiny_model_dir):
+    source = tiny_model_dir / "tiny-test.onnx"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    result = run("models", "add", TINY_MODEL, source, "--sha256", digest)
+    assert result.exit_code == 0, result.output
+    assert (install_dir / "tiny-test.onnx").read_bytes() == source.read_bytes()
+
+
+def test_add_from_url_verifies_the_checksum(install_dir, tiny_model_dir, http_server):
+    www, base = http_server
+    data = (tiny_model_dir / "tiny-test.onnx").read_bytes()
+    (www / "model.onnx").write_bytes(data)
+    wrong = run("models", "add", TINY_MODEL, "--url", f"{base}/model.onnx", "--sha256", "0" * 64)
+    assert wrong.exit_code == 1 and "does not match the given checksum" in wrong.stderr
+    assert list(install_dir.iterdir()) == []  # nothing half-installed is left behind
+    good = run("models", "add", TINY_MODEL, "--url", f"{base}/model.onnx", "--sha256", hashlib.sha256(data).hexdigest())
+    assert good.exit_code == 0, good.output
+    assert (install_dir / "tiny-test.onnx").read_bytes() == data
+    missing = run("models", "add", TINY_MODEL, "--url", f"{base}/nope.onnx", "--sha256", "0" * 64)
+    assert missing.exit_code == 1 and "download of" in missing.stderr
+
+
+def test_add_refuses_what_is_not_a_model(install_dir, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    result = run("models", "add", TINY_MODEL, junk)
+    assert result.exit_code == 1 and "not installed" not in result.stdout
+    assert not (install_dir / "tiny-test.onnx").exists()
+    assert run("models", "add", "vgg99", junk).exit_code == 1
+
+
+def test_add_usage_errors(tmp_path):
+    assert run("models", "add", TINY_MODEL).exit_code == 2
+    assert run("models", "add", TINY_MODEL, "--url", "http://127.0.0.1:1/x").exit_code == 2  # no --sha256
+
+
+def test_default_is_resnet50_once_installed(install_dir, tmp_path, photos):
+    assert default_model()[0] == "efficientnet-lite0"
+    result = CliRunner().invoke(cli, ["index", str(photos), "--index", str(tmp_path / "a")])
+    assert "model: efficientnet-lite0 (bundled; resnet50.onnx is not installed)" in result.stderr
+    install_dir.mkdir()
+    (install_dir / "resnet50.onnx").write_bytes(b"placeholder")
+    assert default_model() == ("resnet50", "its ONNX file is installed")
