@@ -39,7 +39,12 @@ def json_option(f):
 
 
 def emit(data: dict) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False))
+    click.echo(json.dumps(data))
+
+
+def shown(path) -> str:
+    """A path as text that any terminal can print (file names that are not UTF-8 get U+FFFD)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def warn(message: str) -> None:
@@ -113,7 +118,7 @@ def index_cmd(obj, folder, index_path, model, keep_missing, strict, batch_size, 
     quiet = obj["quiet"]
     with index, progress_bar("embedding", quiet) as on_progress:
         report = index.sync(folder, remove_missing=not keep_missing, on_progress=on_progress,
-                            on_skip=lambda path, reason: warn(f"skipped {path}: {reason}"),
+                            on_skip=lambda path, reason: warn(f"skipped {shown(path)}: {reason}"),
                             batch_size=batch_size, max_pixels=max_pixels)
     if as_json:
         emit(report.to_dict())
@@ -149,7 +154,7 @@ def search(queries, index_path, k, as_json):
             if len(queries) > 1:
                 click.echo(f"{query}:")
             for r in results:
-                click.echo(f"{r.rank:>3}  {r.score:.4f}  {index.resolve(r.path)}")
+                click.echo(f"{r.rank:>3}  {r.score:.4f}  {shown(index.resolve(r.path))}")
 
 
 @cli.command()
@@ -166,6 +171,51 @@ def info(index_path, as_json):
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         click.echo(f"{key}: {value}")
+
+
+@cli.command()
+@index_option
+@json_option
+def errors(index_path, as_json):
+    """List the files that could not be indexed, and why."""
+    with Index.open(index_path, read_only=True) as index:
+        for path, reason, seen in index.errors():
+            if as_json:
+                emit({"path": path, "reason": reason, "seen": seen})
+            else:
+                click.echo(f"{shown(path)}: {reason}")
+
+
+@cli.command()
+@index_option
+def rebuild(index_path):
+    """Rebuild the FAISS file from the vectors stored in SQLite (drops removed images from the graph)."""
+    with Index.open(index_path) as index:
+        index.rebuild()
+        click.echo(f"rebuilt {index.faiss_path} with {len(index)} images")
+
+
+@cli.command()
+@index_option
+@click.option("--repair", is_flag=True, help="Fix what can be fixed: rebuild the FAISS file, drop unpaired rows.")
+@json_option
+def verify(index_path, repair, as_json):
+    """Check that an index agrees with itself; exit code 1 if a problem remains."""
+    with Index.open(index_path, read_only=not repair) as index:
+        report = index.verify(repair=repair)
+        count = len(index)
+    if as_json:
+        emit(report.to_dict())
+    else:
+        for line in report.repaired:
+            click.echo(f"repaired: {line}")
+        for line in report.problems:
+            click.echo(f"problem: {line}")
+        for line in report.notes:
+            click.echo(f"note: {line}")
+        click.echo(f"{'ok' if report.ok else 'NOT OK'}: {count} images")
+    if not report.ok:
+        sys.exit(1)
 
 
 @cli.group(invoke_without_command=True)

@@ -43,6 +43,22 @@ def index_files(path: str | os.PathLike) -> tuple[Path, Path]:
     return base.with_name(base.name + ".faiss"), base.with_name(base.name + ".sqlite")
 
 
+def _relative(folder: Path, base: Path) -> str:
+    return Path(os.path.relpath(folder.resolve(), base.resolve())).as_posix()
+
+
+def _link_new(source: Path, destination: Path) -> None:
+    """Put `source` at `destination` atomically, refusing to replace an existing file."""
+    try:
+        os.link(source, destination)
+    except FileExistsError:
+        raise ImgsimError(f"an index already exists at {destination}: open it instead, or delete it first") from None
+    except OSError:  # a filesystem without hard links
+        if destination.exists():
+            raise ImgsimError(f"an index already exists at {destination}") from None
+        os.replace(source, destination)
+
+
 @dataclass(frozen=True)
 class SearchResult:
     """One neighbour of a query. `score` is cosine similarity: 1.0 is identical, higher is closer."""
@@ -118,9 +134,10 @@ class Index:
             model, why = default_model()
             log.info("model: %s (%s)", model, why)
         loaded = Model.load(model)
-        lock = WriterLock.acquire(sqlite_path, create=True)
+        # Built under a temporary name and linked into place whole, so a crash never leaves a half-made index.
+        staging = sqlite_path.with_name(f".{sqlite_path.name}.{os.getpid()}.new")
         try:
-            store = Store.create(sqlite_path)
+            store = Store.create(staging)
             with store.transaction():
                 store.set_manifest(
                     format_version=FORMAT_VERSION,
@@ -130,18 +147,18 @@ class Index:
                     metric="cosine",
                     preprocess=loaded.preprocess.to_dict(),
                     hnsw=(hnsw or HnswParams()).to_dict(),
-                    root=None,
+                    root=None if root is None else _relative(Path(root), sqlite_path.parent),
                     created=time.time(),
                     faiss_sha256=None,
                     faiss_max_id=0,
                 )
-        except BaseException:
-            lock.release()
-            raise
-        index = cls(Path(path), store, lock=lock)
+            store.close()
+            _link_new(staging, sqlite_path)
+        finally:
+            for leftover in (staging, Path(f"{staging}-wal"), Path(f"{staging}-shm")):
+                leftover.unlink(missing_ok=True)
+        index = cls.open(path)
         index._model = loaded
-        if root is not None:
-            index._set_root(Path(root))
         return index
 
     @classmethod
@@ -169,6 +186,14 @@ class Index:
         missing = [key for key in required if key not in m]
         if missing:
             raise IndexCorruptError(f"{self.sqlite_path} has no {', '.join(missing)} in its manifest")
+        try:
+            hnsw = HnswParams.from_dict(m["hnsw"])
+            sane = 2 <= hnsw.M <= 256 and 1 <= hnsw.ef_construction <= 4096 and 1 <= hnsw.ef_search <= 4096
+            sane = sane and isinstance(m["format_version"], int) and isinstance(m.get("root"), (str, type(None)))
+        except (KeyError, TypeError, ValueError):
+            sane = False
+        if not sane:
+            raise IndexCorruptError(f"{self.sqlite_path} has an invalid manifest")
         if m["format_version"] > FORMAT_VERSION:
             raise ImgsimError(f"{self.sqlite_path} was written by a newer imgsim (format {m['format_version']}): "
                               f"upgrade imgsim to read it")
@@ -228,8 +253,7 @@ class Index:
         return len(self._store)
 
     def _set_root(self, folder: Path) -> None:
-        folder = folder.resolve()
-        relative = Path(os.path.relpath(folder, self.sqlite_path.parent.resolve())).as_posix()
+        relative = _relative(folder, self.sqlite_path.parent)
         with self._store.transaction():
             self._store.set_manifest(root=relative)
         self._manifest["root"] = relative
@@ -280,7 +304,7 @@ class Index:
 
     def _build_ann(self) -> AnnIndex:
         ann = AnnIndex.empty(self._manifest["dim"], self._hnsw)
-        for ids, vectors in self._store.vectors():
+        for ids, vectors in self._store.vectors(self._manifest["dim"]):
             ann.add(ids, vectors)
         self._ann_dirty = True
         return ann
@@ -289,7 +313,7 @@ class Index:
         ann = self._ann
         covered = max(ann.max_id(), int(self._manifest.get("faiss_max_id") or 0))
         caught_up = 0
-        for ids, vectors in self._store.vectors(after_id=covered):
+        for ids, vectors in self._store.vectors(self._manifest["dim"], after_id=covered):
             ann.add(ids, vectors)
             caught_up += len(ids)
         if caught_up:
@@ -481,6 +505,12 @@ class Index:
             "format_version": m["format_version"],
             "created": m.get("created"),
         }
+
+    def verify(self, repair: bool = False):
+        """Check every invariant of the index; with `repair`, fix what SQLite allows. Returns a `VerifyReport`."""
+        from .verify import verify
+
+        return verify(self, repair=repair)
 
     def errors(self) -> list[tuple[str, str, float]]:
         """(path, reason, when) for each file that failed to index and has not been indexed since."""

@@ -23,12 +23,11 @@ class WriterLock:
         self._fd = fd
 
     @classmethod
-    def acquire(cls, path: Path, create: bool = False) -> WriterLock:
+    def acquire(cls, path: Path) -> WriterLock:
         if fcntl is None:
             return cls(None)
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
-            fd = os.open(path, flags, 0o644)
+            fd = os.open(path, os.O_RDWR)
         except PermissionError:
             fd = os.open(path, os.O_RDONLY)  # a read-only file: the write itself will be refused later
         try:

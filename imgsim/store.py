@@ -173,7 +173,7 @@ class Store:
 
     def all_rows(self) -> Iterator[ImageRow]:
         for row in self.db.execute(f"SELECT {_COLUMNS} FROM images ORDER BY id"):
-            yield ImageRow(*row)
+            yield _image_row(row)
 
     def rows_by_id(self, ids: Iterable[int]) -> dict[int, ImageRow]:
         ids = [int(i) for i in ids]
@@ -182,7 +182,7 @@ class Store:
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.db.execute(f"SELECT {_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
-                found[row[0]] = ImageRow(*row)
+                found[row[0]] = _image_row(row)
         return found
 
     def ids(self) -> np.ndarray:
@@ -197,16 +197,17 @@ class Store:
             cursor = self.db.execute(
                 "INSERT INTO images (path, size, mtime_ns, sha256, width, height, format, added) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (image.path, image.size, image.mtime_ns, image.sha256, image.width, image.height, image.format, now),
+                (_to_db(image.path), image.size, image.mtime_ns, image.sha256, image.width, image.height, image.format, now),
             )
             ids.append(cursor.lastrowid)
             self.db.execute("INSERT INTO vectors (id, vector) VALUES (?, ?)", (cursor.lastrowid, _to_blob(image.vector)))
-            self.db.execute("DELETE FROM errors WHERE path = ?", (image.path,))
+            self.db.execute("DELETE FROM errors WHERE path = ?", (_to_db(image.path),))
         return ids
 
     def update_file(self, row_id: int, path: str, size: int, mtime_ns: int) -> None:
         """Record a file's new path or stat (a move, or a touch that left its content alone)."""
-        self.db.execute("UPDATE images SET path = ?, size = ?, mtime_ns = ? WHERE id = ?", (path, size, mtime_ns, row_id))
+        self.db.execute("UPDATE images SET path = ?, size = ?, mtime_ns = ? WHERE id = ?",
+                        (_to_db(path), size, mtime_ns, row_id))
 
     def delete(self, ids: Iterable[int]) -> None:
         for row_id in ids:
@@ -214,8 +215,8 @@ class Store:
             self.db.execute("DELETE FROM images WHERE id = ?", (int(row_id),))
 
     # -- vectors ---------------------------------------------------------------------------------
-    def vectors(self, after_id: int = 0, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (ids, matrix) chunks of the stored vectors with id > `after_id`, in id order."""
+    def vectors(self, dim: int, after_id: int = 0, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids, matrix) chunks of the stored `dim`-d vectors with id > `after_id`, in id order."""
         last = after_id
         while True:
             rows = self.db.execute(
@@ -223,6 +224,9 @@ class Store:
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            bad = next((r[0] for r in rows if not isinstance(r[1], bytes) or len(r[1]) != 4 * dim), None)
+            if bad is not None:
+                raise IndexCorruptError(f"{self.path}: the vector of image {bad} is not {dim} float32 values")
             yield ids, np.stack([_from_blob(r[1]) for r in rows])
             last = int(ids[-1])
 
@@ -230,17 +234,57 @@ class Store:
         row = self.db.execute("SELECT vector FROM vectors WHERE id = ?", (row_id,)).fetchone()
         return None if row is None else _from_blob(row[0])
 
+    # -- consistency -----------------------------------------------------------------------------
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own check of the file, then rows without vectors and vectors without rows."""
+        problems = [row[0] for row in self.db.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
+        orphans = self.db.execute(
+            "SELECT count(*) FROM vectors WHERE id NOT IN (SELECT id FROM images)").fetchone()[0]
+        bare = self.db.execute(
+            "SELECT count(*) FROM images WHERE id NOT IN (SELECT id FROM vectors)").fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} vectors have no image row")
+        if bare:
+            problems.append(f"{bare} image rows have no vector")
+        return problems
+
+    def delete_unpaired(self) -> int:
+        """Remove vectors without rows and rows without vectors (re-indexing embeds those files again)."""
+        with self.transaction():
+            gone = self.db.execute("DELETE FROM vectors WHERE id NOT IN (SELECT id FROM images)").rowcount
+            gone += self.db.execute("DELETE FROM images WHERE id NOT IN (SELECT id FROM vectors)").rowcount
+        return gone
+
     # -- errors ----------------------------------------------------------------------------------
     def record_errors(self, failures: list[tuple[str, str]]) -> None:
         now = time.time()
-        self.db["errors"].upsert_all(
-            [{"path": path, "reason": reason, "seen": now} for path, reason in failures], pk="path")
+        self.conn.executemany("INSERT OR REPLACE INTO errors (path, reason, seen) VALUES (?, ?, ?)",
+                            [(_to_db(path), reason, now) for path, reason in failures])
 
     def errors(self) -> list[tuple[str, str, float]]:
-        return [(r["path"], r["reason"], r["seen"]) for r in self.db["errors"].rows_where(order_by="path")]
+        rows = self.db.execute("SELECT path, reason, seen FROM errors ORDER BY path").fetchall()
+        return [(_from_db(path), reason, seen) for path, reason, seen in rows]
 
 
 _COLUMNS = "id, path, size, mtime_ns, sha256, width, height, format, added"
+
+
+def _image_row(row: tuple) -> ImageRow:
+    return ImageRow(row[0], _from_db(row[1]), *row[2:])
+
+
+def _to_db(path: str) -> str | bytes:
+    """Paths are TEXT, except a file name that is not valid UTF-8 (Python holds it with surrogate
+    escapes, which SQLite cannot store as text): that one is stored as its raw bytes."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape")
+
+
+def _from_db(value: str | bytes) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 def _to_blob(vector: np.ndarray) -> bytes:

@@ -8,7 +8,9 @@ belongs to a live row is a copy (vector reused); anything else is embedded.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -74,8 +76,12 @@ def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str]
         try:
             st = os.stat(path)
         except OSError as e:
-            reason = "broken symbolic link" if os.path.islink(path) else (e.strerror or str(e))
+            broken = os.path.islink(path) and e.errno == errno.ENOENT
+            reason = "broken symbolic link" if broken else (e.strerror or str(e))
             plan.failures.append((str(path), reason))
+            continue
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device named like an image would block or never end
+            plan.failures.append((str(path), "not a regular file"))
             continue
         k = key(path)
         if k in seen:
