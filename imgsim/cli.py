@@ -183,7 +183,7 @@ def errors(index_path, as_json):
             if as_json:
                 emit({"path": path, "reason": reason, "seen": seen})
             else:
-                click.echo(f"{shown(path)}: {reason}")
+                click.echo(f"{shown(index.resolve(path))}: {reason}")
 
 
 @cli.command()

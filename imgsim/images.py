@@ -164,8 +164,9 @@ def decode(path: str | os.PathLike, min_side: int = 0, max_pixels: int = DEFAULT
                 rgb = to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(str(e)) from None
+    except Image.DecompressionBombError:  # Pillow's own cap, checked before ours can be
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+        raise ImageError(f"pixel count is over the limit of {limit:,} (a decompression bomb?)") from None
     except Exception as e:  # Pillow raises many types for bad data: all mean "not a readable image".
         raise ImageError(_reason(e)) from None
     if rgb.width < 1 or rgb.height < 1:

@@ -24,7 +24,7 @@ from .lock import WriterLock
 from .models import Model, default_model, spec_for
 from .pipeline import embed_files
 from .store import FORMAT_VERSION, NewImage, Store
-from .sync import Plan, plan_sync
+from .sync import Plan, is_under, plan_sync
 
 log = logging.getLogger("imgsim")
 
@@ -370,6 +370,9 @@ class Index:
         plan = plan_sync(files, self._store, key=self._key, resolve=self.resolve,
                          walked_prefixes=walked if remove_missing else None)
         self._apply_plan(plan, report)
+        stale = [p for p, _, _ in self._store.errors() if p in plan.seen or (remove_missing and is_under(p, walked))]
+        with self._store.transaction():
+            self._store.forget_errors(stale)  # they are tried again now, and recorded again if they fail
         self._embed_new(plan, report, on_progress, on_skip, batch_size, max_pixels)
         report.seconds = time.perf_counter() - started
         return report
@@ -411,7 +414,7 @@ class Index:
                 on_skip(path, reason)
         if plan.failures:
             with self._store.transaction():
-                self._store.record_errors(plan.failures)
+                self._record_failures(plan.failures)
         if not plan.to_embed:
             return
         model = self.model
@@ -422,7 +425,7 @@ class Index:
             with self._store.transaction():
                 new_ids = self._store.insert(batch)
                 if failures:
-                    self._store.record_errors(failures)
+                    self._record_failures(failures)
             if batch:
                 ann.add(np.asarray(new_ids), np.stack([image.vector for image in batch]))
                 self._ann_dirty = True
@@ -441,6 +444,9 @@ class Index:
             if on_progress:
                 on_progress(done, len(plan.to_embed))
         self._save_ann()
+
+    def _record_failures(self, failures: list[tuple[str, str]]) -> None:
+        self._store.record_errors([(self._key(Path(path)), reason) for path, reason in failures])
 
     # -- searching -------------------------------------------------------------------------------
     def embed(self, image: str | os.PathLike | Image.Image) -> np.ndarray:

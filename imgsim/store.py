@@ -261,6 +261,9 @@ class Store:
         self.conn.executemany("INSERT OR REPLACE INTO errors (path, reason, seen) VALUES (?, ?, ?)",
                             [(_to_db(path), reason, now) for path, reason in failures])
 
+    def forget_errors(self, paths: Iterable[str]) -> None:
+        self.conn.executemany("DELETE FROM errors WHERE path = ?", [(_to_db(p),) for p in paths])
+
     def errors(self) -> list[tuple[str, str, float]]:
         rows = self.db.execute("SELECT path, reason, seen FROM errors ORDER BY path").fetchall()
         return [(_from_db(path), reason, seen) for path, reason, seen in rows]

@@ -47,9 +47,10 @@ class Plan:
     replaced_keys: list[str] = field(default_factory=list)
     removals: list[int] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
 
 
-def _under(key: str, prefixes: list[str]) -> bool:
+def is_under(key: str, prefixes: list[str]) -> bool:
     for prefix in prefixes:
         if prefix == ".":
             if not key.startswith("/"):
@@ -71,7 +72,7 @@ def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str]
         by_hash[row.sha256].append(row)
 
     pending: list[tuple[Path, str, int, int, ImageRow | None]] = []
-    seen: set[str] = set()
+    seen = plan.seen
     for path in files:
         try:
             st = os.stat(path)
@@ -95,7 +96,7 @@ def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str]
 
     hashes = _hash_all([p[0] for p in pending])
     if walked_prefixes is not None:
-        missing = {row.id for row in rows if row.path not in seen and _under(row.path, walked_prefixes)}
+        missing = {row.id for row in rows if row.path not in seen and is_under(row.path, walked_prefixes)}
     else:
         missing = None
     consumed: set[int] = set()
