@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from .errors import IndexCorruptError
-from .files import atomic_write
+from .files import stage
 
 # faiss.serialize_index writes each index as: fourcc, d (int32), ntotal (int64), two reserved int64s,
 # is_trained (uint8), metric (int32). An IndexIDMap2 ("IxM2") is followed by its inner index ("IHNf").
@@ -101,25 +101,25 @@ class AnnIndex:
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self._index).tobytes()
 
-    def save(self, path: Path) -> str:
-        """Write atomically; return the sha256 of what was written."""
+    def stage(self, path: Path) -> tuple[Path, str]:
+        """Write to a temporary file beside `path` (see `files.publish`); return it and its sha256."""
         data = self.to_bytes()
-        atomic_write(path, data)
-        return hashlib.sha256(data).hexdigest()
+        return stage(path, data), hashlib.sha256(data).hexdigest()
 
     @classmethod
-    def load(cls, path: Path, expect_sha256: str, dim: int, params: HnswParams) -> AnnIndex:
-        """Read a FAISS file after checking it is the one the manifest describes.
+    def load(cls, path: Path, expect_sha256: str | tuple[str, ...], dim: int, params: HnswParams) -> AnnIndex:
+        """Read a FAISS file after checking it is one the manifest describes.
 
-        Raises `IndexCorruptError` if it is missing, differs from `expect_sha256`, or is not an
-        ID-mapped HNSW index of dimension `dim`; the caller can then rebuild it from SQLite.
+        Raises `IndexCorruptError` if it is missing, its sha256 is not among `expect_sha256`, or it is
+        not an ID-mapped HNSW index of dimension `dim`; the caller can then rebuild it from SQLite.
         """
+        expected = (expect_sha256,) if isinstance(expect_sha256, str) else expect_sha256
         try:
             data = path.read_bytes()
         except OSError as e:
             raise IndexCorruptError(f"cannot read {path}: {e.strerror or e}") from None
         digest = hashlib.sha256(data).hexdigest()
-        if digest != expect_sha256:
+        if digest not in expected:
             raise IndexCorruptError(f"{path} does not match its manifest (sha256 {digest[:12]}...)")
         check_header(data, dim, path)
         try:

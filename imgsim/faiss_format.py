@@ -88,8 +88,8 @@ class _Reader:
         itemsize = np.dtype(dtype).itemsize
         if size >= 2**40 or count * itemsize > len(self.data) - self.pos:
             raise IndexCorruptError(
-                f"FAISS file claims {size} elements for {what} at byte {self.pos - 8}, "
-                f"but only {len(self.data) - self.pos} bytes remain"
+                f"FAISS file is truncated or corrupt: {what} at byte {self.pos - 8} claims {size} elements, "
+                f"only {len(self.data) - self.pos} bytes remain"
             )
         start = self._advance(what, count * itemsize)
         return np.frombuffer(self.data, dtype=dtype, count=count, offset=start)

@@ -18,29 +18,47 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, whole."""
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    publish(stage(path, data), path)
+
+
+def stage(path: Path, data: bytes) -> Path:
+    """Write `data`, fsynced, to a hidden temporary file beside `path`; `publish` puts it in place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        discard(Path(tmp))
         raise
+    return Path(tmp)
+
+
+def publish(staged: Path, path: Path) -> None:
+    """Rename a staged file over `path` and make the rename durable."""
+    os.replace(staged, path)
     try:
-        dir_fd = os.open(directory, os.O_RDONLY)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def discard(staged: Path) -> None:
+    try:
+        os.unlink(staged)
+    except OSError:
+        pass
+
+
+def leftover_stages(path: Path) -> list[Path]:
+    """Temporary files `stage` left beside `path` when a process died before publishing them."""
+    return list(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 def _umask() -> int:

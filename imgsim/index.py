@@ -19,6 +19,7 @@ from PIL import Image
 
 from . import images as imgs
 from .ann import AnnIndex, HnswParams
+from .files import discard, leftover_stages, publish
 from .errors import ImageError, ImgsimError, IndexCorruptError, IndexNotFoundError, ModelError
 from .lock import WriterLock
 from .models import Model, default_model, spec_for
@@ -150,7 +151,7 @@ class Index:
                     root=None if root is None else _relative(Path(root), sqlite_path.parent),
                     created=time.time(),
                     faiss_sha256=None,
-                    faiss_max_id=0,
+                    faiss_previous_sha256=None,
                 )
             store.close()
             _link_new(staging, sqlite_path)
@@ -174,6 +175,9 @@ class Index:
             store = Store.open(sqlite_path, read_only=read_only)
             index = cls(Path(path), store, root_override=root, lock=lock)
             index._check_manifest()
+            if lock:  # the writer: remove FAISS files a killed writer staged but never renamed
+                for leftover in leftover_stages(faiss_path):
+                    discard(leftover)
         except BaseException:
             if lock:
                 lock.release()
@@ -290,10 +294,10 @@ class Index:
         return self._ann
 
     def _load_or_rebuild_ann(self) -> AnnIndex:
-        expected = self._manifest.get("faiss_sha256")
-        if expected is None and len(self._store) == 0:
+        expected = tuple(filter(None, (self._manifest.get("faiss_sha256"), self._manifest.get("faiss_previous_sha256"))))
+        if not expected and len(self._store) == 0:
             return AnnIndex.empty(self._manifest["dim"], self._hnsw)
-        if expected is not None and self.faiss_path.exists():
+        if expected and self.faiss_path.exists():
             try:
                 return AnnIndex.load(self.faiss_path, expected, self._manifest["dim"], self._hnsw)
             except IndexCorruptError as e:
@@ -311,9 +315,8 @@ class Index:
 
     def _catch_up_ann(self) -> None:
         ann = self._ann
-        covered = max(ann.max_id(), int(self._manifest.get("faiss_max_id") or 0))
-        caught_up = 0
-        for ids, vectors in self._store.vectors(self._manifest["dim"], after_id=covered):
+        caught_up = 0  # ids only grow and the graph only appends, so it lacks exactly the ids above its largest
+        for ids, vectors in self._store.vectors(self._manifest["dim"], after_id=ann.max_id()):
             ann.add(ids, vectors)
             caught_up += len(ids)
         if caught_up:
@@ -326,10 +329,17 @@ class Index:
         if ann.dead_count > REBUILD_DEAD_FRACTION * max(1, len(ann)):
             self._ann = ann = self._build_ann()
             ann.set_dead(np.empty(0, np.int64))
-        digest = ann.save(self.faiss_path)
-        with self._store.transaction():
-            self._store.set_manifest(faiss_sha256=digest, faiss_max_id=ann.max_id())
-        self._manifest.update(faiss_sha256=digest, faiss_max_id=ann.max_id())
+        # Staged, recorded, then renamed: a crash at any point leaves a file the manifest knows
+        # (the previous one or the new one), so the next open never mistakes it for damage.
+        staged, digest = ann.stage(self.faiss_path)
+        try:
+            with self._store.transaction():
+                self._store.set_manifest(faiss_sha256=digest, faiss_previous_sha256=self._manifest.get("faiss_sha256"))
+            publish(staged, self.faiss_path)
+        except BaseException:
+            discard(staged)
+            raise
+        self._manifest.update(faiss_sha256=digest, faiss_previous_sha256=self._manifest.get("faiss_sha256"))
         self._ann_dirty = False
 
     def rebuild(self) -> None:

@@ -67,10 +67,12 @@ def _check_faiss(index, report: VerifyReport, repair: bool) -> None:
     manifest = index._manifest
     problem = None
     if not index.faiss_path.exists():
-        problem = f"{index.faiss_path.name} is missing" if len(index) else None
+        if len(index):
+            report.notes.append(f"{index.faiss_path.name} is missing: it is rebuilt from SQLite when next used")
     else:
         try:
-            ann = AnnIndex.load(index.faiss_path, manifest.get("faiss_sha256") or "",
+            known = tuple(filter(None, (manifest.get("faiss_sha256"), manifest.get("faiss_previous_sha256"))))
+            ann = AnnIndex.load(index.faiss_path, known,
                                 manifest["dim"], HnswParams.from_dict(manifest["hnsw"]))
         except IndexCorruptError as e:
             problem = str(e)
@@ -80,7 +82,8 @@ def _check_faiss(index, report: VerifyReport, repair: bool) -> None:
             lagging = np.setdiff1d(live, graph_ids)
             dead = np.setdiff1d(graph_ids, live)
             if len(lagging):
-                problem = f"{index.faiss_path.name} lacks {len(lagging)} of the {len(live)} stored vectors"
+                report.notes.append(f"{index.faiss_path.name} lacks {len(lagging)} of the {len(live)} stored vectors "
+                                    f"(an interrupted run): they are added when the index is next used")
             if len(np.unique(graph_ids)) != len(graph_ids):
                 problem = f"{index.faiss_path.name} holds some ids twice"
             if len(dead):

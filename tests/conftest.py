@@ -1,9 +1,5 @@
-"""Shared fixtures: real photos from scikit-image, transformed copies of them, and a tiny real ONNX model.
-
-The tiny model ("tiny-test") is a genuine ONNX graph run by onnxruntime (average-pool the picture to
-4x4, flatten: 48 dimensions), registered in the catalogue for the test session. Logic tests use it to
-stay fast; the tests that judge search quality use the bundled EfficientNet-Lite0.
-"""
+"""Shared fixtures: real photos from scikit-image, transformed copies of them, and the tiny model
+(tests/tiny_model.py) registered in the catalogue for every test."""
 
 from __future__ import annotations
 
@@ -19,13 +15,13 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from imgsim import models
-from imgsim.images import Preprocess
+
+from .tiny_model import TINY_MODEL, tiny_spec, write_tiny_onnx
 
 # Distinct real photos (skimage's `cat` is the same picture as `chelsea`, so it is left out).
 PHOTO_NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "retina", "immunohistochemistry",
                "hubble_deep_field", "moon", "page", "brick", "gravel", "grass", "motorcycle_left"]
 
-TINY_MODEL = "tiny-test"
 
 
 def _photo(name: str) -> Image.Image | None:
@@ -97,28 +93,10 @@ def transformed_copies(img: Image.Image) -> dict[str, bytes]:
     }
 
 
-def _tiny_onnx(path: Path) -> None:
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [
-            helper.make_node("AveragePool", ["input"], ["pooled"], kernel_shape=[16, 16], strides=[16, 16]),
-            helper.make_node("Flatten", ["pooled"], ["embedding"], axis=1),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 64, 64])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 48])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models")
-    _tiny_onnx(folder / "tiny-test.onnx")
+    write_tiny_onnx(folder / "tiny-test.onnx")
     return folder
 
 
@@ -127,12 +105,7 @@ def tiny_model(monkeypatch, tiny_model_dir):
     """Make the tiny model available to every test, and keep IMGSIM_* settings out of the tests."""
     monkeypatch.setenv(models.MODELS_ENV, str(tiny_model_dir))
     monkeypatch.delenv("IMGSIM_INDEX", raising=False)
-    spec = models.ModelSpec(
-        name=TINY_MODEL, filename="tiny-test.onnx", dim=48,
-        preprocess=Preprocess(size=64, resize_to=64, resize="squash", interpolation="bilinear",
-                              mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-        description="test model: a 4x4 average of the picture",
-    )
+    spec = tiny_spec()
     monkeypatch.setitem(models.CATALOGUE, TINY_MODEL, spec)
     return spec
 
