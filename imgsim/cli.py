@@ -34,6 +34,11 @@ def index_option(f):
                         show_envvar=True, metavar="PATH", help=INDEX_HELP)(f)
 
 
+def root_option(f):
+    return click.option("--root", type=click.Path(file_okay=False), default=None,
+                        help="Where the indexed images are now, if not where the index says.")(f)
+
+
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")(f)
 
@@ -138,13 +143,14 @@ def summary_line(report: SyncReport) -> str:
 @click.argument("queries", nargs=-1, required=True, metavar="QUERY...")
 @index_option
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")
+@root_option
 @json_option
-def search(queries, index_path, k, as_json):
+def search(queries, index_path, k, root, as_json):
     """Find the indexed images most similar to each QUERY image file.
 
     Scores are cosine similarity: 1.0 is the same picture, higher is closer.
     """
-    with Index.open(index_path, read_only=True) as index:
+    with Index.open(index_path, read_only=True, root=root) as index:
         for query in queries:
             results = index.search(query, k=k)
             if as_json:
@@ -198,10 +204,11 @@ def rebuild(index_path):
 @cli.command()
 @index_option
 @click.option("--repair", is_flag=True, help="Fix what can be fixed: rebuild the FAISS file, drop unpaired rows.")
+@root_option
 @json_option
-def verify(index_path, repair, as_json):
+def verify(index_path, repair, root, as_json):
     """Check that an index agrees with itself; exit code 1 if a problem remains."""
-    with Index.open(index_path, read_only=not repair) as index:
+    with Index.open(index_path, read_only=not repair, root=root) as index:
         report = index.verify(repair=repair)
         count = len(index)
     if as_json:

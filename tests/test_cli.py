@@ -113,3 +113,23 @@ def test_every_command_has_help():
     for name, command in cli.commands.items():
         assert command.help, name
         assert run(name, "--help").exit_code == 0
+
+
+def test_verify_errors_rebuild_and_root(tiny_index, photos, tmp_path):
+    assert run("verify", "--index", tiny_index).stdout.strip().endswith(f"ok: {len(list(photos.glob('*.jpg')))} images")
+    faiss_file = tmp_path / "tiny.faiss"
+    faiss_file.write_bytes(b"garbage" * 100)
+    broken = run("verify", "--index", tiny_index)
+    assert broken.exit_code == 1 and "problem: " in broken.stdout and "does not match its manifest" in broken.stdout
+    repaired = run("verify", "--index", tiny_index, "--repair")
+    assert repaired.exit_code == 0 and "repaired: rebuilt tiny.faiss" in repaired.stdout
+    assert run("verify", "--index", tiny_index).exit_code == 0
+    assert run("rebuild", "--index", tiny_index).stdout.startswith("rebuilt ")
+    assert run("errors", "--index", tiny_index).stdout == ""
+    moved = tmp_path / "moved"
+    photos.rename(moved)
+    note = run("verify", "--index", tiny_index)
+    assert note.exit_code == 0 and "indexed files are not on disk" in note.stdout
+    assert "not on disk" not in run("verify", "--index", tiny_index, "--root", moved).stdout
+    found = run("search", moved / "coffee.jpg", "--index", tiny_index, "--root", moved, "-k", "1")
+    assert found.stdout.split()[2] == str(moved / "coffee.jpg")

@@ -227,3 +227,21 @@ def test_vectors_are_unit_length_cosine(index, photos):
     vector = index.embed(photos / "coffee.jpg")
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
     assert index.search(vector, k=1)[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_readers_see_each_committed_batch_while_a_writer_indexes(tmp_path, photos):
+    path = tmp_path / "idx"
+    seen = []
+
+    def look(done, total):
+        with Index.open(path, read_only=True) as reader:
+            rows = list(reader.rows())
+            seen.append((done, len(reader)))
+            if rows:
+                first = rows[0].path
+                assert reader.search(photos / first, k=1)[0].path == first
+
+    with Index.create(path, model=TINY_MODEL) as writer:
+        writer.add(photos, on_progress=look, batch_size=3)
+    assert [count for _, count in seen] == [done for done, _ in seen]  # each batch visible once committed
+    assert len(seen) >= 4 and seen[-1][1] == n_photos(photos)

@@ -1,0 +1,97 @@
+"""Index files from elsewhere may be truncated, garbage or crafted: always a clear error, never a crash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgsim import ImgsimError, Index
+from imgsim.errors import IndexCorruptError
+
+from .conftest import TINY_MODEL
+
+
+@pytest.fixture
+def made(tmp_path, photos) -> Path:
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+        index.add(photos)
+    return tmp_path / "idx"
+
+
+def set_manifest(base: Path, **values) -> None:
+    conn = sqlite3.connect(base.with_suffix(".sqlite"))
+    with conn:
+        for key, value in values.items():
+            conn.execute("UPDATE manifest SET value = ? WHERE key = ?", (json.dumps(value), key))
+    conn.close()
+
+
+def open_in_child(base: Path, tiny_model_dir: Path) -> subprocess.CompletedProcess:
+    """Open and search in a separate process, so that a crash would show as a signal, not kill pytest."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from tiny_model import *; from imgsim import models, Index, ImgsimError\n"
+        "models.CATALOGUE[TINY_MODEL] = tiny_spec()\n"
+        f"try:\n    Index.open({str(base)!r}, read_only=True).search(__import__('numpy').ones(48, 'f4'), k=3)\n"
+        "    print('OPENED')\n"
+        "except ImgsimError as e:\n    print('ERROR', e)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          env={"IMGSIM_MODELS": str(tiny_model_dir), "PATH": "/usr/bin:/bin"}, timeout=60)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "zeros"])
+def test_damaged_sqlite_is_a_clear_error(made, damage):
+    sqlite_file = made.with_suffix(".sqlite")
+    data = sqlite_file.read_bytes()
+    sqlite_file.write_bytes({"truncate": data[: len(data) // 3], "garbage": b"\x13\x37" * 5000, "empty": b"",
+                             "zeros": b"\0" * len(data)}[damage])
+    with pytest.raises(ImgsimError):
+        with Index.open(made, read_only=True) as index:
+            index.search(np.ones(48, "f4"))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"hnsw": {"M": 10**9, "ef_construction": 40, "ef_search": 16}}, "invalid manifest"),
+    ({"dim": 4096}, "dimensions"),
+    ({"model": "gpt-image-9"}, "does not know"),
+    ({"format_version": 99}, "newer imgsim"),
+    ({"root": 12}, "invalid manifest"),
+])
+def test_crafted_manifest_is_refused(made, values, message):
+    set_manifest(made, **values)
+    with pytest.raises(ImgsimError, match=message):
+        Index.open(made, read_only=True)
+
+
+def test_vector_of_the_wrong_size_is_reported(made):
+    conn = sqlite3.connect(made.with_suffix(".sqlite"))
+    with conn:
+        conn.execute("UPDATE vectors SET vector = ? WHERE id = 1", (b"\0" * 12,))
+    conn.close()
+    made.with_suffix(".faiss").unlink()  # force a rebuild, which reads every vector
+    with Index.open(made, read_only=True) as index:
+        with pytest.raises(IndexCorruptError, match="is not 48 float32 values"):
+            index.search(np.ones(48, "f4"))
+        report = index.verify()
+    assert not report.ok and any("is not 48 float32 values" in p for p in report.problems)
+
+
+def test_crafted_faiss_file_with_a_matching_checksum(made, tiny_model_dir):
+    """An attacker who writes both files can make the checksum match: the structure check still holds."""
+    faiss_file = made.with_suffix(".faiss")
+    data = bytearray(faiss_file.read_bytes())
+    data[200:260] = b"\xff" * 60  # inside the HNSW links: neighbour ids far out of range
+    faiss_file.write_bytes(bytes(data))
+    set_manifest(made, faiss_sha256=hashlib.sha256(bytes(data)).hexdigest())
+    child = open_in_child(made, tiny_model_dir)
+    assert child.returncode == 0, child.stderr  # no segfault
+    assert "OPENED" in child.stdout or "ERROR" in child.stdout
+    with Index.open(made, read_only=True) as index:  # refused, then rebuilt from SQLite, with a notice
+        assert index.verify().problems
