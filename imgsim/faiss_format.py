@@ -73,7 +73,7 @@ class _Reader:
     def _advance(self, what: str, nbytes: int) -> int:
         start = self.pos
         if nbytes > len(self.data) - start:
-            raise IndexCorruptError(f"FAISS file is truncated at byte {len(self.data)} (reading {what} at byte {start})")
+            raise IndexCorruptError(f"FAISS file is truncated at byte {len(self.data)} ({what} starts at byte {start})")
         self.pos += nbytes
         self.fields.append((what, start, self.pos))
         return start

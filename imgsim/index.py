@@ -19,8 +19,8 @@ from PIL import Image
 
 from . import images as imgs
 from .ann import AnnIndex, HnswParams
-from .files import discard, leftover_stages, publish
 from .errors import ImageError, ImgsimError, IndexCorruptError, IndexNotFoundError, ModelError
+from .files import discard, leftover_stages, publish
 from .lock import WriterLock
 from .models import Model, default_model, spec_for
 from .pipeline import embed_files

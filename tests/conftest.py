@@ -7,10 +7,10 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
@@ -18,31 +18,13 @@ from imgsim import models
 
 from .tiny_model import TINY_MODEL, tiny_spec, write_tiny_onnx
 
-# Distinct real photos (skimage's `cat` is the same picture as `chelsea`, so it is left out).
-PHOTO_NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "retina", "immunohistochemistry",
-               "hubble_deep_field", "moon", "page", "brick", "gravel", "grass", "motorcycle_left"]
-
-
-
-def _photo(name: str) -> Image.Image | None:
-    from skimage import data
-
-    if not hasattr(data, name):
-        return None
-    try:
-        array = getattr(data, name)()
-    except Exception:  # some skimage photos are fetched on demand: not available offline
-        return None
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
-    if array.ndim == 3 and array.shape[2] == 4:
-        array = array[..., :3]
-    return Image.fromarray(array).convert("RGB")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from sample_photos import PHOTOS, photo  # noqa: E402  (skimage's photos, one place for tests and the demo)
 
 
 @pytest.fixture(scope="session")
 def photo_images() -> dict[str, Image.Image]:
-    found = {name: img for name in PHOTO_NAMES if (img := _photo(name)) is not None}
+    found = {name: img for name in PHOTOS if (img := photo(name)) is not None}
     assert len(found) >= 10, "scikit-image should ship at least 10 of these photos"
     return found
 

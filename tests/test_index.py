@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsim import Index, ImgsimError, IndexLockedError, ModelError, ReadOnlyIndexError
+from imgsim import ImgsimError, Index, IndexLockedError, ModelError, ReadOnlyIndexError
 from imgsim.errors import IndexCorruptError
 
 from .conftest import TINY_MODEL, read_only_folder
