@@ -3,14 +3,13 @@
 Inner product on normalised vectors is cosine similarity, so scores are in [-1, 1], higher is closer.
 HNSW cannot delete, so ids whose rows are gone stay in the graph as "dead" and are excluded from
 every search with an `IDSelector` until the next rebuild. The file is written atomically (temporary
-file, fsync, rename) and is only handed to FAISS after its checksum and header have been checked:
-FAISS trusts its input and can crash the process on a malformed file.
+file, fsync, rename) and is only handed to FAISS after its checksum and its whole structure
+(`faiss_format.validate`) have been checked: FAISS trusts its input and can crash on a crafted file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +17,8 @@ import faiss
 import numpy as np
 
 from .errors import IndexCorruptError
+from .faiss_format import validate
 from .files import stage
-
-# faiss.serialize_index writes each index as: fourcc, d (int32), ntotal (int64), two reserved int64s,
-# is_trained (uint8), metric (int32). An IndexIDMap2 ("IxM2") is followed by its inner index ("IHNf").
-_INDEX_HEADER = struct.Struct("<4siqqqBi")
-_OUTER, _INNER = b"IxM2", b"IHNf"
-
 
 @dataclass(frozen=True)
 class HnswParams:
@@ -121,7 +115,10 @@ class AnnIndex:
         digest = hashlib.sha256(data).hexdigest()
         if digest not in expected:
             raise IndexCorruptError(f"{path} does not match its manifest (sha256 {digest[:12]}...)")
-        check_header(data, dim, path)
+        try:
+            validate(data, dim)  # FAISS trusts its input: prove the structure before it parses it
+        except IndexCorruptError as e:
+            raise IndexCorruptError(f"{path}: {e}") from None
         try:
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as e:
@@ -129,20 +126,4 @@ class AnnIndex:
         if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
             raise IndexCorruptError(f"{path} is not an HNSW index of dimension {dim}")
         return cls(index, params)
-
-
-def check_header(data: bytes, dim: int, path: Path) -> None:
-    """Refuse anything but an ID-mapped, inner-product HNSW index of `dim` dimensions."""
-    size = _INDEX_HEADER.size
-    if len(data) < 2 * size:
-        raise IndexCorruptError(f"{path} is too short to be a FAISS index")
-    outer = _INDEX_HEADER.unpack_from(data, 0)
-    inner = _INDEX_HEADER.unpack_from(data, size)
-    for (fourcc, d, ntotal, _, _, trained, metric), expected in ((outer, _OUTER), (inner, _INNER)):
-        if fourcc != expected or d != dim or metric != faiss.METRIC_INNER_PRODUCT or trained not in (0, 1):
-            raise IndexCorruptError(f"{path} is not an imgsim HNSW index of dimension {dim}")
-        if ntotal < 0 or ntotal * dim * 4 > len(data):
-            raise IndexCorruptError(f"{path} claims {ntotal} vectors but is only {len(data)} bytes")
-    if outer[2] != inner[2]:
-        raise IndexCorruptError(f"{path} is inconsistent (id map and graph sizes differ)")
 
