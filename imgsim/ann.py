@@ -26,7 +26,7 @@ class HnswParams:
     `ef_construction` candidates while building, `ef_search` candidates while searching."""
 
     M: int = 32
-    ef_construction: int = 100
+    ef_construction: int = 64
     ef_search: int = 128
 
     def to_dict(self) -> dict:
