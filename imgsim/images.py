@@ -7,6 +7,7 @@ normalise, CHW float32). Nothing here knows about models or storage: a `Preproce
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import warnings
@@ -32,7 +33,8 @@ class Preprocess:
 
     `resize` modes: ``crop`` scales the shorter side to `resize_to` and cuts the centre `size` x `size`
     square; ``squash`` scales the whole image to `size` x `size`, ignoring its aspect ratio.
-    `mean` and `std` are per RGB channel on the 0..1 scale.
+    `mean` and `std` are per RGB channel on the 0..1 scale. `trim` first cuts plain-coloured margins
+    (letterbox bars, a plain background, the page around clip-art): see `trim_plain_borders`.
     """
 
     size: int = 224
@@ -41,6 +43,7 @@ class Preprocess:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    trim: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -50,6 +53,7 @@ class Preprocess:
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
+            "trim": self.trim,
         }
 
     @classmethod
@@ -61,6 +65,7 @@ class Preprocess:
             interpolation=str(data["interpolation"]),
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
+            trim=bool(data.get("trim", False)),
         )
 
     @property
@@ -216,6 +221,8 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
 def to_array(img: Image.Image, prep: Preprocess) -> np.ndarray:
     """Resize, crop and normalise an RGB image into a (3, size, size) float32 array."""
     resample = _RESAMPLE[prep.interpolation]
+    if prep.trim:
+        img = trim_plain_borders(img)
     if prep.resize == "squash":
         img = img.resize((prep.size, prep.size), resample)
     elif prep.resize == "crop":
@@ -228,6 +235,53 @@ def to_array(img: Image.Image, prep: Preprocess) -> np.ndarray:
     pixels = np.asarray(img, dtype=np.float32) / 255.0
     pixels = (pixels - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def trim_plain_borders(img: Image.Image, tol: int = 12, share: float = 0.97, rounds: int = 3) -> Image.Image:
+    """Cut off margins of one plain colour from each side: letterbox bars, the plain background a
+    picture was pasted onto, the white page around clip-art.
+
+    A line (row or column) is plain when `share` of its pixels are within `tol` of the median
+    colour of that side's outermost line; plain lines are cut from the outside in, per side, for
+    up to `rounds` rounds (a black bar, then the white page inside it). Found on a copy reduced to
+    at most 160 pixels, so it costs about a millisecond. Nothing is cut from an image that is
+    plain all over, or to less than 1/8 of a side.
+    """
+    factor = max(1, math.ceil(max(img.size) / 160))
+    small = np.asarray(img.reduce(factor) if factor > 1 else img, dtype=np.int16)
+    top, bottom, left, right = 0, small.shape[0], 0, small.shape[1]
+
+    def plain_run(lines: np.ndarray) -> int:
+        """How many lines, from the first, are plain in the first one's colour."""
+        background = np.median(lines[0], axis=0).astype(np.int16)
+        done, step = 0, 4
+        while done < len(lines):
+            chunk = lines[done:done + step]
+            plain = (np.abs(chunk - background).max(axis=-1) <= tol).mean(axis=1) >= share
+            if not plain.all():
+                return done + int(np.argmin(plain))
+            done, step = done + len(chunk), step * 2
+        return done
+
+    for _ in range(rounds):
+        view = small[top:bottom, left:right]
+        if min(view.shape[:2]) < 8:
+            break
+        cut_top = plain_run(view)
+        cut_bottom = plain_run(view[::-1])
+        cut_left = plain_run(view.transpose(1, 0, 2))
+        cut_right = plain_run(view.transpose(1, 0, 2)[::-1])
+        if not (cut_top or cut_bottom or cut_left or cut_right):
+            break
+        h, w = view.shape[:2]
+        if cut_top + cut_bottom >= h * 7 / 8 or cut_left + cut_right >= w * 7 / 8:
+            break
+        top, bottom, left, right = top + cut_top, bottom - cut_bottom, left + cut_left, right - cut_right
+    if (top, left) == (0, 0) and (bottom, right) == small.shape[:2]:
+        return img
+    scale_y, scale_x = img.height / small.shape[0], img.width / small.shape[1]
+    box = (round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y))
+    return img.crop(box)
 
 
 def _resize_shorter(img: Image.Image, target: int, resample: Image.Resampling) -> Image.Image:

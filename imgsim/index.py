@@ -22,7 +22,8 @@ from .ann import AnnIndex, HnswParams
 from .errors import ImageError, ImgsimError, IndexCorruptError, IndexNotFoundError, ModelError
 from .files import discard, leftover_stages, publish
 from .lock import WriterLock
-from .models import Model, default_model, spec_for
+from .images import Preprocess
+from .models import Model, default_model, parse_pooling, spec_for
 from .pipeline import embed_files
 from .store import FORMAT_VERSION, NewImage, Store
 from .sync import Plan, is_under, plan_sync
@@ -147,6 +148,7 @@ class Index:
                     dim=loaded.dim,
                     metric="cosine",
                     preprocess=loaded.preprocess.to_dict(),
+                    pooling=loaded.pooling,
                     hnsw=(hnsw or HnswParams()).to_dict(),
                     root=None if root is None else _relative(Path(root), sqlite_path.parent),
                     created=time.time(),
@@ -192,9 +194,13 @@ class Index:
             raise IndexCorruptError(f"{self.sqlite_path} has no {', '.join(missing)} in its manifest")
         try:
             hnsw = HnswParams.from_dict(m["hnsw"])
+            prep = Preprocess.from_dict(m["preprocess"])
+            parse_pooling(m.get("pooling", "avg"))
             sane = 2 <= hnsw.M <= 256 and 1 <= hnsw.ef_construction <= 4096 and 1 <= hnsw.ef_search <= 4096
             sane = sane and isinstance(m["format_version"], int) and isinstance(m.get("root"), (str, type(None)))
-        except (KeyError, TypeError, ValueError):
+            sane = sane and 16 <= prep.size <= 1024 and prep.size <= prep.resize_to <= 2048
+            sane = sane and prep.resize in ("crop", "squash") and prep.interpolation in ("bilinear", "bicubic")
+        except (KeyError, TypeError, ValueError, ModelError):
             sane = False
         if not sane:
             raise IndexCorruptError(f"{self.sqlite_path} has an invalid manifest")
@@ -241,7 +247,9 @@ class Index:
     def model(self) -> Model:
         """The model this index was made with, loaded and checked on first use."""
         if self._model is None:
-            self._model = Model.load(self._manifest["model"], expect_sha256=self._manifest["model_sha256"])
+            m = self._manifest
+            self._model = Model.load(m["model"], expect_sha256=m["model_sha256"],
+                                     preprocess=Preprocess.from_dict(m["preprocess"]), pooling=m.get("pooling", "avg"))
         return self._model
 
     @property

@@ -21,16 +21,19 @@ from .images import Preprocess
 MODELS_ENV = "IMGSIM_MODELS"
 """Environment variable naming an extra folder of model files."""
 
+# Whole-image resizing after trimming plain borders, and GeM pooling (p=3), were chosen by
+# scripts/eval_retrieval.py over centre crop and average pooling: see "How good is it" in README.md.
 # EfficientNet-Lite was trained in TensorFlow on inputs scaled as (x - 127) / 128; models/README.md
 # has the evidence (BatchNorm statistics and ImageNet classification of real photos).
 _LITE_PREPROCESS = Preprocess(
-    size=224, resize_to=256, resize="crop", interpolation="bilinear",
-    mean=(127.0 / 255, 127.0 / 255, 127.0 / 255), std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
+    size=224, resize_to=224, resize="squash", interpolation="bilinear",
+    mean=(127.0 / 255, 127.0 / 255, 127.0 / 255), std=(128.0 / 255, 128.0 / 255, 128.0 / 255), trim=True,
 )
 _TORCHVISION_PREPROCESS = Preprocess(
-    size=224, resize_to=256, resize="crop", interpolation="bilinear",
-    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    size=224, resize_to=224, resize="squash", interpolation="bilinear",
+    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), trim=True,
 )
+DEFAULT_POOLING = "gem3"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ModelSpec:
     description: str
     sha256: str | None = None
     how_to_get: str = ""
+    pooling: str = DEFAULT_POOLING
 
 
 _QUANTIZE = "run scripts/quantize.py models/{src} --calibrate PHOTO_FOLDER -o models/{dst}"
@@ -132,15 +136,25 @@ def default_model() -> tuple[str, str]:
 
 @dataclass
 class Model:
-    """A catalogue entry together with its installed, verified file."""
+    """A catalogue entry together with its installed, verified file, and how it is run: the
+    preprocessing and pooling of the catalogue, or those an existing index was made with."""
 
     spec: ModelSpec
     path: Path
     sha256: str
+    preprocess: Preprocess | None = None
+    pooling: str | None = None
+
+    def __post_init__(self):
+        self.preprocess = self.preprocess or self.spec.preprocess
+        self.pooling = self.pooling or self.spec.pooling
+        self._gem_p = parse_pooling(self.pooling)
 
     @classmethod
-    def load(cls, name: str, expect_sha256: str | None = None) -> Model:
-        """Find and verify a model file. `expect_sha256` is what an existing index was made with."""
+    def load(cls, name: str, expect_sha256: str | None = None, preprocess: Preprocess | None = None,
+             pooling: str | None = None) -> Model:
+        """Find and verify a model file. `expect_sha256`, `preprocess` and `pooling` are what an
+        existing index was made with."""
         spec = spec_for(name)
         path = find_file(spec)
         if path is None:
@@ -153,7 +167,7 @@ class Model:
         if expect_sha256 and digest != expect_sha256:
             raise ModelError(f"the index was made with a different {name} file (sha256 {expect_sha256[:12]}...) "
                              f"than {path} (sha256 {digest[:12]}...): install the same file, or rebuild the index")
-        return cls(spec, path, digest)
+        return cls(spec, path, digest, preprocess, pooling)
 
     @property
     def name(self) -> str:
@@ -162,10 +176,6 @@ class Model:
     @property
     def dim(self) -> int:
         return self.spec.dim
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return self.spec.preprocess
 
     @cached_property
     def _session(self):
@@ -183,8 +193,34 @@ class Model:
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """Embed a (N, 3, H, W) float32 batch into (N, dim) L2-normalised float32 vectors."""
-        (out,) = self._session.run(["embedding"], {"input": np.ascontiguousarray(batch, dtype=np.float32)})
+        feed = {"input": np.ascontiguousarray(batch, dtype=np.float32)}
+        if self._gem_p is None:
+            (out,) = self._session.run(["embedding"], feed)
+        else:
+            (feature_map,) = self._session.run(["feature_map"], feed)
+            out = gem(feature_map, self._gem_p)
         return normalize(out.reshape(len(batch), -1))
+
+
+def parse_pooling(pooling: str) -> float | None:
+    """``avg`` (the model's own ``embedding`` output) gives None; ``gemP`` gives P."""
+    if pooling == "avg":
+        return None
+    if pooling.startswith("gem"):
+        try:
+            p = float(pooling[3:])
+        except ValueError:
+            p = 0.0
+        if 0.5 <= p <= 16:
+            return p
+    raise ModelError(f"unknown pooling {pooling!r}: use avg or gemP, e.g. gem3")
+
+
+def gem(feature_map: np.ndarray, p: float) -> np.ndarray:
+    """Generalised-mean pooling over the spatial axes of (N, C, h, w): (mean x^p)^(1/p), x > 0.
+    p = 1 is average pooling; large p tends to max pooling (Radenovic et al., 2018)."""
+    x = np.maximum(feature_map.astype(np.float32, copy=False), 1e-6)
+    return np.power(np.mean(np.power(x, p), axis=(2, 3)), 1.0 / p)
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:

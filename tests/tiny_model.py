@@ -19,6 +19,7 @@ def tiny_spec() -> models.ModelSpec:
         preprocess=Preprocess(size=64, resize_to=64, resize="squash", interpolation="bilinear",
                               mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         description="test model: a 4x4 average of the picture",
+        pooling="avg",
     )
 
 

@@ -1,0 +1,867 @@
+"""Measure what imgsim returns: near-duplicate recall and category precision on a labelled folder.
+
+    python scripts/eval_data.py eval-data                 # skimage photos + Tux Paint stamps
+    python scripts/eval_retrieval.py eval-data            # imgsim as it is + the candidate variants
+    python scripts/eval_retrieval.py eval-data --configs imgsim,squash224-gem3 --json
+
+FOLDER's immediate sub-folders are labels (files directly in FOLDER have none). Two things are measured:
+
+1. Near-duplicates. Every image is altered in seeded random ways (`--per-image` of the ALTERATIONS
+   each, chosen per image; ``all`` for every one) and saved as JPEG; each altered copy is a query
+   that must find its original first. Reported: recall@1 and mAP (the relevant set is the
+   original plus any byte-identical copies of it), overall and per alteration; the JSON also has
+   each alteration's mean similarity between query and original. The alterations: downscaling,
+   JPEG quality 8-20, crops keeping 90-75% and 75-60% of each side, greyscale, mirror, rotation
+   by 3-15 degrees with black or white borders, Gaussian blur, brightness x0.5-0.75 or x1.3-1.7,
+   a caption band over the bottom 12-22%, letterbox or pillarbox bars, stretching by 1.25-1.6,
+   the picture pasted at 35-60% onto a plain canvas, EXIF-rotated storage (a phone photo), and
+   combinations of two or three everyday edits.
+2. Categories. Every image whose label has at least one other member is a query; precision@10 is
+   the share of its 10 nearest neighbours (itself and byte-identical copies excluded) that share
+   its label, next to what random neighbours would give (chance).
+
+Configurations are named. ``imgsim`` is the product itself: `Index.create`, `index.add(FOLDER)`,
+`index.search(file)` through its HNSW graph. Every other name is a variant computed here, from the
+model's ``feature_map`` output and exact search, spelled as dash-separated parts:
+
+    RESIZE SIZES   crop224 (shorter side to 256, centre 224: imgsim today), full224 (shorter side to
+                   224, centre 224), squash224 (whole image to 224x224), pad224 (whole image into a
+                   224 square, padded with the mean colour), aspect224 (shorter side 224, longer at
+                   most 448, no crop); several sizes are averaged: squash224+320
+    POOL           avg, max, gem3 (generalised mean, p = 3; any p: gem2.5)
+    mirror         index vectors are the mean of the image's and its mirror's embeddings
+    mirrorq        the same for queries too (twice the cost at query time)
+    center         subtract the collection's mean vector (then L2-normalise again)
+    white0.3       PCA-whitening learned from the collection, shrinkage 0.3 (eigenvalues + 0.3 x
+                   their mean); this and `center` are skipped (noted) below --whiten-min images;
+                   --learn-from FOLDER learns them from another folder instead
+    bicubic        bicubic instead of the model's interpolation
+    trim           cut plain-coloured margins (letterbox bars, a plain background, the white page
+                   around clip-art) off every image before resizing
+
+Timings are per image on this machine: decode + preprocess + inference for indexing (index ms) and
+for one query (query ms); for ``imgsim`` the indexing figure is `SyncReport` seconds / image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+
+from imgsim import Index
+from imgsim import images as imgs
+from imgsim.errors import ImageError
+from imgsim.models import BUNDLED_MODEL, Model, available_cpus
+
+DEFAULT_CONFIGS = [
+    "imgsim",
+    "crop224-avg", "crop224-gem3",
+    "full224-avg", "squash224-avg", "pad224-avg", "aspect224-avg",
+    "squash224-gem3", "squash224-gem2", "squash224-max",
+    "squash224-gem3-mirror",
+    "squash224-gem3-center", "squash224-gem3-white1", "squash224-gem3-white10",
+    "squash224-gem3-trim",
+    "squash224-gem3-trim-center", "squash224-avg-trim-center", "pad224-gem3-trim-center",
+    "squash224-gem3-trim-mirror-center", "squash224+320-gem3-trim-center",
+]
+BASELINE = "crop224-avg"
+"""Plain average pooling of a centre crop: what the issue's category target is measured against."""
+
+
+# -- the dataset -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One original. `group` is shared by byte-identical files; `label` is None outside any sub-folder."""
+
+    path: Path
+    key: str
+    label: str | None
+    group: int
+
+
+def load_dataset(folder: Path, *, per_class: int | None = None, limit: int | None = None,
+                 seed: int = 0, log: Callable[[str], None] | None = None) -> list[Item]:
+    """The image files under `folder` with their labels, optionally a seeded sample of them.
+
+    With `log`, files imgsim cannot decode are left out (and reported); without, none is opened."""
+    by_label: dict[str | None, list[Path]] = defaultdict(list)
+    for path in imgs.discover(folder):
+        parts = path.relative_to(folder).parts
+        by_label[parts[0] if len(parts) > 1 else None].append(path)
+    chosen: list[Path] = []
+    for label in sorted(by_label, key=lambda x: (x is None, x or "")):
+        paths = by_label[label]
+        if per_class and len(paths) > per_class:
+            rng = np.random.default_rng([seed, _stable_hash(label or "")])
+            paths = [paths[i] for i in sorted(rng.choice(len(paths), per_class, replace=False))]
+        chosen.extend(paths)
+    if limit and len(chosen) > limit:
+        rng = np.random.default_rng(seed)
+        chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), limit, replace=False))]
+    groups: dict[str, int] = {}
+    items = []
+    for path in chosen:
+        if log is not None:
+            try:
+                imgs.decode(path, min_side=32)
+            except ImageError as e:
+                log(f"skipping {path}: {e}")
+                continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        key = path.relative_to(folder).as_posix()
+        parts = path.relative_to(folder).parts
+        items.append(Item(path, key, parts[0] if len(parts) > 1 else None, groups.setdefault(digest, len(groups))))
+    return items
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+# -- alterations: what people do to photos ------------------------------------------------------------
+
+@dataclass
+class Altered:
+    image: Image.Image
+    detail: str
+    quality: int = 90
+    exif_orientation: int | None = None
+
+
+def _uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(rng.uniform(lo, hi))
+
+
+def resize(img: Image.Image, rng: np.random.Generator) -> Altered:
+    scale = max(_uniform(rng, 0.25, 0.6), min(1.0, 48 / min(img.size)))
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    quality = int(rng.integers(70, 91))
+    return Altered(img.resize(size, Image.Resampling.LANCZOS), f"x{scale:.2f} q{quality}", quality)
+
+
+def jpeg(img: Image.Image, rng: np.random.Generator) -> Altered:
+    quality = int(rng.integers(8, 21))
+    return Altered(img, f"q{quality}", quality)
+
+
+def _crop(lo: float, hi: float) -> Callable[[Image.Image, np.random.Generator], Altered]:
+    def crop(img: Image.Image, rng: np.random.Generator) -> Altered:
+        fw = _uniform(rng, lo, hi)
+        fh = min(1.0, max(lo, fw * _uniform(rng, 0.9, 1.1)))
+        cw, ch = max(1, round(img.width * fw)), max(1, round(img.height * fh))
+        left = int(rng.integers(0, img.width - cw + 1))
+        top = int(rng.integers(0, img.height - ch + 1))
+        return Altered(img.crop((left, top, left + cw, top + ch)), f"{fw:.2f}x{fh:.2f} at {left},{top}")
+    return crop
+
+
+def grey(img: Image.Image, rng: np.random.Generator) -> Altered:
+    return Altered(ImageOps.grayscale(img).convert("RGB"), "")
+
+
+def mirror(img: Image.Image, rng: np.random.Generator) -> Altered:
+    return Altered(ImageOps.mirror(img), "")
+
+
+def rotate(img: Image.Image, rng: np.random.Generator, max_angle: float = 15.0) -> Altered:
+    angle = _uniform(rng, 3, max_angle) * (1 if rng.random() < 0.5 else -1)
+    fill = (0, 0, 0) if rng.random() < 0.7 else (255, 255, 255)
+    out = img.rotate(angle, Image.Resampling.BICUBIC, expand=True, fillcolor=fill)
+    return Altered(out, f"{angle:+.1f} deg, border {fill[0]}")
+
+
+def blur(img: Image.Image, rng: np.random.Generator) -> Altered:
+    radius = _uniform(rng, 0.005, 0.012) * max(img.size)
+    return Altered(img.filter(ImageFilter.GaussianBlur(radius)), f"radius {radius:.1f}")
+
+
+def brightness(img: Image.Image, rng: np.random.Generator) -> Altered:
+    factor = _uniform(rng, 0.5, 0.75) if rng.random() < 0.5 else _uniform(rng, 1.3, 1.7)
+    return Altered(ImageEnhance.Brightness(img).enhance(factor), f"x{factor:.2f}")
+
+
+_WORDS = ["holiday", "2019", "best day ever", "look at this", "family", "summer", "for sale", "new!",
+          "IMG_2041", "do not share", "(c) photo club", "lol", "weekend", "price: 12 EUR"]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=max(8, size))
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def caption(img: Image.Image, rng: np.random.Generator) -> Altered:
+    share = _uniform(rng, 0.12, 0.22)
+    band = max(8, round(img.height * share))
+    dark = rng.random() < 0.7
+    colour = (int(rng.integers(0, 40)),) * 3 if dark else (int(rng.integers(220, 256)),) * 3
+    out = img.copy()
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((0, img.height - band, img.width, img.height), fill=colour)
+    text = " ".join(rng.choice(_WORDS, 2, replace=False))
+    draw.text((max(2, img.width // 20), img.height - band + band // 5), text,
+              fill=(255, 255, 255) if dark else (0, 0, 0), font=_font(round(band * 0.55)))
+    return Altered(out, f"band {share:.2f}")
+
+
+def letterbox(img: Image.Image, rng: np.random.Generator) -> Altered:
+    factor = _uniform(rng, 1.3, 1.8)
+    colour = (0, 0, 0) if rng.random() < 0.7 else (255, 255, 255)
+    if rng.random() < 0.5:
+        size, at, how = (img.width, round(img.height * factor)), (0, round(img.height * (factor - 1) / 2)), "rows"
+    else:
+        size, at, how = (round(img.width * factor), img.height), (round(img.width * (factor - 1) / 2), 0), "columns"
+    out = Image.new("RGB", size, colour)
+    out.paste(img, at)
+    return Altered(out, f"{how} x{factor:.2f}, colour {colour[0]}")
+
+
+def stretch(img: Image.Image, rng: np.random.Generator) -> Altered:
+    factor = _uniform(rng, 1.25, 1.6)
+    if rng.random() < 0.5:
+        size, how = (round(img.width * factor), img.height), "wider"
+    else:
+        size, how = (img.width, round(img.height * factor)), "taller"
+    return Altered(img.resize(size, Image.Resampling.BICUBIC), f"{how} x{factor:.2f}")
+
+
+def paste_small(img: Image.Image, rng: np.random.Generator) -> Altered:
+    canvas_scale = _uniform(rng, 1.0, 1.3)
+    canvas = (round(img.width * canvas_scale), round(img.height * canvas_scale))
+    share = _uniform(rng, 0.35, 0.6)
+    scale = share * canvas_scale
+    small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                       Image.Resampling.LANCZOS)
+    colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+    out = Image.new("RGB", canvas, colour)
+    at = (int(rng.integers(0, canvas[0] - small.width + 1)), int(rng.integers(0, canvas[1] - small.height + 1)))
+    out.paste(small, at)
+    return Altered(out, f"{share:.2f} of the canvas, colour {colour}")
+
+
+_EXIF_TURNS = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}
+
+
+def exif_rotated(img: Image.Image, rng: np.random.Generator) -> Altered:
+    """Pixels stored turned, with the EXIF orientation that turns them upright: a phone photo."""
+    orientation = int(rng.choice(list(_EXIF_TURNS)))
+    return Altered(img.transpose(_EXIF_TURNS[orientation]), f"orientation {orientation}",
+                   exif_orientation=orientation)
+
+
+def combo(img: Image.Image, rng: np.random.Generator) -> Altered:
+    """Two or three everyday edits in a row, then a middling JPEG."""
+    steps = {
+        "resize": resize, "crop": _crop(0.8, 0.95), "grey": grey, "mirror": mirror,
+        "rotate": lambda i, r: rotate(i, r, max_angle=8), "brightness": brightness, "caption": caption,
+        "letterbox": letterbox, "stretch": stretch,
+    }
+    names = list(rng.choice(sorted(steps), int(rng.integers(2, 4)), replace=False))
+    for name in names:
+        img = steps[name](img, rng).image
+    quality = int(rng.integers(30, 71))
+    return Altered(img, "+".join(names) + f" q{quality}", quality)
+
+
+ALTERATIONS: dict[str, Callable[[Image.Image, np.random.Generator], Altered]] = {
+    "resize": resize, "jpeg": jpeg, "crop90-75": _crop(0.75, 0.9), "crop75-60": _crop(0.6, 0.75),
+    "grey": grey, "mirror": mirror, "rotate": rotate, "blur": blur, "brightness": brightness,
+    "caption": caption, "letterbox": letterbox, "stretch": stretch, "paste-small": paste_small,
+    "exif": exif_rotated, "combo": combo,
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    path: Path
+    source: int
+    kind: str
+    detail: str
+
+
+def make_queries(items: Sequence[Item], out: Path, *, per_image: int | None, seed: int,
+                 kinds: Sequence[str] | None = None, log: Callable[[str], None] = lambda s: None) -> list[Query]:
+    """Write the altered copies of every item to `out` as JPEG files. `per_image` None means every kind.
+
+    The kinds and their parameters depend only on the seed and the item's relative path, so a
+    smaller run (--limit, --per-class) alters each image exactly as the full run does."""
+    kinds = list(kinds or ALTERATIONS)
+    out.mkdir(parents=True, exist_ok=True)
+    queries = []
+    for i, item in enumerate(items):
+        try:
+            original = imgs.decode(item.path).image
+        except ImageError as e:
+            log(f"skipping {item.path}: {e}")
+            continue
+        h = _stable_hash(item.key)
+        chosen = kinds if per_image is None else list(
+            np.random.default_rng([seed, h]).choice(kinds, min(per_image, len(kinds)), replace=False))
+        for kind in chosen:
+            rng = np.random.default_rng([seed, h, _stable_hash(kind)])
+            altered = ALTERATIONS[kind](original, rng)
+            path = out / f"{i:05d}-{kind}.jpg"
+            save_jpeg(altered, path)
+            queries.append(Query(path, i, kind, altered.detail))
+    return queries
+
+
+def save_jpeg(altered: Altered, path: Path) -> None:
+    kwargs = {"quality": altered.quality}
+    if altered.exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = altered.exif_orientation
+        kwargs["exif"] = exif
+    altered.image.convert("RGB").save(path, "JPEG", **kwargs)
+
+
+# -- metrics -----------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    config: str
+    nd_recall_at_1: float
+    nd_map: float
+    category_p_at_10: float
+    chance_p_at_10: float
+    index_ms: float
+    query_ms: float
+    per_alteration: dict[str, float]
+    note: str = ""
+    misses: list[dict] = field(default_factory=list)
+    original_score: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self, with_misses: bool = False) -> dict:
+        data = {
+            "config": self.config,
+            "nd_recall_at_1": _number(self.nd_recall_at_1),
+            "nd_map": _number(self.nd_map),
+            "category_p_at_10": _number(self.category_p_at_10),
+            "chance_p_at_10": _number(self.chance_p_at_10),
+            "index_ms_per_image": _number(self.index_ms, 2),
+            "query_ms_per_image": _number(self.query_ms, 2),
+            "per_alteration_recall_at_1": {k: _number(v) for k, v in self.per_alteration.items()},
+            "per_alteration_original_score": {k: _number(v) for k, v in self.original_score.items()},
+            "note": self.note,
+        }
+        if with_misses:
+            data["misses"] = self.misses
+        return data
+
+
+def _number(value: float, digits: int = 4) -> float | None:
+    """Rounded, with None for NaN (no category queries, no timing) so that the JSON is strict."""
+    return None if math.isnan(value) else round(value, digits)
+
+
+def category_queries(items: Sequence[Item]) -> tuple[list[int], float]:
+    """Items that have another image of their label (not a copy of themselves), and chance P@10."""
+    n = len(items)
+    group_size = defaultdict(int)
+    for it in items:
+        group_size[it.group] += 1
+    per_label = defaultdict(int)
+    for it in items:
+        per_label[it.label] += 1
+    chosen, chance = [], []
+    for i, it in enumerate(items):
+        if it.label is None:
+            continue
+        same_label_groups = {other.group for other in items if other.label == it.label} - {it.group}
+        if not same_label_groups:
+            continue
+        others_same_label = sum(1 for other in items if other.label == it.label and other.group != it.group)
+        chosen.append(i)
+        chance.append(others_same_label / (n - group_size[it.group]))
+    return chosen, float(np.mean(chance)) if chance else float("nan")
+
+
+def score_rankings(config: str, items: Sequence[Item], queries: Sequence[Query], nd_rankings: Sequence[np.ndarray],
+                   cat_queries: Sequence[int], cat_rankings: Sequence[np.ndarray], chance: float,
+                   index_ms: float, query_ms: float, note: str = "",
+                   nd_scores: Sequence[np.ndarray] | None = None) -> Result:
+    """Metrics from ranked item indices: one ranking per query, one per category query (self excluded).
+
+    `nd_scores`, aligned with `nd_rankings`, gives each query's similarity to its original (the
+    first relevant item; NaN where it was not returned), averaged per alteration."""
+    groups = np.array([it.group for it in items])
+    hits, aps = [], []
+    per_kind: dict[str, list[bool]] = defaultdict(list)
+    original_scores: dict[str, list[float]] = defaultdict(list)
+    misses = []
+    for n, (q, ranking) in enumerate(zip(queries, nd_rankings)):
+        relevant = groups[ranking] == items[q.source].group
+        n_relevant = int((groups == items[q.source].group).sum())
+        positions = np.flatnonzero(relevant)
+        ap = float(np.sum(np.arange(1, len(positions) + 1) / (positions + 1)) / n_relevant)
+        hit = bool(len(ranking) and relevant[0])
+        hits.append(hit)
+        aps.append(ap)
+        per_kind[q.kind].append(hit)
+        if nd_scores is not None:
+            original_scores[q.kind].append(float(nd_scores[n][positions[0]]) if len(positions) else math.nan)
+        if not hit:
+            first = int(positions[0]) + 1 if len(positions) else None
+            misses.append({"query": q.path.name, "original": items[q.source].key, "kind": q.kind, "detail": q.detail,
+                           "top1": items[int(ranking[0])].key if len(ranking) else None, "rank_of_original": first})
+    labels = [it.label for it in items]
+    precisions = []
+    for i, ranking in zip(cat_queries, cat_rankings):
+        top = ranking[:10]
+        precisions.append(sum(labels[j] == labels[i] for j in top) / 10)
+    kinds = [k for k in ALTERATIONS if k in per_kind] + sorted(set(per_kind) - set(ALTERATIONS))
+    return Result(config, float(np.mean(hits)) if hits else math.nan, float(np.mean(aps)) if aps else math.nan,
+                  float(np.mean(precisions)) if precisions else float("nan"), chance, index_ms, query_ms,
+                  {k: float(np.mean(per_kind[k])) for k in kinds}, note, misses,
+                  {k: float(np.nanmean(original_scores[k])) if not np.isnan(original_scores[k]).all() else math.nan
+                   for k in kinds if k in original_scores})
+
+
+# -- imgsim itself -----------------------------------------------------------------------------------
+
+def evaluate_product(folder: Path, items: Sequence[Item], queries: Sequence[Query], cat_queries: Sequence[int],
+                     chance: float, *, model: str, index_path: Path, log: Callable[[str], None]) -> Result:
+    """The real product: an `Index` built over `folder`, searched one query file at a time."""
+    by_path = {it.path.resolve(): i for i, it in enumerate(items)}
+    exists = index_path.with_name(index_path.name + ".sqlite").exists()
+    note = ""
+    if exists:
+        index = Index.open(index_path, read_only=True)
+        note = f"existing index {index_path}"
+        index_ms = float("nan")
+    else:
+        index = Index.create(index_path, model=model, root=folder)
+        report = index.add([it.path for it in items])
+        index_ms = 1000 * report.seconds / max(1, report.embedded)
+        if report.failed:
+            log(f"imgsim: {report.failed} files failed to index")
+    with index:
+        k = min(len(index), 100)
+        group_sizes = defaultdict(int)
+        for it in items:
+            group_sizes[it.group] += 1
+
+        def ranked(results) -> tuple[np.ndarray, np.ndarray]:
+            found = [(by_path.get(index.resolve(r.path).resolve()), r.score) for r in results]
+            found = [(i, score) for i, score in found if i is not None]
+            return np.array([i for i, _ in found], dtype=np.int64), np.array([s for _, s in found], dtype=np.float64)
+
+        started = time.perf_counter()
+        nd, nd_scores = zip(*(ranked(index.search(q.path, k=k)) for q in queries)) if queries else ((), ())
+        query_ms = 1000 * (time.perf_counter() - started) / len(queries) if queries else math.nan
+        cat = []
+        for i in cat_queries:
+            ranking, _ = ranked(index.search(items[i].path, k=min(len(index), 10 + group_sizes[items[i].group])))
+            cat.append(np.array([j for j in ranking if items[j].group != items[i].group], dtype=np.int64))
+        prep = index.info()["preprocess"]
+    shown = ", ".join(f"{key} {value}" for key, value in prep.items() if key not in ("mean", "std"))
+    note = note or f"{shown}; HNSW, top {k}"
+    return score_rankings("imgsim", items, queries, nd, cat_queries, cat, chance, index_ms, query_ms, note,
+                          nd_scores)
+
+
+# -- the variants ------------------------------------------------------------------------------------
+
+_RESIZE_MODES = ("crop", "full", "squash", "pad", "aspect")
+
+
+class Pass(NamedTuple):
+    """One run of the model over a set of images: how they are prepared."""
+
+    resize: str
+    size: int
+    mirrored: bool
+    interpolation: str | None
+    trim: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    """A variant of imgsim's embedding, parsed from its name (see the module docstring)."""
+
+    name: str
+    resize: str
+    sizes: tuple[int, ...]
+    pool: float  # 1: average, inf: max, else the GeM exponent
+    mirror: str = ""  # "", "index" or "both"
+    whiten: float | None = None  # shrinkage; inf: only subtract the mean
+    interpolation: str | None = None  # None: the model's
+    trim: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> Config:
+        parts = name.split("-")
+        m = re.fullmatch(rf"({'|'.join(_RESIZE_MODES)})(\d+(?:\+\d+)*)", parts[0])
+        if not m:
+            raise ValueError(f"{name}: should start with one of {', '.join(_RESIZE_MODES)} and sizes, e.g. crop224")
+        kwargs: dict = {"resize": m.group(1), "sizes": tuple(int(s) for s in m.group(2).split("+")), "pool": 1.0}
+        for part in parts[1:]:
+            if part == "avg":
+                kwargs["pool"] = 1.0
+            elif part == "max":
+                kwargs["pool"] = math.inf
+            elif g := re.fullmatch(r"gem(\d+(?:\.\d+)?)", part):
+                kwargs["pool"] = float(g.group(1))
+            elif part == "mirror":
+                kwargs["mirror"] = "index"
+            elif part == "mirrorq":
+                kwargs["mirror"] = "both"
+            elif part == "center":
+                kwargs["whiten"] = math.inf
+            elif w := re.fullmatch(r"white(\d+(?:\.\d+)?)", part):
+                kwargs["whiten"] = float(w.group(1))
+            elif part in ("bilinear", "bicubic"):
+                kwargs["interpolation"] = part
+            elif part == "trim":
+                kwargs["trim"] = True
+            else:
+                raise ValueError(f"{name}: unknown part {part!r}")
+        return cls(name, **kwargs)
+
+    def passes(self, side: str) -> list[Pass]:
+        """The model runs that `side` needs: "db" (the collection, and "learn") or "q" (the queries)."""
+        mirrored = self.mirror == "both" or (self.mirror == "index" and side != "q")
+        return [Pass(self.resize, s, f, self.interpolation, self.trim)
+                for s in self.sizes for f in ([False, True] if mirrored else [False])]
+
+
+class FeatureModel:
+    """The catalogue model run for its ``feature_map`` (or only its ``embedding``) output."""
+
+    def __init__(self, name: str):
+        import onnxruntime as ort
+
+        self.model = Model.load(name)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = available_cpus()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.model.path), options, providers=["CPUExecutionProvider"])
+        self.has_feature_map = "feature_map" in {o.name for o in self.session.get_outputs()}
+
+    def preprocess(self, p: Pass) -> imgs.Preprocess:
+        base = self.model.preprocess
+        resize_to = round(p.size * base.resize_to / base.size) if p.resize == "crop" else p.size
+        return imgs.Preprocess(size=p.size, resize_to=resize_to,
+                               resize="crop" if p.resize in ("crop", "full") else p.resize,
+                               interpolation=p.interpolation or base.interpolation, mean=base.mean, std=base.std)
+
+    def to_array(self, img: Image.Image, p: Pass) -> np.ndarray:
+        prep = self.preprocess(p)
+        if p.trim:
+            img = imgs.trim_plain_borders(img)
+        if p.mirrored:
+            img = ImageOps.mirror(img)
+        if p.resize in ("crop", "full", "squash"):
+            return imgs.to_array(img, prep)
+        resample = imgs._RESAMPLE[prep.interpolation]
+        scale = p.size / (max(img.size) if p.resize == "pad" else min(img.size))
+        w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+        img = img.resize((w, h), resample, reducing_gap=3.0)
+        if p.resize == "pad":
+            canvas = Image.new("RGB", (p.size, p.size), tuple(round(m * 255) for m in prep.mean))
+            canvas.paste(img, ((p.size - w) // 2, (p.size - h) // 2))
+            img = canvas
+        elif max(w, h) > 2 * p.size:  # aspect: keep very long images bounded
+            cw, ch = min(w, 2 * p.size), min(h, 2 * p.size)
+            img = img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+        pixels = np.asarray(img, dtype=np.float32) / 255.0
+        pixels = (pixels - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def pooled(self, batch: np.ndarray, pools: set[float]) -> dict[float, np.ndarray]:
+        if not self.has_feature_map:
+            if pools - {1.0}:
+                raise SystemExit(f"{self.model.name} has no feature_map output: only avg pooling can be evaluated")
+            (emb,) = self.session.run(["embedding"], {"input": batch})
+            return {1.0: emb.reshape(len(batch), -1)}
+        (fmap,) = self.session.run(["feature_map"], {"input": batch})
+        out = {}
+        for p in pools:
+            if p == 1.0:
+                out[p] = fmap.mean(axis=(2, 3))
+            elif math.isinf(p):
+                out[p] = fmap.max(axis=(2, 3))
+            else:
+                out[p] = np.power(np.power(np.maximum(fmap, 1e-6), p).mean(axis=(2, 3)), 1.0 / p)
+        return out
+
+
+def normalize(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def learn_whitening(db: np.ndarray, shrinkage: float) -> Callable[[np.ndarray], np.ndarray]:
+    """PCA-whitening with shrinkage, learned from a collection's own vectors.
+
+    The covariance C = U diag(l) U' gets `shrinkage` x mean(l) added to every eigenvalue (so
+    directions the collection barely spans are not blown up), and vectors are mapped by
+    (C + eta I)^(-1/2), scaled so the unseen directions keep their length. Infinite shrinkage is
+    plain centring.
+    """
+    mean = db.mean(axis=0)
+    if math.isinf(shrinkage):
+        return lambda x: normalize(x - mean)
+    _, s, vt = np.linalg.svd(db - mean, full_matrices=False)
+    eig = s ** 2 / max(1, len(db) - 1)
+    keep = eig > 1e-9 * eig.max()
+    u, eig = vt[keep].T, eig[keep]
+    eta = shrinkage * eig.mean()
+    shrink = 1.0 - np.sqrt(eta / (eig + eta))  # per component: how much of it to take away
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        r = x - mean
+        return normalize(r - ((r @ u) * shrink) @ u.T)
+    return apply
+
+
+def evaluate_variants(configs: Sequence[Config], items: Sequence[Item], queries: Sequence[Query],
+                      cat_queries: Sequence[int], chance: float, *, model: str, whiten_min: int,
+                      batch_size: int, learn_from: Sequence[Path] = (),
+                      log: Callable[[str], None]) -> list[Result]:
+    """All variants from shared model runs: one run per `Pass` and side.
+
+    Sides: "db" (the collection), "q" (the altered copies) and "learn" (`learn_from`, the images
+    the centring and whitening are learned from when not the collection itself)."""
+    fm = FeatureModel(model)
+    needs: dict[Pass, dict[str, set[float]]] = defaultdict(lambda: {"db": set(), "q": set(), "learn": set()})
+    for c in configs:
+        for side in ("db", "q") + (("learn",) if learn_from and c.whiten is not None else ()):
+            for p in c.passes(side):
+                needs[p][side].add(c.pool)
+    files = {"db": [it.path for it in items], "q": [q.path for q in queries], "learn": list(learn_from)}
+    pooled: dict[Pass, dict[str, dict[float, np.ndarray]]] = defaultdict(dict)
+    ms: dict[Pass, dict[str, float]] = defaultdict(dict)
+    decode_ms: dict[int, dict[str, float]] = defaultdict(dict)
+    by_decode = defaultdict(list)
+    for p in needs:
+        by_decode[fm.preprocess(p).decode_size].append(p)
+    for min_side, passes in sorted(by_decode.items()):
+        for side in ("db", "q", "learn"):
+            wanted = [p for p in passes if needs[p][side]]
+            if not wanted or not files[side]:
+                continue
+            started = time.perf_counter()
+            decoded = [imgs.decode(path, min_side).image for path in files[side]]
+            decode_ms[min_side][side] = 1000 * (time.perf_counter() - started) / len(decoded)
+            for p in wanted:
+                log(f"  {side}: {p.resize}{p.size}{' mirrored' if p.mirrored else ''}{' trimmed' if p.trim else ''}"
+                    f"{' ' + p.interpolation if p.interpolation else ''} ({len(decoded)} images)")
+                started = time.perf_counter()
+                chunks: dict[float, list[np.ndarray]] = defaultdict(list)
+                step = 1 if p.resize == "aspect" else batch_size
+                for start in range(0, len(decoded), step):
+                    arrays = np.stack([fm.to_array(im, p) for im in decoded[start:start + step]])
+                    for pool, v in fm.pooled(arrays, needs[p][side]).items():
+                        chunks[pool].append(v)
+                pooled[p][side] = {pool: np.concatenate(v) for pool, v in chunks.items()}
+                ms[p][side] = 1000 * (time.perf_counter() - started) / len(decoded)
+            del decoded
+
+    def vectors(c: Config, side: str) -> np.ndarray:
+        if not files[side]:
+            return np.empty((0, 1), np.float32)
+        per_scale = []
+        for size in c.sizes:
+            runs = [p for p in c.passes(side) if p.size == size]
+            per_scale.append(normalize(np.sum([normalize(pooled[p][side][c.pool]) for p in runs], axis=0)))
+        return normalize(np.sum(per_scale, axis=0))
+
+    def cost(c: Config, side: str) -> float:
+        if not files[side]:
+            return math.nan
+        runs = c.passes(side)
+        return decode_ms[max(fm.preprocess(p).decode_size for p in runs)][side] + sum(ms[p][side] for p in runs)
+
+    groups = np.array([it.group for it in items])
+    results = []
+    for c in configs:
+        vecs = {side: vectors(c, side) for side in ("db", "q")}
+        if not len(vecs["q"]):
+            vecs["q"] = np.empty((0, vecs["db"].shape[1]), np.float32)
+        note = ""
+        if c.whiten is not None:
+            source = vectors(c, "learn") if learn_from else vecs["db"]
+            if len(source) >= whiten_min:
+                apply = learn_whitening(source, c.whiten)
+                vecs = {side: apply(v) for side, v in vecs.items()}
+                note = f"learned from {len(source)} images of --learn-from" if learn_from else ""
+            else:
+                note = f"not centred or whitened: {len(source)} images < --whiten-min {whiten_min}"
+        nd_scores = vecs["q"] @ vecs["db"].T
+        nd = [np.argsort(-row, kind="stable") for row in nd_scores]
+        ranked_scores = [row[order] for row, order in zip(nd_scores, nd)]
+        cat = []
+        for i, row in zip(cat_queries, vecs["db"][list(cat_queries)] @ vecs["db"].T):
+            order = np.argsort(-row, kind="stable")
+            cat.append(order[groups[order] != items[i].group])
+        results.append(score_rankings(c.name, items, queries, nd, cat_queries, cat, chance,
+                                      cost(c, "db"), cost(c, "q"), note, ranked_scores))
+    return results
+
+
+# -- running and reporting ---------------------------------------------------------------------------
+
+def run(folder: str | os.PathLike, *, configs: Sequence[str] = DEFAULT_CONFIGS, model: str = BUNDLED_MODEL,
+        index_path: str | os.PathLike | None = None, per_image: int | None = 2, per_class: int | None = None,
+        limit: int | None = None, seed: int = 0, whiten_min: int = 200, batch_size: int = 16,
+        work: str | os.PathLike | None = None, kinds: Sequence[str] | None = None,
+        learn_from: str | os.PathLike | None = None, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+    """Run the whole evaluation; return the report as plain data (what --json prints)."""
+    folder = Path(folder).resolve()
+    parsed = [None if name == "imgsim" else Config.parse(name) for name in configs]
+    started = time.perf_counter()
+    items = load_dataset(folder, per_class=per_class, limit=limit, seed=seed, log=log)
+    if len(items) < 2:
+        raise SystemExit(f"{folder}: need at least 2 images, found {len(items)}")
+    own_work = work is None
+    work_dir = Path(tempfile.mkdtemp(prefix="imgsim-eval-")) if own_work else Path(work)
+    try:
+        log(f"{len(items)} images; writing altered copies to {work_dir / 'queries'}")
+        queries = make_queries(items, work_dir / "queries", per_image=per_image, seed=seed, kinds=kinds, log=log)
+        cat_queries, chance = category_queries(items)
+        results: list[Result] = []
+        if "imgsim" in configs:
+            log("imgsim: indexing and searching through Index")
+            target = Path(index_path) if index_path else work_dir / "index"
+            results.append(evaluate_product(folder, items, queries, cat_queries, chance, model=model,
+                                            index_path=target, log=log))
+        variants = [c for c in parsed if c is not None]
+        if variants:
+            log(f"{len(variants)} variants")
+            results.extend(evaluate_variants(variants, items, queries, cat_queries, chance, model=model,
+                                             whiten_min=whiten_min, batch_size=batch_size, log=log,
+                                             learn_from=list(imgs.discover(learn_from)) if learn_from else ()))
+    finally:
+        if own_work:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    order = {name: i for i, name in enumerate(configs)}
+    results.sort(key=lambda r: order[r.config])
+    kind_counts = defaultdict(int)
+    for q in queries:
+        kind_counts[q.kind] += 1
+    return {
+        "folder": str(folder),
+        "model": model,
+        "seed": seed,
+        "images": len(items),
+        "labels": len({it.label for it in items if it.label is not None}),
+        "category_queries": len(cat_queries),
+        "near_duplicate_queries": len(queries),
+        "queries_per_alteration": dict(kind_counts),
+        "seconds": round(time.perf_counter() - started, 1),
+        "results": [r.to_dict(with_misses=True) for r in results],
+    }
+
+
+def format_report(report: dict) -> str:
+    base = next((r for r in report["results"] if r["config"] == BASELINE), None)
+    lines = [
+        (f"{report['folder']}: {report['images']} images, {report['labels']} labels, model {report['model']}, "
+         f"seed {report['seed']}; {report['near_duplicate_queries']} near-duplicate queries, "
+         f"{report['category_queries']} category queries; {report['seconds']} s"),
+        "",
+        (f"| configuration | ND recall@1 | ND mAP | category P@10 | vs {BASELINE} | chance P@10 | index ms/img "
+         "| query ms/img | note |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    def cell(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for r in report["results"]:
+        versus = (f"{100 * (r['category_p_at_10'] / base['category_p_at_10'] - 1):+.1f}%"
+                  if base and base["category_p_at_10"] and r["category_p_at_10"] is not None else "")
+        lines.append(f"| {r['config']} | {cell(r['nd_recall_at_1'], 3)} | {cell(r['nd_map'], 3)} | "
+                     f"{cell(r['category_p_at_10'], 3)} | {versus} | {cell(r['chance_p_at_10'], 3)} | "
+                     f"{cell(r['index_ms_per_image'], 1)} | {cell(r['query_ms_per_image'], 1)} | {r['note']} |")
+    kinds = list(report["queries_per_alteration"])
+    if not kinds:
+        return "\n".join(lines)
+    kinds = [k for k in ALTERATIONS if k in kinds] + [k for k in kinds if k not in ALTERATIONS]
+    lines += ["", "Near-duplicate recall@1 per alteration (queries: "
+              + ", ".join(f"{k} {report['queries_per_alteration'][k]}" for k in kinds) + ")", "",
+              "| configuration | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for r in report["results"]:
+        per = r["per_alteration_recall_at_1"]
+        lines.append(f"| {r['config']} | " + " | ".join(cell(per.get(k), 2) for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("folder", type=Path, help="folder whose sub-folders are labels")
+    parser.add_argument("--index", type=Path, help="index for the imgsim configuration: evaluated if it exists, "
+                                                   "else created there and kept (default: a temporary one)")
+    parser.add_argument("--model", default=BUNDLED_MODEL, help=f"catalogue model (default {BUNDLED_MODEL})")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help="comma-separated configuration names (default: all the standard ones)")
+    parser.add_argument("--per-image", default="2",
+                        help="alterations per image, or 'all' (default 2; 0 measures categories only)")
+    parser.add_argument("--alterations", help="comma-separated alteration kinds to draw from (default all: "
+                                              + ", ".join(ALTERATIONS) + ")")
+    parser.add_argument("--per-class", type=int, help="at most this many images per label (seeded sample)")
+    parser.add_argument("--limit", type=int, help="at most this many images in all (seeded sample)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--whiten-min", type=int, default=200,
+                        help="whiten only collections of at least this many images (default 200)")
+    parser.add_argument("--learn-from", type=Path, metavar="FOLDER",
+                        help="learn centring and whitening from FOLDER's images instead of the collection's")
+    parser.add_argument("--work", type=Path, help="keep the altered query files in this folder")
+    parser.add_argument("--misses", metavar="CONFIG", help="also list the failed near-duplicate queries of CONFIG")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for name in configs:
+        if name != "imgsim":
+            try:
+                Config.parse(name)
+            except ValueError as e:
+                parser.error(str(e))
+    kinds = [k.strip() for k in args.alterations.split(",")] if args.alterations else None
+    if kinds and (unknown := set(kinds) - set(ALTERATIONS)):
+        parser.error(f"unknown alterations: {', '.join(sorted(unknown))}")
+    try:
+        per_image = None if args.per_image == "all" else int(args.per_image)
+    except ValueError:
+        per_image = -1
+    if per_image is not None and per_image < 0:
+        parser.error("--per-image must be a number (0: category precision only) or 'all'")
+    report = run(args.folder, configs=configs, model=args.model, index_path=args.index, per_image=per_image,
+                 per_class=args.per_class, limit=args.limit, seed=args.seed, whiten_min=args.whiten_min,
+                 work=args.work, kinds=kinds, learn_from=args.learn_from)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(format_report(report))
+    if args.misses:
+        for r in report["results"]:
+            if r["config"] == args.misses:
+                print(f"\nMisses of {r['config']}:")
+                for m in r["misses"]:
+                    print(f"  {m['kind']:12s} {m['original']} ({m['detail']}) -> {m['top1']}, "
+                          f"original at rank {m['rank_of_original']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
