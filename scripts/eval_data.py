@@ -40,6 +40,9 @@ from PIL import Image
 
 from imgsim.images import to_rgb
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample_photos import photo  # noqa: E402  (one loader for every script that uses skimage's photos)
+
 STAMPS_ROOT = Path("/usr/share/tuxpaint/stamps")
 EXCLUDED_STAMP_FOLDERS = ("symbols/alphabets",)
 
@@ -48,19 +51,6 @@ EXCLUDED_STAMP_FOLDERS = ("symbols/alphabets",)
 PHOTO_NAMES = ["astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass",
                "gravel", "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon",
                "motorcycle_left", "page", "retina", "rocket", "text"]
-
-
-def photo(name: str) -> Image.Image | None:
-    """One skimage.data photo as an RGB image, or None where this scikit-image lacks it offline."""
-    from skimage import data
-
-    try:
-        array = data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
-    except (AttributeError, ImportError, OSError, ValueError):  # missing here, or fetched on demand (offline)
-        return None
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
-    return to_rgb(Image.fromarray(array))
 
 
 def photos() -> dict[str, Image.Image]:

@@ -24,7 +24,7 @@ Configurations are named. ``imgsim`` is the product itself: `Index.create`, `ind
 `index.search(file)` through its HNSW graph. Every other name is a variant computed here, from the
 model's ``feature_map`` output and exact search, spelled as dash-separated parts:
 
-    RESIZE SIZES   crop224 (shorter side to 256, centre 224: imgsim today), full224 (shorter side to
+    RESIZE SIZES   crop224 (shorter side to 256, centre 224: imgsim before), full224 (shorter side to
                    224, centre 224), squash224 (whole image to 224x224), pad224 (whole image into a
                    224 square, padded with the mean colour), aspect224 (shorter side 224, longer at
                    most 448, no crop); several sizes are averaged: squash224+320
@@ -559,7 +559,8 @@ class FeatureModel:
 
     def preprocess(self, p: Pass) -> imgs.Preprocess:
         base = self.model.preprocess
-        resize_to = round(p.size * base.resize_to / base.size) if p.resize == "crop" else p.size
+        # crop: the classic ImageNet evaluation crop (shorter side 256 for 224), whatever imgsim does now
+        resize_to = round(p.size * 256 / 224) if p.resize == "crop" else p.size
         return imgs.Preprocess(size=p.size, resize_to=resize_to,
                                resize="crop" if p.resize in ("crop", "full") else p.resize,
                                interpolation=p.interpolation or base.interpolation, mean=base.mean, std=base.std)

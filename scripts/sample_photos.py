@@ -15,22 +15,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imgsim.images import to_rgb
+
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "retina", "immunohistochemistry",
           "hubble_deep_field", "moon", "page", "brick", "gravel", "grass", "motorcycle_left"]
 
 
 def photo(name: str) -> Image.Image | None:
+    """One skimage.data photo as an RGB image, or None where this scikit-image lacks it offline."""
     from skimage import data
 
     try:
-        array = getattr(data, name)()
-    except Exception:  # not in this scikit-image version, or fetched on demand
+        array = data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
+    except (AttributeError, ImportError, OSError, ValueError):  # missing here, or fetched on demand (offline)
         return None
     if array.dtype != np.uint8:
         array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
-    if array.ndim == 3 and array.shape[2] == 4:
-        array = array[..., :3]
-    return Image.fromarray(array).convert("RGB")
+    return to_rgb(Image.fromarray(array))
 
 
 def main() -> None:
