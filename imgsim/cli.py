@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,8 @@ class ImgsimGroup(click.Group):
             return super().invoke(ctx)
         except ImgsimError as e:
             raise click.ClickException(str(e)) from None
+        except sqlite3.DatabaseError as e:  # damage the open-time checks could not see
+            raise click.ClickException(f"the index database is damaged: {e}; restore it, or re-index") from None
 
 
 def index_option(f):

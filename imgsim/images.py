@@ -11,7 +11,7 @@ import math
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +93,12 @@ def has_image_extension(path: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
-def discover(folder: str | os.PathLike) -> Iterator[Path]:
+def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
     """Yield the image files under `folder`, recursively, in a stable sorted order.
 
     Hidden files and folders are skipped. Symbolic links are followed, but a folder already
-    visited (a symlink loop, or two links to one place) is walked only once.
+    visited (a symlink loop, or two links to one place) is walked only once. A folder that cannot
+    be read is passed to `on_error(path, reason)`, so that nothing under it is taken as deleted.
     """
     root = Path(folder)
     seen: set[tuple[int, int]] = set()
@@ -105,7 +106,9 @@ def discover(folder: str | os.PathLike) -> Iterator[Path]:
     def walk(directory: Path) -> Iterator[Path]:
         try:
             st = directory.stat()
-        except OSError:
+        except OSError as e:
+            if on_error:
+                on_error(directory, e.strerror or str(e))
             return
         key = (st.st_dev, st.st_ino)
         if key in seen:
@@ -113,7 +116,9 @@ def discover(folder: str | os.PathLike) -> Iterator[Path]:
         seen.add(key)
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError:
+        except OSError as e:
+            if on_error:
+                on_error(directory, e.strerror or str(e))
             return
         for entry in entries:
             if is_hidden(entry.name):
@@ -131,12 +136,13 @@ def discover(folder: str | os.PathLike) -> Iterator[Path]:
     yield from walk(root)
 
 
-def expand(sources: Iterable[str | os.PathLike]) -> Iterator[Path]:
+def expand(sources: Iterable[str | os.PathLike],
+           on_error: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
     """Yield image files from a mix of files and folders; a folder is walked with `discover`."""
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            yield from discover(path)
+            yield from discover(path, on_error)
         else:
             yield path
 

@@ -383,10 +383,13 @@ class Index:
             folders = [s for s in sources if s.is_dir()]
             self._set_root(folders[0] if folders else Path(os.path.commonpath([s.resolve().parent for s in sources])))
         report = SyncReport()
-        files = list(imgs.expand(sources))
+        unreadable: list[tuple[str, str]] = []
+        files = list(imgs.expand(sources, on_error=lambda path, reason: unreadable.append((str(path), reason))))
         walked = [self._key(s.resolve()) for s in sources if s.is_dir()]
         plan = plan_sync(files, self._store, key=self._key, resolve=self.resolve,
-                         walked_prefixes=walked if remove_missing else None)
+                         walked_prefixes=walked if remove_missing else None,
+                         unseen_prefixes=[self._key(Path(path).resolve()) for path, _ in unreadable])
+        plan.failures[:0] = unreadable  # reported and counted; what was indexed under them is kept
         self._apply_plan(plan, report)
         stale = [p for p, _, _ in self._store.errors() if p in plan.seen or (remove_missing and is_under(p, walked))]
         with self._store.transaction():
@@ -397,6 +400,7 @@ class Index:
 
     def _apply_plan(self, plan: Plan, report: SyncReport) -> None:
         """Write what needs no embedding: moves, touched files, copies of known images, removals."""
+        ann = self._ann_index()  # loaded (and caught up) before new rows exist, so none is added twice
         with self._store.transaction():
             for row_id, key, size, mtime_ns in plan.moves:
                 self._store.update_file(row_id, key, size, mtime_ns)
@@ -414,9 +418,9 @@ class Index:
                                        source.format, vector))
             new_ids = self._store.insert(copies)
         if copies:
-            self._ann_index().add(np.asarray(new_ids), np.stack([c.vector for c in copies]))
+            ann.add(np.asarray(new_ids), np.stack([c.vector for c in copies]))
         if plan.removals or plan.replaced or copies:
-            self._ann_index().set_dead(np.setdiff1d(self._ann_index().ids(), self._store.ids(), assume_unique=True))
+            ann.set_dead(np.setdiff1d(ann.ids(), self._store.ids(), assume_unique=True))
             self._ann_dirty = True
         report.moved = len(plan.moves)
         report.unchanged = plan.unchanged + len(plan.touched)

@@ -118,6 +118,7 @@ class Store:
                 store.migrate()
             elif store._pending_migrations():
                 raise IndexCorruptError(f"{path} uses an older format: open it once for writing to upgrade it")
+            store._check_schema()
             return store
         except sqlite3.DatabaseError as e:
             raise IndexCorruptError(f"{path} is not a readable imgsim index ({e})") from None
@@ -126,6 +127,13 @@ class Store:
         app_id = self.db.execute("PRAGMA application_id").fetchone()[0]
         if app_id != APPLICATION_ID:
             raise IndexCorruptError(f"{self.path} is not an imgsim index")
+
+    def _check_schema(self) -> None:
+        """Every table and column imgsim reads must be there: a crafted file may lack some."""
+        for table, columns in _SCHEMA.items():
+            found = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if not columns <= found:
+                raise IndexCorruptError(f"{self.path} is damaged: table {table} is missing or incomplete")
 
     def _configure(self) -> None:
         self.db.execute("PRAGMA busy_timeout = 10000")
@@ -143,10 +151,15 @@ class Store:
 
     def close(self) -> None:
         if not self.read_only:
+            # Leave the file at rest in rollback-journal mode, so that read-only openers (a shipped
+            # dataset, `imgsim search`) never need to create -wal/-shm files beside it. While a
+            # reader is open this is refused at once, and the next writer's close tries again.
             try:
+                self.db.execute("PRAGMA busy_timeout = 0")
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self.db.execute("PRAGMA journal_mode = DELETE")
             except sqlite3.DatabaseError:
-                pass  # another connection is reading; the WAL is checkpointed later
+                pass
         self.conn.close()
 
     # -- transactions and the manifest -----------------------------------------------------------
@@ -157,7 +170,10 @@ class Store:
         return self.db.atomic()
 
     def manifest(self) -> dict:
-        return {row["key"]: json.loads(row["value"]) for row in self.db["manifest"].rows}
+        try:
+            return {row["key"]: json.loads(row["value"]) for row in self.db["manifest"].rows}
+        except (ValueError, TypeError):
+            raise IndexCorruptError(f"{self.path} has an invalid manifest") from None
 
     def set_manifest(self, **values) -> None:
         """Update manifest keys; call inside a transaction to make it part of a batch."""
@@ -270,6 +286,12 @@ class Store:
 
 
 _COLUMNS = "id, path, size, mtime_ns, sha256, width, height, format, added"
+_SCHEMA = {
+    "images": set(_COLUMNS.split(", ")),
+    "vectors": {"id", "vector"},
+    "errors": {"path", "reason", "seen"},
+    "manifest": {"key", "value"},
+}
 
 
 def _image_row(row: tuple) -> ImageRow:

@@ -61,9 +61,10 @@ def is_under(key: str, prefixes: list[str]) -> bool:
 
 
 def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str], resolve: Callable[[str], Path],
-              walked_prefixes: list[str] | None) -> Plan:
+              walked_prefixes: list[str] | None, unseen_prefixes: list[str] = ()) -> Plan:
     """Classify `files` against the stored rows. With `walked_prefixes`, rows under those stored-path
-    prefixes whose files were not seen are removals (or the sources of moves)."""
+    prefixes whose files were not seen are removals (or the sources of moves), except rows under
+    `unseen_prefixes`: folders that could not be read, whose files may well still be there."""
     plan = Plan()
     rows = list(store.all_rows())
     by_key = {row.path: row for row in rows}
@@ -96,7 +97,8 @@ def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str]
 
     hashes = _hash_all([p[0] for p in pending])
     if walked_prefixes is not None:
-        missing = {row.id for row in rows if row.path not in seen and is_under(row.path, walked_prefixes)}
+        missing = {row.id for row in rows if row.path not in seen and is_under(row.path, walked_prefixes)
+                   and not is_under(row.path, list(unseen_prefixes))}
     else:
         missing = None
     consumed: set[int] = set()

@@ -133,3 +133,12 @@ def test_verify_errors_rebuild_and_root(tiny_index, photos, tmp_path):
     assert "not on disk" not in run("verify", "--index", tiny_index, "--root", moved).stdout
     found = run("search", moved / "coffee.jpg", "--index", tiny_index, "--root", moved, "-k", "1")
     assert found.stdout.split()[2] == str(moved / "coffee.jpg")
+
+
+def test_reading_an_index_leaves_no_files_behind(tiny_index, photos, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert run("search", photos / "coffee.jpg", "--index", tiny_index).exit_code == 0
+    assert run("info", "--index", tiny_index).exit_code == 0
+    assert run("verify", "--index", tiny_index).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not [name for name in before if name.endswith(("-wal", "-shm"))]

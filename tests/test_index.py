@@ -245,3 +245,37 @@ def test_readers_see_each_committed_batch_while_a_writer_indexes(tmp_path, photo
         writer.add(photos, on_progress=look, batch_size=3)
     assert [count for _, count in seen] == [done for done, _ in seen]  # each batch visible once committed
     assert len(seen) >= 4 and seen[-1][1] == n_photos(photos)
+
+
+def test_copy_found_by_a_fresh_open_is_in_the_graph_once(tmp_path, photos):
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+        index.add(photos)
+    shutil.copy(photos / "coffee.jpg", photos / "coffee-copy.jpg")
+    with Index.open(tmp_path / "idx") as index:  # the graph is loaded lazily, after the plan is made
+        index.sync(photos)
+        paths = [r.path for r in index.search(photos / "coffee.jpg", k=4)]
+        assert sorted(paths[:2]) == ["coffee-copy.jpg", "coffee.jpg"] and len(set(paths)) == len(paths)
+    with Index.open(tmp_path / "idx", read_only=True) as index:
+        assert index.verify().ok
+
+
+def test_unreadable_subfolder_is_reported_and_its_entries_kept(tmp_path, photos, monkeypatch):
+    (photos / "trip").mkdir()
+    for name in ("rocket.jpg", "moon.jpg"):
+        (photos / name).rename(photos / "trip" / name)
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+        index.add(photos)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.fspath(path).endswith("trip"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr("imgsim.images.os.scandir", scandir)
+    skipped = []
+    with Index.open(tmp_path / "idx") as index:
+        report = index.sync(photos, on_skip=lambda path, reason: skipped.append((path, reason)))
+        assert (report.removed, report.failed) == (0, 1)
+        assert skipped == [(str(photos / "trip"), "Permission denied")]
+        assert len(index) == n_photos(photos) + 2

@@ -104,3 +104,21 @@ def test_crafted_faiss_file_with_a_matching_checksum(made, tiny_model_dir):
     with Index.open(made, read_only=True) as index:
         problems = index.verify().problems
     assert len(problems) == 1 and "idx.faiss" in problems[0]
+
+
+def test_manifest_that_is_not_json_is_one_line(made):
+    conn = sqlite3.connect(made.with_suffix(".sqlite"))
+    with conn:
+        conn.execute("UPDATE manifest SET value = '{oops' WHERE key = 'created'")
+    conn.close()
+    with pytest.raises(IndexCorruptError, match="invalid manifest"):
+        Index.open(made, read_only=True)
+
+
+def test_missing_table_is_refused(made):
+    conn = sqlite3.connect(made.with_suffix(".sqlite"))
+    with conn:
+        conn.execute("DROP TABLE errors")
+    conn.close()
+    with pytest.raises(IndexCorruptError, match="table errors is missing"):
+        Index.open(made, read_only=True)
