@@ -23,7 +23,7 @@ from .errors import ImageError, ImgsimError, IndexCorruptError, IndexNotFoundErr
 from .files import discard, leftover_stages, publish
 from .lock import WriterLock
 from .images import Preprocess
-from .models import Model, default_model, parse_pooling, spec_for
+from .models import Model, default_model, normalize, parse_pooling, spec_for
 from .pipeline import embed_files
 from .store import FORMAT_VERSION, NewImage, Store
 from .sync import Plan, is_under, plan_sync
@@ -35,6 +35,14 @@ SkipFn = Callable[[str, str], None]
 
 REBUILD_DEAD_FRACTION = 0.2
 """Rebuild the FAISS graph once this share of its entries belong to removed images."""
+
+CENTER_MIN_IMAGES = 200
+"""From this many images on, scores are cosine after subtracting the collection's mean vector
+(learned at each save), which scripts/eval_retrieval.py measured as better for both near-duplicates
+and categories. Below it the mean says too little about the collection and plain cosine is used."""
+
+RERANK_CANDIDATES = 100
+"""With a mean, the HNSW graph (plain cosine) proposes this many candidates, re-scored exactly."""
 
 
 def index_files(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -200,6 +208,9 @@ class Index:
             sane = sane and isinstance(m["format_version"], int) and isinstance(m.get("root"), (str, type(None)))
             sane = sane and 16 <= prep.size <= 1024 and prep.size <= prep.resize_to <= 2048
             sane = sane and prep.resize in ("crop", "squash") and prep.interpolation in ("bilinear", "bicubic")
+            center = m.get("center")
+            sane = sane and (center is None or (isinstance(center, list) and len(center) == m["dim"]
+                                                and np.isfinite(np.asarray(center, np.float64)).all()))
         except (KeyError, TypeError, ValueError, ModelError):
             sane = False
         if not sane:
@@ -340,14 +351,17 @@ class Index:
         # Staged, recorded, then renamed: a crash at any point leaves a file the manifest knows
         # (the previous one or the new one), so the next open never mistakes it for damage.
         staged, digest = ann.stage(self.faiss_path)
+        mean = self._store.mean_vector(self._manifest["dim"]) if len(self._store) >= CENTER_MIN_IMAGES else None
+        update = {"faiss_sha256": digest, "faiss_previous_sha256": self._manifest.get("faiss_sha256"),
+                  "center": None if mean is None else [float(v) for v in mean]}
         try:
             with self._store.transaction():
-                self._store.set_manifest(faiss_sha256=digest, faiss_previous_sha256=self._manifest.get("faiss_sha256"))
+                self._store.set_manifest(**update)
             publish(staged, self.faiss_path)
         except BaseException:
             discard(staged)
             raise
-        self._manifest.update(faiss_sha256=digest, faiss_previous_sha256=self._manifest.get("faiss_sha256"))
+        self._manifest.update(update)
         self._ann_dirty = False
 
     def rebuild(self) -> None:
@@ -492,8 +506,24 @@ class Index:
         vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         if vector.shape[1] != self._manifest["dim"]:
             raise ImgsimError(f"query vector has {vector.shape[1]} dimensions; this index has {self._manifest['dim']}")
-        scores, ids = self._ann_index().search(vector, k)
-        return self._results(scores[0], ids[0], name)
+        center = self._manifest.get("center")
+        if center is None:
+            scores, ids = self._ann_index().search(vector, k)
+            return self._results(scores[0], ids[0], name)
+        _, ids = self._ann_index().search(vector, max(k, RERANK_CANDIDATES))
+        scores, ids = self._centred_scores(vector[0], ids[0], np.asarray(center, np.float32))
+        return self._results(scores[:k], ids[:k], name)
+
+    def _centred_scores(self, query: np.ndarray, ids: np.ndarray, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine similarity after subtracting the collection's mean, best first."""
+        stored = self._store.vectors_by_id(ids[ids >= 0].tolist(), len(center))
+        if not stored:
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        found = np.fromiter(stored, dtype=np.int64, count=len(stored))
+        matrix = normalize(np.stack([stored[i] for i in found.tolist()]) - center)
+        scores = matrix @ normalize((query - center)[None])[0]
+        order = np.argsort(-scores, kind="stable")
+        return scores[order], found[order]
 
     def _results(self, scores: np.ndarray, ids: np.ndarray, query: str | None) -> list[SearchResult]:
         keep = ids >= 0

@@ -246,6 +246,24 @@ class Store:
             yield ids, np.stack([_from_blob(r[1]) for r in rows])
             last = int(ids[-1])
 
+    def vectors_by_id(self, ids: list[int], dim: int) -> dict[int, np.ndarray]:
+        found: dict[int, np.ndarray] = {}
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start:start + 500]]
+            marks = ",".join("?" * len(chunk))
+            for row_id, blob in self.db.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk):
+                if isinstance(blob, bytes) and len(blob) == 4 * dim:
+                    found[row_id] = _from_blob(blob)
+        return found
+
+    def mean_vector(self, dim: int) -> np.ndarray | None:
+        """The mean of all stored vectors (float64 sums, read in chunks), or None if there are none."""
+        total, count = np.zeros(dim, np.float64), 0
+        for _, vectors in self.vectors(dim):
+            total += vectors.sum(axis=0, dtype=np.float64)
+            count += len(vectors)
+        return (total / count).astype(np.float32) if count else None
+
     def vector(self, row_id: int) -> np.ndarray | None:
         row = self.db.execute("SELECT vector FROM vectors WHERE id = ?", (row_id,)).fetchone()
         return None if row is None else _from_blob(row[0])

@@ -279,3 +279,32 @@ def test_unreadable_subfolder_is_reported_and_its_entries_kept(tmp_path, photos,
         assert (report.removed, report.failed) == (0, 1)
         assert skipped == [(str(photos / "trip"), "Permission denied")]
         assert len(index) == n_photos(photos) + 2
+
+
+def test_large_collections_are_scored_around_their_mean(tmp_path, photos):
+    from imgsim.index import CENTER_MIN_IMAGES
+
+    rng = np.random.default_rng(3)
+    for i in range(CENTER_MIN_IMAGES):
+        pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((64, 64), Image.Resampling.NEAREST).save(photos / f"noise{i:03d}.png")
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+        index.add([photos / "coffee.jpg", photos / "rocket.jpg"])
+        assert index._manifest["center"] is None  # too few images to learn a mean from
+        raw = index.search(photos / "rocket.jpg", k=2)
+        index.add(photos)
+        mean = np.asarray(index._manifest["center"])
+        stored = np.stack([index._store.vector(r.id) for r in index.rows()])
+        assert np.allclose(mean, stored.mean(axis=0), atol=1e-5)
+        results = index.search(photos / "rocket.jpg", k=5)
+    assert results[0].path == "rocket.jpg" and results[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    assert [r.rank for r in results] == [1, 2, 3, 4, 5]
+    centred_other = next(r.score for r in index_search_scores(tmp_path / "idx", photos) if r.path == "coffee.jpg")
+    raw_other = next(r.score for r in raw if r.path == "coffee.jpg")
+    assert centred_other != pytest.approx(raw_other, abs=1e-3)  # a different, mean-relative cosine
+
+
+def index_search_scores(path, photos):
+    with Index.open(path, read_only=True) as index:
+        return index.search(photos / "rocket.jpg", k=len(index))
