@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import images as imgs
 from .ann import AnnIndex, HnswParams
-from .errors import ImageError, ImgsimError, IndexCorruptError, IndexNotFoundError, ModelError
+from .errors import ImageError, ImgsimError, IndexCorruptError, IndexNotFoundError, ModelError, ReadOnlyIndexError
 from .files import discard, leftover_stages, publish
 from .lock import WriterLock
 from .images import Preprocess
@@ -387,7 +387,7 @@ class Index:
     def _update(self, sources, *, remove_missing: bool, on_progress, on_skip, batch_size: int,
                 max_pixels: int) -> SyncReport:
         if self.read_only:
-            self._store.transaction()  # raises ReadOnlyIndexError
+            raise ReadOnlyIndexError(f"{self.sqlite_path} is open read-only")
         started = time.perf_counter()
         sources = [Path(sources)] if isinstance(sources, (str, os.PathLike)) else [Path(s) for s in sources]
         for source in sources:
@@ -421,15 +421,17 @@ class Index:
             for row_id, key, size, mtime_ns in plan.touched:
                 self._store.update_file(row_id, key, size, mtime_ns)
             self._store.delete(plan.removals + plan.replaced)
+            source_ids = [source_id for _, source_id in plan.copies]
+            vectors = self._store.vectors_by_id(source_ids, self._manifest["dim"])
+            sources = self._store.rows_by_id(source_ids)
             copies = []
             for item, source_id in plan.copies:
-                vector = self._store.vector(source_id)
-                if vector is None:
+                if source_id not in vectors:  # its row went with this very plan (a replaced file)
                     plan.to_embed.append(item)
                     continue
-                source = self._store.rows_by_id([source_id])[source_id]
+                source = sources[source_id]
                 copies.append(NewImage(item.key, item.size, item.mtime_ns, item.sha256, source.width, source.height,
-                                       source.format, vector))
+                                       source.format, vectors[source_id]))
             new_ids = self._store.insert(copies)
         if copies:
             ann.add(np.asarray(new_ids), np.stack([c.vector for c in copies]))
@@ -440,17 +442,12 @@ class Index:
         report.unchanged = plan.unchanged + len(plan.touched)
         report.removed = len(plan.removals)
         report.added = len(copies)
-        report.failed = len(plan.failures)
-        report.failures.extend(plan.failures)
 
     def _embed_new(self, plan: Plan, report: SyncReport, on_progress, on_skip, batch_size: int,
                    max_pixels: int) -> None:
-        for path, reason in plan.failures:
-            if on_skip:
-                on_skip(path, reason)
         if plan.failures:
             with self._store.transaction():
-                self._record_failures(plan.failures)
+                self._record_failures(plan.failures, report, on_skip)
         if not plan.to_embed:
             return
         model = self.model
@@ -460,8 +457,7 @@ class Index:
         for batch, failures in embed_files(plan.to_embed, model, batch_size=batch_size, max_pixels=max_pixels):
             with self._store.transaction():
                 new_ids = self._store.insert(batch)
-                if failures:
-                    self._record_failures(failures)
+                self._record_failures(failures, report, on_skip)
             if batch:
                 ann.add(np.asarray(new_ids), np.stack([image.vector for image in batch]))
                 self._ann_dirty = True
@@ -471,18 +467,20 @@ class Index:
                 else:
                     report.added += 1
             report.embedded += len(batch)
-            report.failed += len(failures)
-            report.failures.extend(failures)
-            for path, reason in failures:
-                if on_skip:
-                    on_skip(path, reason)
             done += len(batch) + len(failures)
             if on_progress:
                 on_progress(done, len(plan.to_embed))
         self._save_ann()
 
-    def _record_failures(self, failures: list[tuple[str, str]]) -> None:
+    def _record_failures(self, failures: list[tuple[str, str]], report: SyncReport, on_skip: SkipFn | None) -> None:
+        """Keep (path, reason) failures in the errors table (inside the caller's transaction), count
+        them in `report`, and tell `on_skip`."""
         self._store.record_errors([(self._key(Path(path)), reason) for path, reason in failures])
+        report.failed += len(failures)
+        report.failures.extend(failures)
+        for path, reason in failures:
+            if on_skip:
+                on_skip(path, reason)
 
     # -- searching -------------------------------------------------------------------------------
     def embed(self, image: str | os.PathLike | Image.Image) -> np.ndarray:

@@ -264,10 +264,6 @@ class Store:
             count += len(vectors)
         return (total / count).astype(np.float32) if count else None
 
-    def vector(self, row_id: int) -> np.ndarray | None:
-        row = self.db.execute("SELECT vector FROM vectors WHERE id = ?", (row_id,)).fetchone()
-        return None if row is None else _from_blob(row[0])
-
     # -- consistency -----------------------------------------------------------------------------
     def integrity_problems(self) -> list[str]:
         """SQLite's own check of the file, then rows without vectors and vectors without rows."""
