@@ -73,6 +73,16 @@ class AnnIndex:
         """Ids still in the graph whose rows were removed: never returned by `search`."""
         self._dead = np.unique(np.asarray(dead_ids, dtype=np.int64))
 
+    def mean(self) -> np.ndarray | None:
+        """The mean of the live vectors, summed in place from the graph's own storage (no copy, no I/O)."""
+        n = len(self)
+        flat = faiss.downcast_index(faiss.downcast_index(self._index.index).storage)
+        vectors = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim) if n else None
+        live = ~np.isin(self.ids(), self._dead) if len(self._dead) else slice(None)
+        if vectors is None or not vectors[live].size:
+            return None
+        return vectors[live].mean(axis=0, dtype=np.float64).astype(np.float32)
+
     @property
     def dead_count(self) -> int:
         return len(self._dead)

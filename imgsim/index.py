@@ -38,7 +38,7 @@ REBUILD_DEAD_FRACTION = 0.2
 
 CENTER_MIN_IMAGES = 200
 """From this many images on, scores are cosine after subtracting the collection's mean vector
-(learned at each save), which scripts/eval_retrieval.py measured as better for both near-duplicates
+(taken from the graph at each save), which scripts/eval_retrieval.py measured as better for both near-duplicates
 and categories. Below it the mean says too little about the collection and plain cosine is used."""
 
 RERANK_CANDIDATES = 100
@@ -351,7 +351,7 @@ class Index:
         # Staged, recorded, then renamed: a crash at any point leaves a file the manifest knows
         # (the previous one or the new one), so the next open never mistakes it for damage.
         staged, digest = ann.stage(self.faiss_path)
-        mean = self._store.mean_vector(self._manifest["dim"]) if len(self._store) >= CENTER_MIN_IMAGES else None
+        mean = ann.mean() if len(self._store) >= CENTER_MIN_IMAGES else None
         update = {"faiss_sha256": digest, "faiss_previous_sha256": self._manifest.get("faiss_sha256"),
                   "center": None if mean is None else [float(v) for v in mean]}
         try:

@@ -256,14 +256,6 @@ class Store:
                     found[row_id] = _from_blob(blob)
         return found
 
-    def mean_vector(self, dim: int) -> np.ndarray | None:
-        """The mean of all stored vectors (float64 sums, read in chunks), or None if there are none."""
-        total, count = np.zeros(dim, np.float64), 0
-        for _, vectors in self.vectors(dim):
-            total += vectors.sum(axis=0, dtype=np.float64)
-            count += len(vectors)
-        return (total / count).astype(np.float32) if count else None
-
     # -- consistency -----------------------------------------------------------------------------
     def integrity_problems(self) -> list[str]:
         """SQLite's own check of the file, then rows without vectors and vectors without rows."""
