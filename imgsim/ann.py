@@ -20,6 +20,7 @@ from .errors import IndexCorruptError
 from .faiss_format import validate
 from .files import stage
 
+
 @dataclass(frozen=True)
 class HnswParams:
     """HNSW parameters, named as in the paper (Malkov & Yashunin): `M` links per node,
@@ -44,6 +45,8 @@ class AnnIndex:
         self._index = index
         self.params = params
         self._dead = np.empty(0, dtype=np.int64)
+        self._ids: np.ndarray | None = None  # id of each stored vector, by position (cached)
+        self._order: np.ndarray | None = None  # positions sorted by id, for id -> position look-ups
 
     @classmethod
     def empty(cls, dim: int, params: HnswParams) -> AnnIndex:
@@ -59,7 +62,11 @@ class AnnIndex:
         return self._index.ntotal
 
     def ids(self) -> np.ndarray:
-        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        """The id of each stored vector, by position (read-only, cached until the next `add`)."""
+        if self._ids is None:
+            self._ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            self._ids.flags.writeable = False
+        return self._ids
 
     def max_id(self) -> int:
         ids = self.ids()
@@ -68,6 +75,34 @@ class AnnIndex:
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
             self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+            self._ids = self._order = None
+
+    def _storage(self) -> np.ndarray:
+        """The stored vectors as an (n, dim) array: a view of FAISS's own memory, no copy."""
+        n = len(self)
+        if not n:
+            return np.empty((0, self.dim), np.float32)
+        flat = faiss.downcast_index(faiss.downcast_index(self._index.index).storage)
+        return faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """The storage position of each id, -1 where the graph does not hold it."""
+        stored = self.ids()
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(stored) or not len(ids):
+            return np.full(len(ids), -1, np.int64)
+        if self._order is None:
+            self._order = np.argsort(stored, kind="stable")
+        sorted_ids = stored[self._order]
+        at = np.minimum(np.searchsorted(sorted_ids, ids), len(stored) - 1)
+        return np.where(sorted_ids[at] == ids, self._order[at], -1)
+
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the ids the graph holds, their vectors), in the order given; ids it lacks are left out."""
+        ids = np.asarray(ids, dtype=np.int64)
+        where = self.positions(ids)
+        found = where >= 0
+        return ids[found], self._storage()[where[found]]
 
     def set_dead(self, dead_ids: np.ndarray) -> None:
         """Ids still in the graph whose rows were removed: never returned by `search`."""
@@ -75,27 +110,37 @@ class AnnIndex:
 
     def mean(self) -> np.ndarray | None:
         """The mean of the live vectors, summed in place from the graph's own storage (no copy, no I/O)."""
-        n = len(self)
-        flat = faiss.downcast_index(faiss.downcast_index(self._index.index).storage)
-        vectors = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim) if n else None
+        vectors = self._storage()
         live = ~np.isin(self.ids(), self._dead) if len(self._dead) else slice(None)
-        if vectors is None or not vectors[live].size:
+        if not vectors[live].size:
             return None
         return vectors[live].mean(axis=0, dtype=np.float64).astype(np.float32)
+
+    def live_ids(self) -> np.ndarray:
+        ids = self.ids()
+        return ids[~np.isin(ids, self._dead)] if len(self._dead) else ids
 
     @property
     def dead_count(self) -> int:
         return len(self._dead)
 
-    def search(self, queries: np.ndarray, k: int, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores, ids), each (len(queries), k); missing places have id -1."""
+    def search(self, queries: np.ndarray, k: int, ef_search: int | None = None,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (scores, ids), each (len(queries), k); missing places have id -1.
+
+        `allowed` restricts the search to those ids (a metadata filter), inside the graph walk;
+        otherwise every live id is searched."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, len(self)))
         if len(self) == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(ef_search or self.params.ef_search, k)
-        if len(self._dead):
+        if allowed is not None:
+            batch = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+            params.sel = batch
+            params._keep = batch
+        elif len(self._dead):
             batch = faiss.IDSelectorBatch(self._dead)
             params.sel = faiss.IDSelectorNot(batch)
             params._keep = batch  # the selector refers to it; keep it alive as long as params

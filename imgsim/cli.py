@@ -1,11 +1,9 @@
 """The `imgsim` command line: each command parses, calls `Index`, and formats. Results go to stdout,
-progress and notices to stderr; `--json` prints one JSON object per line."""
+progress and notices to stderr; `--json` prints one JSON object per line, `--csv` CSV."""
 
 from __future__ import annotations
 
-import json
 import logging
-import sqlite3
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +11,10 @@ from pathlib import Path
 import click
 
 from .errors import ImgsimError
+from .filters import Filter
 from .images import DEFAULT_MAX_PIXELS
-from .index import Index, SyncReport, index_files
+from .index import Index, SearchResult, SyncReport
+from .output import Printer, format_option, shown
 
 DEFAULT_INDEX = "imgsim"
 INDEX_HELP = "Index name: NAME.faiss and NAME.sqlite. Default: $IMGSIM_INDEX, else ./imgsim."
@@ -28,8 +28,6 @@ class ImgsimGroup(click.Group):
             return super().invoke(ctx)
         except ImgsimError as e:
             raise click.ClickException(str(e)) from None
-        except sqlite3.DatabaseError as e:  # damage the open-time checks could not see
-            raise click.ClickException(f"the index database is damaged: {e}; restore it, or re-index") from None
 
 
 def index_option(f):
@@ -42,41 +40,84 @@ def root_option(f):
                         help="Where the indexed images are now, if not where the index says.")(f)
 
 
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")(f)
+def quiet_option(f):
+    """-q on each command as well as before it: only results and errors."""
+
+    def set_quiet(ctx, _param, value):
+        if value:
+            _configure_logging(quiet=True)
+            ctx.ensure_object(dict)["quiet"] = True
+        return value
+
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=set_quiet,
+                        help="Print only results and errors.")(f)
 
 
-def emit(data: dict) -> None:
-    click.echo(json.dumps(data))
+def filter_options(f):
+    """The metadata filters, the same for search, similar, list and dupes."""
+    options = [
+        click.option("--folder", multiple=True, metavar="DIR", help="Only images under this folder (relative to "
+                     "the index root). Repeat for several."),
+        click.option("--label", multiple=True, help="Only images with this label. Repeat for several."),
+        click.option("--format", "formats", multiple=True, metavar="FMT", help="Only this format (jpeg, png, webp...)."),
+        click.option("--min-width", type=click.IntRange(0), help="Only images at least this wide (pixels)."),
+        click.option("--min-height", type=click.IntRange(0), help="Only images at least this high (pixels)."),
+        click.option("--since", metavar="DATE", help="Only images taken (EXIF, else file time) on or after DATE "
+                     "(2024, 2024-06, 2024-06-30...)."),
+        click.option("--until", metavar="DATE", help="Only images taken on or before DATE."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
-def shown(path) -> str:
-    """A path as text that any terminal can print (file names that are not UTF-8 get U+FFFD)."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+def make_filter(kwargs: dict) -> Filter:
+    return Filter(folders=kwargs.pop("folder"), labels=kwargs.pop("label"), formats=kwargs.pop("formats"),
+                  min_width=kwargs.pop("min_width"), min_height=kwargs.pop("min_height"),
+                  since=kwargs.pop("since"), until=kwargs.pop("until"))
+
+
+def search_options(f):
+    f = click.option("--ef", type=click.IntRange(1, 4096), help="HNSW search depth (default: the index's).")(f)
+    f = click.option("--exact", is_flag=True, help="Compare with every image instead of walking the graph.")(f)
+    f = click.option("--min-score", type=float, help="Leave out results scoring below this.")(f)
+    f = click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")(f)
+    return filter_options(f)
+
+
+def html_option(f):
+    return click.option("--html", "html_file", type=click.Path(dir_okay=False, writable=True),
+                        help="Also write a self-contained web page with thumbnails to this file.")(f)
 
 
 def warn(message: str) -> None:
-    click.echo(message, err=True)
+    if not click.get_current_context().find_root().obj.get("quiet"):
+        click.echo(message, err=True)
 
 
-@click.group(cls=ImgsimGroup)
-@click.version_option(package_name="imgsim")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notices on stderr.")
-@click.pass_context
-def cli(ctx, quiet):
-    """Find similar and duplicate images, offline: index a folder, then search it."""
-    ctx.obj = {"quiet": quiet}
+def _configure_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("imgsim: %(message)s"))
     logger = logging.getLogger("imgsim")
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+
+
+@click.group(cls=ImgsimGroup)
+@click.version_option(package_name="imgsim")
+@click.option("-q", "--quiet", is_flag=True, help="Print only results and errors (also accepted after the command).")
+@click.pass_context
+def cli(ctx, quiet):
+    """Find similar and duplicate images, offline: index a folder, then search it."""
+    ctx.obj = {"quiet": quiet}
+    _configure_logging(quiet)
 
 
 @contextmanager
-def progress_bar(label: str, quiet: bool):
+def progress_bar(label: str):
     """A callback `(done, total)` that draws a bar on stderr once there is something to show."""
     state = {}
+    quiet = click.get_current_context().find_root().obj.get("quiet")
 
     def update(done: int, total: int) -> None:
         if quiet:
@@ -100,36 +141,31 @@ def progress_bar(label: str, quiet: bool):
 @click.option("--model", default=None, help="Model for a new index (see `imgsim models`). Default: resnet50 if "
               "installed, else efficientnet-lite0.")
 @click.option("--keep-missing", is_flag=True, help="Keep entries whose files are gone from FOLDER.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders matching this pattern "
+              "(relative path or name, e.g. '*.gif' or 'raw/*'). Repeat for several.")
+@click.option("--label-from-folder", is_flag=True, help="Label each new image with its folder's name.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 if any file could not be indexed.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(1),
               help="Skip images whose header claims more pixels (decompression bombs).")
-@json_option
-@click.pass_obj
-def index_cmd(obj, folder, index_path, model, keep_missing, strict, batch_size, max_pixels, as_json):
+@click.option("--json", "as_json", is_flag=True, help="The summary as one JSON object.")
+@quiet_option
+def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folder, strict, batch_size, max_pixels,
+              as_json):
     """Index the images in FOLDER (recursively), creating the index or bringing it up to date.
 
     Only new and changed files are embedded; moved files keep their vectors; entries for files
-    that are gone from FOLDER are removed unless --keep-missing.
+    that are gone from FOLDER (or excluded) are removed unless --keep-missing.
     """
     if not Path(folder).is_dir():
-        raise click.ClickException(f"folder {folder} does not exist")
-    _, sqlite_path = index_files(index_path)
-    if sqlite_path.exists():
-        index = Index.open(index_path)
-        if model and model != index.model_name:
-            index.close()
-            raise click.ClickException(f"index {index_path} was made with {index.model_name}, not {model}: "
-                                       f"use another --index for a {model} index")
-    else:
-        index = Index.create(index_path, model=model, root=folder)
-    quiet = obj["quiet"]
-    with index, progress_bar("embedding", quiet) as on_progress:
+        raise click.ClickException(f"image folder {folder} does not exist")
+    with Index.open_or_create(index_path, model=model, root=folder) as index, progress_bar("embedding") as on_progress:
         report = index.sync(folder, remove_missing=not keep_missing, on_progress=on_progress,
                             on_skip=lambda path, reason: warn(f"skipped {shown(path)}: {reason}"),
-                            batch_size=batch_size, max_pixels=max_pixels)
+                            batch_size=batch_size, max_pixels=max_pixels, exclude=exclude,
+                            label_from_folder=label_from_folder)
     if as_json:
-        emit(report.to_dict())
+        Printer("json")(report.to_dict())
     else:
         click.echo(summary_line(report))
     if strict and report.failed:
@@ -142,39 +178,116 @@ def summary_line(report: SyncReport) -> str:
             f"({report.images_per_second:.1f} images/s)")
 
 
+def result_line(r: dict) -> str:
+    return f"{r['rank']:>3}  {r['score']:.4f}  {shown(r['abspath'])}"
+
+
+def print_results(printer: Printer, query: str, results: list[SearchResult], many: bool) -> None:
+    if many:
+        printer.heading(f"{shown(query)}:")
+    for result in results:
+        printer(result.to_dict())
+
+
 @cli.command()
 @click.argument("queries", nargs=-1, required=True, metavar="QUERY...")
 @index_option
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")
+@search_options
 @root_option
-@json_option
-def search(queries, index_path, k, root, as_json):
-    """Find the indexed images most similar to each QUERY image file.
+@html_option
+@format_option
+@quiet_option
+def search(queries, index_path, k, min_score, exact, ef, root, html_file, fmt, **filters):
+    """Find the indexed images most similar to each QUERY: image files, or folders of them.
 
-    Scores are cosine similarity: 1.0 is the same picture, higher is closer.
+    Scores are cosine similarity: 1.0 is the same picture, higher is closer. A query that cannot be
+    read is reported on stderr, the others are still searched, and the exit code is 1.
     """
+    filter = make_filter(filters)
+    printer = Printer(fmt, line=result_line)
+    failed = False
+    pages = []
     with Index.open(index_path, read_only=True, root=root) as index:
-        for query in queries:
-            results = index.search(query, k=k)
-            if as_json:
-                for result in results:
-                    emit(result.to_dict())
+        outcomes = index.search_many(queries, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef)
+        many = len(queries) > 1 or any(Path(q).is_dir() for q in queries)
+        for outcome in outcomes:
+            if outcome.error:
+                failed = True
+                click.echo(f"Error: {outcome.error}", err=True)
                 continue
-            if len(queries) > 1:
-                click.echo(f"{query}:")
-            for r in results:
-                click.echo(f"{r.rank:>3}  {r.score:.4f}  {shown(index.resolve(r.path))}")
+            print_results(printer, outcome.query, outcome.results, many)
+            pages.append((outcome.query, outcome.results))
+        if html_file:
+            from .report import search_page
+
+            search_page(html_file, index, pages)
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("image", metavar="PATH_OR_ID")
+@index_option
+@search_options
+@root_option
+@html_option
+@format_option
+@quiet_option
+def similar(image, index_path, k, min_score, exact, ef, root, html_file, fmt, **filters):
+    """Find the images most like one that is already indexed (its path or id), without embedding it again."""
+    filter = make_filter(filters)
+    with Index.open(index_path, read_only=True, root=root) as index:
+        target = int(image) if image.isdigit() and not Path(image).exists() else image
+        results = index.similar(target, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef)
+        print_results(Printer(fmt, line=result_line), image, results, many=False)
+        if html_file:
+            from .report import search_page
+
+            search_page(html_file, index, [(results[0].query if results else image, results)])
+
+
+@cli.command("list")
+@index_option
+@filter_options
+@click.option("--limit", type=click.IntRange(1), help="At most this many images.")
+@click.option("--sort", "order", type=click.Choice(["path", "date", "size", "id"]), default="path", show_default=True)
+@root_option
+@format_option
+@quiet_option
+def list_cmd(index_path, limit, order, root, fmt, **filters):
+    """List the indexed images (optionally filtered) with their metadata and labels."""
+    filter = make_filter(filters)
+    printer = Printer(fmt, ("id", "width", "height", "format", "date", "labels", "path"))
+    with Index.open(index_path, read_only=True, root=root) as index:
+        for record in index.images(filter, order=order, limit=limit):
+            printer(record)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, metavar="PATH_OR_ID...")
+@index_option
+@click.option("--add", "add", multiple=True, metavar="NAME", help="Label to add. Repeat for several.")
+@click.option("--remove", "remove", multiple=True, metavar="NAME", help="Label to remove. Repeat for several.")
+@quiet_option
+def label(images, index_path, add, remove):
+    """Add or remove labels on indexed images (files, folders of them, or ids)."""
+    if not add and not remove:
+        raise click.UsageError("give --add NAME and/or --remove NAME")
+    with Index.open(index_path) as index:
+        count = index.label(images, add=add, remove=remove)
+    click.echo(f"labelled {count} images")
 
 
 @cli.command()
 @index_option
-@json_option
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
+@quiet_option
 def info(index_path, as_json):
     """Describe an index: size, model, parameters, files."""
     with Index.open(index_path, read_only=True) as index:
         data = index.info()
     if as_json:
-        emit(data)
+        Printer("json")(data)
         return
     for key, value in data.items():
         if isinstance(value, dict):
@@ -184,19 +297,19 @@ def info(index_path, as_json):
 
 @cli.command()
 @index_option
-@json_option
-def errors(index_path, as_json):
+@format_option
+@quiet_option
+def errors(index_path, fmt):
     """List the files that could not be indexed, and why."""
+    printer = Printer(fmt, line=lambda r: f"{shown(r['abspath'])}: {r['reason']}")
     with Index.open(index_path, read_only=True) as index:
         for path, reason, seen in index.errors():
-            if as_json:
-                emit({"path": path, "reason": reason, "seen": seen})
-            else:
-                click.echo(f"{shown(index.resolve(path))}: {reason}")
+            printer({"path": path, "abspath": str(index.resolve(path)), "reason": reason, "seen": seen})
 
 
 @cli.command()
 @index_option
+@quiet_option
 def rebuild(index_path):
     """Rebuild the FAISS file from the vectors stored in SQLite (drops removed images from the graph)."""
     with Index.open(index_path) as index:
@@ -208,14 +321,15 @@ def rebuild(index_path):
 @index_option
 @click.option("--repair", is_flag=True, help="Fix what can be fixed: rebuild the FAISS file, drop unpaired rows.")
 @root_option
-@json_option
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
+@quiet_option
 def verify(index_path, repair, root, as_json):
     """Check that an index agrees with itself; exit code 1 if a problem remains."""
     with Index.open(index_path, read_only=not repair, root=root) as index:
         report = index.verify(repair=repair)
         count = len(index)
     if as_json:
-        emit(report.to_dict())
+        Printer("json")(report.to_dict())
     else:
         for line in report.repaired:
             click.echo(f"repaired: {line}")
@@ -229,7 +343,8 @@ def verify(index_path, repair, root, as_json):
 
 
 @cli.group(invoke_without_command=True)
-@json_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@quiet_option
 @click.pass_context
 def models(ctx, as_json):
     """List the known models: installed or not, where, and whether the file is verified."""
@@ -240,7 +355,7 @@ def models(ctx, as_json):
     for entry in catalogue_status():
         data = entry.to_dict()
         if as_json:
-            emit(data)
+            Printer("json")(data)
             continue
         verified = {True: "sha256 verified", False: "sha256 MISMATCH", None: "no published sha256"}[entry.verified]
         where = f"{data['path']} ({data['bytes'] / 1e6:.1f} MB, {verified})" if data["installed"] else "not installed"
@@ -252,6 +367,7 @@ def models(ctx, as_json):
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
 @click.option("--url", help="Download the file from this URL instead (needs --sha256).")
 @click.option("--sha256", "sha256", metavar="HEX", help="Expected sha256 of the file.")
+@quiet_option
 def models_add(name, file, url, sha256):
     """Install a model file as NAME into $IMGSIM_MODELS (or ~/.local/share/imgsim/models).
 

@@ -7,9 +7,11 @@ normalise, CHW float32). Nothing here knows about models or storage: a `Preproce
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import stat
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -82,6 +84,10 @@ class Decoded:
     width: int
     height: int
     format: str
+    taken: str | None = None
+    """EXIF capture time (DateTimeOriginal, else DateTime) as ISO 8601 local time, if present and valid."""
+    camera: str | None = None
+    """EXIF camera make and model, if present."""
 
 
 def is_hidden(name: str) -> bool:
@@ -93,10 +99,18 @@ def has_image_extension(path: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
-def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+def excluded(relative: str, patterns: tuple[str, ...]) -> bool:
+    """True if a path (relative to the folder walked, POSIX separators) or its last part matches a glob."""
+    name = relative.rpartition("/")[2]
+    return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | None = None,
+             exclude: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield the image files under `folder`, recursively, in a stable sorted order.
 
-    Hidden files and folders are skipped. Symbolic links are followed, but a folder already
+    Hidden files and folders are skipped, and so are files and folders matching an `exclude` glob.
+    Symbolic links are followed, but a folder already
     visited (a symlink loop, or two links to one place) is walked only once. A folder that cannot
     be read is passed to `on_error(path, reason)`, so that nothing under it is taken as deleted.
     """
@@ -124,6 +138,8 @@ def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | 
             if is_hidden(entry.name):
                 continue
             path = Path(entry.path)
+            if exclude and excluded(path.relative_to(root).as_posix(), exclude):
+                continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
@@ -136,14 +152,14 @@ def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | 
     yield from walk(root)
 
 
-def expand(sources: Iterable[str | os.PathLike],
-           on_error: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+def expand(sources: Iterable[str | os.PathLike], on_error: Callable[[Path, str], None] | None = None,
+           exclude: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield image files from a mix of files and folders; a folder is walked with `discover`."""
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            yield from discover(path, on_error)
-        else:
+            yield from discover(path, on_error, exclude)
+        elif not (exclude and excluded(path.name, exclude)):
             yield path
 
 
@@ -172,6 +188,7 @@ def decode(path: str | os.PathLike, min_side: int = 0, max_pixels: int = DEFAULT
                 if min_side and fmt == "JPEG":
                     img.draft("RGB", _draft_request(width, height, min_side))
                 img.load()
+                taken, camera = exif_facts(img)
                 rgb = to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
@@ -182,7 +199,45 @@ def decode(path: str | os.PathLike, min_side: int = 0, max_pixels: int = DEFAULT
         raise ImageError(_reason(e)) from None
     if rgb.width < 1 or rgb.height < 1:
         raise ImageError("image has no pixels")
-    return Decoded(rgb, width, height, fmt)
+    return Decoded(rgb, width, height, fmt, taken, camera)
+
+
+_EXIF_IFD, _DATETIME_ORIGINAL, _DATETIME, _MAKE, _MODEL = 0x8769, 0x9003, 0x0132, 0x010F, 0x0110
+
+
+def exif_facts(img: Image.Image) -> tuple[str | None, str | None]:
+    """(capture time, camera) from an image's EXIF: untrusted text, so only well-formed values are kept."""
+    try:
+        exif = img.getexif()
+        stamp = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
+        make, model = (_exif_text(exif.get(tag)) for tag in (_MAKE, _MODEL))
+    except Exception:  # a damaged EXIF block is not a reason to refuse the picture
+        return None, None
+    camera = model if not make or (model and model.lower().startswith(make.lower())) else " ".join(filter(None, (make, model)))
+    return _exif_time(stamp), camera or None
+
+
+def _exif_text(value) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        return None
+    text = "".join(ch for ch in value if ch.isprintable()).strip()
+    return text[:64] or None
+
+
+def _exif_time(value) -> str | None:
+    """EXIF writes 'YYYY:MM:DD HH:MM:SS'; anything else (zeros, garbage) is no time at all."""
+    text = _exif_text(value)
+    if not text or len(text) < 19:
+        return None
+    try:
+        parsed = time.strptime(text[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+    if parsed.tm_year < 1900:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", parsed)
 
 
 def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:

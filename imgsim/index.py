@@ -1,14 +1,18 @@
-"""`Index`: the one object users hold. It ties the SQLite store, the FAISS file and a model together.
+"""`Index`: the one object users hold. It ties the SQLite store, the FAISS graph and a model together.
 
 An index is one name on disk: ``NAME.sqlite`` (rows, vectors, manifest; the source of truth) and
-``NAME.faiss`` (the HNSW graph, derived). Image paths are stored relative to the index's root folder,
-and the root relative to the index files, so a folder moved together with its index keeps working.
+``NAME.faiss`` (the HNSW graph, derived; see `graph.py`). Image paths are stored relative to the
+index's root folder, and the root relative to the index files, so a folder moved together with its
+index keeps working.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -18,36 +22,34 @@ import numpy as np
 from PIL import Image
 
 from . import images as imgs
-from .ann import AnnIndex, HnswParams
-from .errors import ImageError, ImgsimError, IndexCorruptError, IndexNotFoundError, ModelError, ReadOnlyIndexError
-from .files import discard, leftover_stages, publish
+from .ann import HnswParams
+from .errors import (
+    ImageError,
+    ImgsimError,
+    IndexCorruptError,
+    IndexNotFoundError,
+    ReadOnlyIndexError,
+)
+from .files import discard, leftover_stages
+from .filters import Filter
+from .graph import Graph
 from .lock import WriterLock
-from .images import Preprocess
-from .models import Model, default_model, normalize, parse_pooling, spec_for
-from .pipeline import embed_files
-from .store import FORMAT_VERSION, NewImage, Store
+from .manifest import FORMAT_VERSION, Manifest
+from .models import Model, default_model
+from .pipeline import bounded_map, embed_files
+from .store import ImageRow, NewImage, Store
 from .sync import Plan, is_under, plan_sync
 
 log = logging.getLogger("imgsim")
 
 ProgressFn = Callable[[int, int], None]
 SkipFn = Callable[[str, str], None]
-
-REBUILD_DEAD_FRACTION = 0.2
-"""Rebuild the FAISS graph once this share of its entries belong to removed images."""
-
-CENTER_MIN_IMAGES = 200
-"""From this many images on, scores are cosine after subtracting the collection's mean vector
-(taken from the graph at each save), which scripts/eval_retrieval.py measured as better for both near-duplicates
-and categories. Below it the mean says too little about the collection and plain cosine is used."""
-
-RERANK_CANDIDATES = 100
-"""With a mean, the HNSW graph (plain cosine) proposes this many candidates, re-scored exactly."""
+Query = str | os.PathLike | Image.Image | np.ndarray
 
 
 def index_files(path: str | os.PathLike) -> tuple[Path, Path]:
     """The (FAISS, SQLite) file pair for an index name; a name ending in either suffix also works."""
-    base = Path(path)
+    base = Path(os.path.expanduser(os.fspath(path)))
     if base.suffix in (".faiss", ".sqlite"):
         base = base.with_suffix("")
     return base.with_name(base.name + ".faiss"), base.with_name(base.name + ".sqlite")
@@ -69,9 +71,35 @@ def _link_new(source: Path, destination: Path) -> None:
         os.replace(source, destination)
 
 
+def _guard_database(method):
+    """Turn SQLite errors that the open-time checks could not foresee (a file damaged or taken away
+    while open) into `IndexCorruptError`, for Python users and the CLI alike."""
+
+    def translate(self, e: sqlite3.DatabaseError) -> ImgsimError:
+        return IndexCorruptError(f"the index database {self.sqlite_path} is damaged: {e}; restore it, or re-index")
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def generator(self, *args, **kwargs):
+            try:
+                yield from method(self, *args, **kwargs)
+            except sqlite3.DatabaseError as e:
+                raise translate(self, e) from None
+        return generator
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise translate(self, e) from None
+    return wrapper
+
+
 @dataclass(frozen=True)
 class SearchResult:
-    """One neighbour of a query. `score` is cosine similarity: 1.0 is identical, higher is closer."""
+    """One neighbour of a query. `score` is cosine similarity: 1.0 is identical, higher is closer.
+    `path` is relative to the index's root; `abspath` is where the file is now."""
 
     rank: int
     id: int
@@ -82,9 +110,14 @@ class SearchResult:
     format: str
     size: int
     query: str | None = None
+    abspath: str = ""
+    date: str = ""
+    labels: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["labels"] = list(self.labels)
+        return data
 
 
 @dataclass
@@ -112,19 +145,29 @@ class SyncReport:
         return data
 
 
-class Index:
-    """An image similarity index. Use `Index.create` or `Index.open`, ideally as a context manager."""
+@dataclass(frozen=True)
+class QueryOutcome:
+    """The results for one query of `Index.search_many`, or why it could not be searched."""
 
-    def __init__(self, base: Path, store: Store, root_override: str | os.PathLike | None = None,
+    query: str
+    results: list[SearchResult]
+    error: str | None = None
+
+
+class Index:
+    """An image similarity index. Use `Index.create`, `Index.open` or `Index.open_or_create`, ideally
+    as a context manager."""
+
+    def __init__(self, base: Path, store: Store, manifest: Manifest, root_override: str | os.PathLike | None = None,
                  lock: WriterLock | None = None):
         self.faiss_path, self.sqlite_path = index_files(base)
         self._store = store
         self._lock = lock
-        self._manifest = store.manifest()
-        self._root_override = Path(root_override).resolve() if root_override else None
+        self._manifest = manifest
+        self._root_override = Path(os.path.expanduser(os.fspath(root_override))).resolve() if root_override else None
         self._model: Model | None = None
-        self._ann: AnnIndex | None = None
-        self._ann_dirty = False
+        self.graph = Graph(store, manifest, self.faiss_path)
+        self._fresh = False  # made by `create` in this process and nothing stored yet
 
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
@@ -134,35 +177,28 @@ class Index:
 
         `model` is a catalogue name (default: resnet50 when installed, else the bundled model);
         `root` is the folder image paths are stored relative to (default: the first folder added).
+        If the `with` block of a new index fails before anything was stored, the index is removed
+        again, so that a retry starts afresh.
         """
         faiss_path, sqlite_path = index_files(path)
         if sqlite_path.exists():
             raise ImgsimError(f"an index already exists at {sqlite_path}: open it instead, or delete it first")
         if not sqlite_path.parent.is_dir():
-            raise IndexNotFoundError(f"folder {sqlite_path.parent} does not exist")
+            raise IndexNotFoundError(f"cannot create index {path}: its folder {sqlite_path.parent} does not exist")
         if model is None:
             model, why = default_model()
             log.info("model: %s (%s)", model, why)
         loaded = Model.load(model)
+        root_key = None if root is None else _relative(Path(os.path.expanduser(os.fspath(root))), sqlite_path.parent)
+        manifest = Manifest(format_version=FORMAT_VERSION, model=loaded.name, model_sha256=loaded.sha256,
+                            dim=loaded.dim, preprocess=loaded.preprocess, hnsw=hnsw or HnswParams(),
+                            pooling=loaded.pooling, root=root_key, created=time.time())
         # Built under a temporary name and linked into place whole, so a crash never leaves a half-made index.
         staging = sqlite_path.with_name(f".{sqlite_path.name}.{os.getpid()}.new")
         try:
             store = Store.create(staging)
             with store.transaction():
-                store.set_manifest(
-                    format_version=FORMAT_VERSION,
-                    model=loaded.name,
-                    model_sha256=loaded.sha256,
-                    dim=loaded.dim,
-                    metric="cosine",
-                    preprocess=loaded.preprocess.to_dict(),
-                    pooling=loaded.pooling,
-                    hnsw=(hnsw or HnswParams()).to_dict(),
-                    root=None if root is None else _relative(Path(root), sqlite_path.parent),
-                    created=time.time(),
-                    faiss_sha256=None,
-                    faiss_previous_sha256=None,
-                )
+                store.set_manifest(**manifest.to_stored())
             store.close()
             _link_new(staging, sqlite_path)
         finally:
@@ -170,6 +206,7 @@ class Index:
                 leftover.unlink(missing_ok=True)
         index = cls.open(path)
         index._model = loaded
+        index._fresh = True
         return index
 
     @classmethod
@@ -183,8 +220,12 @@ class Index:
         lock = None if read_only else WriterLock.acquire(sqlite_path)
         try:
             store = Store.open(sqlite_path, read_only=read_only)
-            index = cls(Path(path), store, root_override=root, lock=lock)
-            index._check_manifest()
+            try:
+                manifest = Manifest.from_stored(store.manifest(), sqlite_path)
+            except BaseException:
+                store.close()
+                raise
+            index = cls(Path(path), store, manifest, root_override=root, lock=lock)
             if lock:  # the writer: remove FAISS files a killed writer staged but never renamed
                 for leftover in leftover_stages(faiss_path):
                     discard(leftover)
@@ -194,56 +235,43 @@ class Index:
             raise
         return index
 
-    def _check_manifest(self) -> None:
-        m = self._manifest
-        required = ("format_version", "model", "model_sha256", "dim", "preprocess", "hnsw")
-        missing = [key for key in required if key not in m]
-        if missing:
-            raise IndexCorruptError(f"{self.sqlite_path} has no {', '.join(missing)} in its manifest")
-        try:
-            hnsw = HnswParams.from_dict(m["hnsw"])
-            prep = Preprocess.from_dict(m["preprocess"])
-            parse_pooling(m.get("pooling", "avg"))
-            sane = 2 <= hnsw.M <= 256 and 1 <= hnsw.ef_construction <= 4096 and 1 <= hnsw.ef_search <= 4096
-            sane = sane and isinstance(m["format_version"], int) and isinstance(m.get("root"), (str, type(None)))
-            sane = sane and 16 <= prep.size <= 1024 and prep.size <= prep.resize_to <= 2048
-            sane = sane and prep.resize in ("crop", "squash") and prep.interpolation in ("bilinear", "bicubic")
-            center = m.get("center")
-            sane = sane and (center is None or (isinstance(center, list) and len(center) == m["dim"]
-                                                and np.isfinite(np.asarray(center, np.float64)).all()))
-        except (KeyError, TypeError, ValueError, ModelError):
-            sane = False
-        if not sane:
-            raise IndexCorruptError(f"{self.sqlite_path} has an invalid manifest")
-        if m["format_version"] > FORMAT_VERSION:
-            raise ImgsimError(f"{self.sqlite_path} was written by a newer imgsim (format {m['format_version']}): "
-                              f"upgrade imgsim to read it")
-        try:
-            spec = spec_for(m["model"])
-        except ModelError:
-            raise ModelError(f"index {self.sqlite_path} was made with model {m['model']!r}, which this imgsim "
-                             f"does not know: upgrade imgsim, or re-index with a known model") from None
-        if spec.dim != m["dim"]:
-            raise IndexCorruptError(f"{self.sqlite_path} says {m['model']} has {m['dim']} dimensions, not {spec.dim}")
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike, *, model: str | None = None,
+                       root: str | os.PathLike | None = None) -> Index:
+        """Open the index at `path` for writing, or create it. A `model` other than the one an
+        existing index was made with is refused (an index holds one model's vectors)."""
+        _, sqlite_path = index_files(path)
+        if not sqlite_path.exists():
+            return cls.create(path, model=model, root=root)
+        index = cls.open(path)
+        if model and model != index.model_name:
+            index.close()
+            raise ImgsimError(f"index {path} was made with {index.model_name}, not {model}: "
+                              f"use another --index for a {model} index")
+        return index
 
-    def close(self) -> None:
+    def close(self, discard_if_fresh: bool = False) -> None:
         """Write the FAISS file if it changed, and release the files."""
         if self._store is None:
             return
+        remove = discard_if_fresh and self._fresh and len(self._store) == 0 and not self._store.errors()
         try:
-            if self._ann_dirty and not self.read_only:
-                self._save_ann()
+            if self.graph.dirty and not self.read_only and not remove:
+                self.graph.save()
         finally:
             self._store.close()
             self._store = None
+            if remove:
+                for leftover in (self.sqlite_path, self.faiss_path):
+                    leftover.unlink(missing_ok=True)
             if self._lock:
                 self._lock.release()
 
     def __enter__(self) -> Index:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(discard_if_fresh=exc_type is not None)
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -251,35 +279,43 @@ class Index:
         return self._store.read_only
 
     @property
+    def manifest(self) -> Manifest:
+        """What the index says about itself (model, preprocessing, graph parameters, ...)."""
+        return self._manifest
+
+    @property
     def model_name(self) -> str:
-        return self._manifest["model"]
+        return self._manifest.model
 
     @property
     def model(self) -> Model:
         """The model this index was made with, loaded and checked on first use."""
         if self._model is None:
             m = self._manifest
-            self._model = Model.load(m["model"], expect_sha256=m["model_sha256"],
-                                     preprocess=Preprocess.from_dict(m["preprocess"]), pooling=m.get("pooling", "avg"))
+            self._model = Model.load(m.model, expect_sha256=m.model_sha256, preprocess=m.preprocess, pooling=m.pooling)
         return self._model
 
     @property
     def root(self) -> Path | None:
         if self._root_override is not None:
             return self._root_override
-        stored = self._manifest.get("root")
-        if stored is None:
+        if self._manifest.root is None:
             return None
-        return (self.sqlite_path.parent / stored).resolve()
+        return (self.sqlite_path.parent / self._manifest.root).resolve()
 
+    @_guard_database
     def __len__(self) -> int:
         return len(self._store)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyIndexError(f"{self.sqlite_path} is open read-only")
 
     def _set_root(self, folder: Path) -> None:
         relative = _relative(folder, self.sqlite_path.parent)
         with self._store.transaction():
             self._store.set_manifest(root=relative)
-        self._manifest["root"] = relative
+        self._manifest.root = relative
 
     # -- paths -----------------------------------------------------------------------------------
     def _key(self, path: Path) -> str:
@@ -300,96 +336,44 @@ class Index:
             return path
         return self.root / path
 
-    # -- the FAISS side --------------------------------------------------------------------------
-    @property
-    def _hnsw(self) -> HnswParams:
-        return HnswParams.from_dict(self._manifest["hnsw"])
-
-    def _ann_index(self) -> AnnIndex:
-        """The HNSW index, loaded on first use and brought up to date with SQLite if it lags."""
-        if self._ann is None:
-            self._ann = self._load_or_rebuild_ann()
-            self._catch_up_ann()
-        return self._ann
-
-    def _load_or_rebuild_ann(self) -> AnnIndex:
-        expected = tuple(filter(None, (self._manifest.get("faiss_sha256"), self._manifest.get("faiss_previous_sha256"))))
-        if not expected and len(self._store) == 0:
-            return AnnIndex.empty(self._manifest["dim"], self._hnsw)
-        if expected and self.faiss_path.exists():
-            try:
-                return AnnIndex.load(self.faiss_path, expected, self._manifest["dim"], self._hnsw)
-            except IndexCorruptError as e:
-                log.warning("%s; rebuilding it from %s", e, self.sqlite_path.name)
-        else:
-            log.warning("%s is missing; rebuilding it from %s", self.faiss_path.name, self.sqlite_path.name)
-        return self._build_ann()
-
-    def _build_ann(self) -> AnnIndex:
-        ann = AnnIndex.empty(self._manifest["dim"], self._hnsw)
-        for ids, vectors in self._store.vectors(self._manifest["dim"]):
-            ann.add(ids, vectors)
-        self._ann_dirty = True
-        return ann
-
-    def _catch_up_ann(self) -> None:
-        ann = self._ann
-        caught_up = 0  # ids only grow and the graph only appends, so it lacks exactly the ids above its largest
-        for ids, vectors in self._store.vectors(self._manifest["dim"], after_id=ann.max_id()):
-            ann.add(ids, vectors)
-            caught_up += len(ids)
-        if caught_up:
-            log.info("added %d vectors to %s that it was missing", caught_up, self.faiss_path.name)
-            self._ann_dirty = True
-        ann.set_dead(np.setdiff1d(ann.ids(), self._store.ids(), assume_unique=True))
-
-    def _save_ann(self) -> None:
-        ann = self._ann
-        if ann.dead_count > REBUILD_DEAD_FRACTION * max(1, len(ann)):
-            self._ann = ann = self._build_ann()
-            ann.set_dead(np.empty(0, np.int64))
-        # Staged, recorded, then renamed: a crash at any point leaves a file the manifest knows
-        # (the previous one or the new one), so the next open never mistakes it for damage.
-        staged, digest = ann.stage(self.faiss_path)
-        mean = ann.mean() if len(self._store) >= CENTER_MIN_IMAGES else None
-        update = {"faiss_sha256": digest, "faiss_previous_sha256": self._manifest.get("faiss_sha256"),
-                  "center": None if mean is None else [float(v) for v in mean]}
-        try:
-            with self._store.transaction():
-                self._store.set_manifest(**update)
-            publish(staged, self.faiss_path)
-        except BaseException:
-            discard(staged)
-            raise
-        self._manifest.update(update)
-        self._ann_dirty = False
-
+    # -- the graph -------------------------------------------------------------------------------
+    @_guard_database
     def rebuild(self) -> None:
         """Rebuild the FAISS file from the vectors in SQLite."""
-        self._ann = self._build_ann()
-        self._save_ann()
+        self._writable()
+        self.graph.rebuild()
 
     # -- adding ----------------------------------------------------------------------------------
     def add(self, sources: str | os.PathLike | Iterable[str | os.PathLike], *, on_progress: ProgressFn | None = None,
-            on_skip: SkipFn | None = None, batch_size: int = 16, max_pixels: int = imgs.DEFAULT_MAX_PIXELS) -> SyncReport:
+            on_skip: SkipFn | None = None, batch_size: int = 16, max_pixels: int = imgs.DEFAULT_MAX_PIXELS,
+            exclude: Iterable[str] = (), label_from_folder: bool = False) -> SyncReport:
         """Add image files and folders (walked recursively). Unchanged files are not embedded again,
-        a moved file keeps its vector, and nothing is removed; see `sync` for that."""
+        a moved file keeps its vector, and nothing is removed; see `sync` for that.
+
+        `exclude` holds glob patterns (matched against the path relative to each folder added, and
+        against the file name) of files to leave out; `label_from_folder` labels each new image with
+        the name of the folder it is in."""
         return self._update(sources, remove_missing=False, on_progress=on_progress, on_skip=on_skip,
-                            batch_size=batch_size, max_pixels=max_pixels)
+                            batch_size=batch_size, max_pixels=max_pixels, exclude=exclude,
+                            label_from_folder=label_from_folder)
 
     def sync(self, folder: str | os.PathLike, *, remove_missing: bool = True, on_progress: ProgressFn | None = None,
-             on_skip: SkipFn | None = None, batch_size: int = 16, max_pixels: int = imgs.DEFAULT_MAX_PIXELS) -> SyncReport:
+             on_skip: SkipFn | None = None, batch_size: int = 16, max_pixels: int = imgs.DEFAULT_MAX_PIXELS,
+             exclude: Iterable[str] = (), label_from_folder: bool = False) -> SyncReport:
         """Make the index match `folder`: embed new and changed files, follow moved ones and, unless
-        `remove_missing` is false, remove entries for files under `folder` that are gone."""
+        `remove_missing` is false, remove entries for files under `folder` that are gone (or excluded)."""
         return self._update([folder], remove_missing=remove_missing, on_progress=on_progress, on_skip=on_skip,
-                            batch_size=batch_size, max_pixels=max_pixels)
+                            batch_size=batch_size, max_pixels=max_pixels, exclude=exclude,
+                            label_from_folder=label_from_folder)
 
+    @_guard_database
     def _update(self, sources, *, remove_missing: bool, on_progress, on_skip, batch_size: int,
-                max_pixels: int) -> SyncReport:
-        if self.read_only:
-            raise ReadOnlyIndexError(f"{self.sqlite_path} is open read-only")
+                max_pixels: int, exclude: Iterable[str], label_from_folder: bool) -> SyncReport:
+        self._writable()
         started = time.perf_counter()
-        sources = [Path(sources)] if isinstance(sources, (str, os.PathLike)) else [Path(s) for s in sources]
+        if isinstance(sources, (str, os.PathLike)):
+            sources = [sources]
+        sources = [Path(os.path.expanduser(os.fspath(s))) for s in sources]
         for source in sources:
             if not source.exists() and not source.is_symlink():
                 raise ImgsimError(f"{source} does not exist")
@@ -398,23 +382,28 @@ class Index:
             self._set_root(folders[0] if folders else Path(os.path.commonpath([s.resolve().parent for s in sources])))
         report = SyncReport()
         unreadable: list[tuple[str, str]] = []
-        files = list(imgs.expand(sources, on_error=lambda path, reason: unreadable.append((str(path), reason))))
+        files = imgs.expand(sources, on_error=lambda path, reason: unreadable.append((str(path), reason)),
+                            exclude=tuple(exclude))
+        files = list(files)
         walked = [self._key(s.resolve()) for s in sources if s.is_dir()]
         plan = plan_sync(files, self._store, key=self._key, resolve=self.resolve,
                          walked_prefixes=walked if remove_missing else None,
                          unseen_prefixes=[self._key(Path(path).resolve()) for path, _ in unreadable])
         plan.failures[:0] = unreadable  # reported and counted; what was indexed under them is kept
-        self._apply_plan(plan, report)
+        self._apply_plan(plan, report, label_from_folder)
         stale = [p for p, _, _ in self._store.errors() if p in plan.seen or (remove_missing and is_under(p, walked))]
         with self._store.transaction():
             self._store.forget_errors(stale)  # they are tried again now, and recorded again if they fail
-        self._embed_new(plan, report, on_progress, on_skip, batch_size, max_pixels)
+        self._embed_new(plan, report, on_progress, on_skip, batch_size, max_pixels, label_from_folder)
+        if report.added or report.updated or report.removed or report.moved:
+            self._fresh = False
         report.seconds = time.perf_counter() - started
         return report
 
-    def _apply_plan(self, plan: Plan, report: SyncReport) -> None:
+    def _apply_plan(self, plan: Plan, report: SyncReport, label_from_folder: bool) -> None:
         """Write what needs no embedding: moves, touched files, copies of known images, removals."""
-        ann = self._ann_index()  # loaded (and caught up) before new rows exist, so none is added twice
+        graph = self.graph
+        graph.ann  # loaded (and caught up) before new rows exist, so none is added twice
         with self._store.transaction():
             for row_id, key, size, mtime_ns in plan.moves:
                 self._store.update_file(row_id, key, size, mtime_ns)
@@ -422,7 +411,7 @@ class Index:
                 self._store.update_file(row_id, key, size, mtime_ns)
             self._store.delete(plan.removals + plan.replaced)
             source_ids = [source_id for _, source_id in plan.copies]
-            vectors = self._store.vectors_by_id(source_ids, self._manifest["dim"])
+            vectors = self._store.vectors_by_id(source_ids, self._manifest.dim)
             sources = self._store.rows_by_id(source_ids)
             copies = []
             for item, source_id in plan.copies:
@@ -431,36 +420,45 @@ class Index:
                     continue
                 source = sources[source_id]
                 copies.append(NewImage(item.key, item.size, item.mtime_ns, item.sha256, source.width, source.height,
-                                       source.format, vectors[source_id]))
-            new_ids = self._store.insert(copies)
+                                       source.format, vectors[source_id], source.taken, source.camera))
+            new_ids = self._insert(copies, label_from_folder)
         if copies:
-            ann.add(np.asarray(new_ids), np.stack([c.vector for c in copies]))
-        if plan.removals or plan.replaced or copies:
-            ann.set_dead(np.setdiff1d(ann.ids(), self._store.ids(), assume_unique=True))
-            self._ann_dirty = True
+            graph.add(new_ids, np.stack([c.vector for c in copies]))
+        if plan.removals or plan.replaced:
+            graph.forget_removed()
         report.moved = len(plan.moves)
         report.unchanged = plan.unchanged + len(plan.touched)
         report.removed = len(plan.removals)
         report.added = len(copies)
 
+    def _insert(self, images: list[NewImage], label_from_folder: bool) -> list[int]:
+        """Insert rows (inside the caller's transaction), labelled by their folder's name if asked."""
+        if not label_from_folder:
+            return self._store.insert(images)
+        ids = []
+        for image in images:
+            folder = image.path.rpartition("/")[0].rpartition("/")[2]
+            ids += self._store.insert([image], labels=[folder] if folder else [])
+        return ids
+
     def _embed_new(self, plan: Plan, report: SyncReport, on_progress, on_skip, batch_size: int,
-                   max_pixels: int) -> None:
+                   max_pixels: int, label_from_folder: bool) -> None:
         if plan.failures:
             with self._store.transaction():
                 self._record_failures(plan.failures, report, on_skip)
         if not plan.to_embed:
+            if self.graph.dirty:
+                self.graph.save()
             return
         model = self.model
-        ann = self._ann_index()
         replaced_keys = set(plan.replaced_keys)
         done = 0
         for batch, failures in embed_files(plan.to_embed, model, batch_size=batch_size, max_pixels=max_pixels):
             with self._store.transaction():
-                new_ids = self._store.insert(batch)
+                new_ids = self._insert(batch, label_from_folder)
                 self._record_failures(failures, report, on_skip)
             if batch:
-                ann.add(np.asarray(new_ids), np.stack([image.vector for image in batch]))
-                self._ann_dirty = True
+                self.graph.add(new_ids, np.stack([image.vector for image in batch]))
             for image in batch:
                 if image.path in replaced_keys:
                     report.updated += 1
@@ -470,7 +468,7 @@ class Index:
             done += len(batch) + len(failures)
             if on_progress:
                 on_progress(done, len(plan.to_embed))
-        self._save_ann()
+        self.graph.save()
 
     def _record_failures(self, failures: list[tuple[str, str]], report: SyncReport, on_skip: SkipFn | None) -> None:
         """Keep (path, reason) failures in the errors table (inside the caller's transaction), count
@@ -482,6 +480,53 @@ class Index:
             if on_skip:
                 on_skip(path, reason)
 
+    # -- labels ----------------------------------------------------------------------------------
+    @_guard_database
+    def label(self, images: Iterable[str | os.PathLike | int], *, add: Iterable[str] = (),
+              remove: Iterable[str] = ()) -> int:
+        """Add and remove labels on indexed images (paths, files or ids; a folder means every indexed
+        image under it). Returns how many images were labelled."""
+        self._writable()
+        add, remove = Filter(labels=tuple(add)).labels, Filter(labels=tuple(remove)).labels
+        ids = self._ids_of(images)
+        with self._store.transaction():
+            self._store.add_labels(ids, add)
+            self._store.remove_labels(ids, remove)
+        return len(ids)
+
+    def _ids_of(self, images: Iterable[str | os.PathLike | int]) -> list[int]:
+        """Ids of indexed images named by id, by file, or by folder (everything indexed under it)."""
+        ids: list[int] = []
+        for item in images:
+            if isinstance(item, (int, np.integer)):
+                if not self._store.rows_by_id([int(item)]):
+                    raise ImgsimError(f"no image with id {item} in this index")
+                ids.append(int(item))
+                continue
+            ids += [row.id for row in self._rows_named(item)]
+        return sorted(set(ids))
+
+    def _rows_named(self, item: str | os.PathLike) -> list[ImageRow]:
+        """The indexed rows for a file or a folder given by the user (absolute, relative to the working
+        folder, or as stored), or one id written as text."""
+        text = os.fspath(item)
+        if isinstance(item, str) and text.isdigit() and not Path(text).exists():
+            rows = self._store.rows_by_id([int(text)])
+            if rows:
+                return list(rows.values())
+        path = Path(os.path.expanduser(text))
+        keys = [self._key(path.resolve())] if path.exists() else []
+        keys.append(Path(text).as_posix())
+        for key in keys:
+            row = self._store.row_by_path(key)
+            if row is not None:
+                return [row]
+            where, params = Filter(folders=(key,)).where()
+            rows = list(self._store.rows_where(where, params)) if not key.startswith("/") else []
+            if rows and key not in ("", "."):
+                return rows
+        raise ImgsimError(f"{text} is not in this index (see `imgsim list`)")
+
     # -- searching -------------------------------------------------------------------------------
     def embed(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
         """The normalised embedding of an image file or a PIL image, as this index's model sees it."""
@@ -489,54 +534,136 @@ class Index:
         if isinstance(image, Image.Image):
             array = imgs.to_array(imgs.to_rgb(image), prep)
         else:
+            path = os.path.expanduser(os.fspath(image))
             try:
-                array, _ = imgs.load_array(image, prep)
+                array, _ = imgs.load_array(path, prep)
             except ImageError as e:
-                raise ImageError(f"cannot read query {image}: {e}") from None
+                raise ImageError(f"cannot read query {os.fspath(image)}: {e}") from None
         return self.model.embed(array[None])[0]
 
-    def search(self, query: str | os.PathLike | Image.Image | np.ndarray, k: int = 10) -> list[SearchResult]:
-        """The `k` indexed images closest to `query`: an image file, a PIL image, or a vector."""
-        if k < 1:
-            raise ImgsimError("k must be at least 1")
+    @_guard_database
+    def search(self, query: Query, k: int = 10, *, filter: Filter | None = None, min_score: float | None = None,
+               exact: bool = False, ef: int | None = None) -> list[SearchResult]:
+        """The `k` indexed images closest to `query`: an image file, a PIL image, or a vector.
+
+        `filter` keeps only matching images (inside the vector search; never fewer than `k` results
+        while `k` images match), `min_score` drops weaker matches, `exact` compares against every
+        vector instead of walking the graph, and `ef` sets how deep the graph walk looks.
+        """
         name = os.fspath(query) if isinstance(query, (str, os.PathLike)) else None
         vector = query if isinstance(query, np.ndarray) else self.embed(query)
-        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        if vector.shape[1] != self._manifest["dim"]:
-            raise ImgsimError(f"query vector has {vector.shape[1]} dimensions; this index has {self._manifest['dim']}")
-        center = self._manifest.get("center")
-        if center is None:
-            scores, ids = self._ann_index().search(vector, k)
-            return self._results(scores[0], ids[0], name)
-        _, ids = self._ann_index().search(vector, max(k, RERANK_CANDIDATES))
-        scores, ids = self._centred_scores(vector[0], ids[0], np.asarray(center, np.float32))
-        return self._results(scores[:k], ids[:k], name)
+        return self._search_vector(vector, k, filter=filter, min_score=min_score, exact=exact, ef=ef, query=name)
 
-    def _centred_scores(self, query: np.ndarray, ids: np.ndarray, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine similarity after subtracting the collection's mean, best first."""
-        stored = self._store.vectors_by_id(ids[ids >= 0].tolist(), len(center))
-        if not stored:
-            return np.empty(0, np.float32), np.empty(0, np.int64)
-        found = np.fromiter(stored, dtype=np.int64, count=len(stored))
-        matrix = normalize(np.stack([stored[i] for i in found.tolist()]) - center)
-        scores = matrix @ normalize((query - center)[None])[0]
-        order = np.argsort(-scores, kind="stable")
-        return scores[order], found[order]
+    def search_many(self, queries: Iterable[str | os.PathLike], k: int = 10, *, filter: Filter | None = None,
+                    min_score: float | None = None, exact: bool = False, ef: int | None = None,
+                    batch_size: int = 16) -> Iterator[QueryOutcome]:
+        """Search with many image files (folders are walked), embedded in batches while the next
+        ones decode. A file that cannot be read gives an outcome with `error` set; the rest go on."""
+        files = list(imgs.expand([Path(os.path.expanduser(os.fspath(q))) for q in queries]))
+        prep = self.model.preprocess
+
+        def decode(path: Path):
+            try:
+                return path, imgs.load_array(path, prep)[0], None
+            except ImageError as e:
+                return path, None, f"cannot read query {path}: {e}"
+
+        pending: list[tuple[Path, np.ndarray | None, str | None]] = []
+
+        def flush() -> Iterator[QueryOutcome]:
+            arrays = [a for _, a, _ in pending if a is not None]
+            vectors = iter(self.model.embed(np.stack(arrays))) if arrays else iter(())
+            for path, array, error in pending:
+                if array is None:
+                    yield QueryOutcome(str(path), [], error)
+                else:
+                    yield QueryOutcome(str(path), self._search_vector(next(vectors), k, filter=filter,
+                                                                      min_score=min_score, exact=exact, ef=ef,
+                                                                      query=str(path)))
+            pending.clear()
+
+        for item in bounded_map(decode, files, workers=2, window=2 * batch_size):
+            pending.append(item)
+            if len(pending) >= batch_size:
+                yield from flush()
+        yield from flush()
+
+    @_guard_database
+    def similar(self, image: str | os.PathLike | int, k: int = 10, *, filter: Filter | None = None,
+                min_score: float | None = None, exact: bool = False, ef: int | None = None) -> list[SearchResult]:
+        """The `k` images most like one that is already indexed (a path or an id), using its stored
+        vector (nothing is embedded again); the image itself is left out."""
+        rows = self._rows_named(image) if not isinstance(image, (int, np.integer)) else \
+            list(self._store.rows_by_id([int(image)]).values())
+        if len(rows) != 1:
+            raise ImgsimError(f"{image} is not one indexed image" if rows else f"no image with id {image} in this index")
+        row = rows[0]
+        vector = self._store.vectors_by_id([row.id], self._manifest.dim).get(row.id)
+        if vector is None:
+            raise IndexCorruptError(f"image {row.id} has no stored vector: run `imgsim verify --repair`")
+        results = self._search_vector(vector, k + 1, filter=filter, min_score=min_score, exact=exact, ef=ef,
+                                      query=row.path, skip=row.id)
+        return results[:k]
+
+    def _search_vector(self, vector: np.ndarray, k: int, *, filter: Filter | None, min_score: float | None,
+                       exact: bool, ef: int | None, query: str | None, skip: int | None = None) -> list[SearchResult]:
+        if k < 1:
+            raise ImgsimError("k must be at least 1")
+        if ef is not None and not 1 <= ef <= 4096:
+            raise ImgsimError("ef must be between 1 and 4096")
+        allowed = None
+        if filter is not None and not filter.empty:
+            where, params = filter.where()
+            allowed = self._store.ids_where(where, params)
+        scores, ids = self.graph.search(np.asarray(vector, dtype=np.float32), k, allowed=allowed, ef=ef, exact=exact)
+        if skip is not None:
+            keep = ids != skip
+            scores, ids = scores[keep], ids[keep]
+        if min_score is not None:
+            keep = scores >= min_score
+            scores, ids = scores[keep], ids[keep]
+        return self._results(scores, ids, query)
 
     def _results(self, scores: np.ndarray, ids: np.ndarray, query: str | None) -> list[SearchResult]:
-        keep = ids >= 0
-        scores, ids = scores[keep], ids[keep]
         rows = self._store.rows_by_id(ids.tolist())
+        labels = self._store.labels_by_id(ids.tolist())
         results = []
         for score, row_id in zip(scores.tolist(), ids.tolist()):
             row = rows.get(row_id)
             if row is None:
                 continue  # removed since the graph was loaded
             results.append(SearchResult(len(results) + 1, row.id, row.path, round(float(score), 6), row.width,
-                                        row.height, row.format, row.size, query))
+                                        row.height, row.format, row.size, query, str(self.resolve(row.path)),
+                                        row.date, tuple(labels.get(row_id, ()))))
         return results
 
+    # -- browsing --------------------------------------------------------------------------------
+    @_guard_database
+    def images(self, filter: Filter | None = None, *, order: str = "path", limit: int | None = None) -> Iterator[dict]:
+        """What is indexed (optionally filtered), one dict per image: its row, labels and `abspath`."""
+        where, params = (filter or Filter()).where()
+        batch: list[ImageRow] = []
+
+        def flush() -> Iterator[dict]:
+            labels = self._store.labels_by_id([row.id for row in batch])
+            for row in batch:
+                data = row.to_dict()
+                data["labels"] = labels.get(row.id, [])
+                data["abspath"] = str(self.resolve(row.path))
+                yield data
+            batch.clear()
+
+        for row in self._store.rows_where(where, params, order=order, limit=limit):
+            batch.append(row)
+            if len(batch) >= 500:
+                yield from flush()
+        yield from flush()
+
+    def rows(self) -> Iterator[ImageRow]:
+        return self._store.all_rows()
+
     # -- reporting -------------------------------------------------------------------------------
+    @_guard_database
     def info(self) -> dict:
         """What a user wants to know about an index, as plain data."""
         m = self._manifest
@@ -545,32 +672,40 @@ class Index:
         sqlite_bytes = self.sqlite_path.stat().st_size
         return {
             "count": count,
-            "model": m["model"],
-            "model_sha256": m["model_sha256"],
-            "dimensions": m["dim"],
-            "metric": m.get("metric", "cosine"),
-            "preprocess": m["preprocess"],
-            "hnsw": m["hnsw"],
+            "model": m.model,
+            "model_sha256": m.model_sha256,
+            "dimensions": m.dim,
+            "metric": m.metric,
+            "preprocess": m.preprocess.to_dict(),
+            "pooling": m.pooling,
+            "hnsw": m.hnsw.to_dict(),
+            "graph_size": len(self.graph),
+            "graph_dead": self.graph.dead_count,
+            "centred": self.graph.centred,
             "root": str(self.root) if self.root else None,
             "faiss_file": str(self.faiss_path),
             "faiss_bytes": faiss_bytes,
             "sqlite_file": str(self.sqlite_path),
             "sqlite_bytes": sqlite_bytes,
-            "bytes_per_image": round((faiss_bytes + sqlite_bytes) / count) if count else None,
+            "bytes_per_image": round((faiss_bytes + sqlite_bytes) / count) if count else 0,
             "errors": len(self._store.errors()),
-            "format_version": m["format_version"],
-            "created": m.get("created"),
+            "format_version": m.format_version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(m.created)) if m.created else None,
         }
 
+    @_guard_database
     def verify(self, repair: bool = False):
         """Check every invariant of the index; with `repair`, fix what SQLite allows. Returns a `VerifyReport`."""
         from .verify import verify
 
         return verify(self, repair=repair)
 
+    @_guard_database
     def errors(self) -> list[tuple[str, str, float]]:
         """(path, reason, when) for each file that failed to index and has not been indexed since."""
         return self._store.errors()
 
-    def rows(self) -> Iterator:
-        return self._store.all_rows()
+    @property
+    def store(self) -> Store:
+        """The SQLite side (for `verify` and exporters; most callers want the methods above)."""
+        return self._store

@@ -44,19 +44,19 @@ def embed_files(candidates: list[Candidate], model: Model, *, batch_size: int = 
     def decode(candidate: Candidate):
         try:
             array, decoded = imgs.load_array(candidate.path, prep, max_pixels)
-            return candidate, array, (decoded.width, decoded.height, decoded.format)  # drop the pixels
+            return candidate, array, (decoded.width, decoded.height, decoded.format, decoded.taken, decoded.camera)
         except ImageError as e:
             return candidate, None, str(e)
 
     workers = workers or available_cpus()
     arrays: list[np.ndarray] = []
-    metas: list[tuple[Candidate, tuple[int, int, str]]] = []
+    metas: list[tuple[Candidate, tuple]] = []  # the facts, without the pixels
     failures: list[tuple[str, str]] = []
 
     def flush() -> tuple[list[NewImage], list[tuple[str, str]]]:
         vectors = model.embed(np.stack(arrays)) if arrays else np.empty((0, model.dim), np.float32)
-        batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v)
-                 for (c, (w, h, fmt)), v in zip(metas, vectors)]
+        batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v, taken, camera)
+                 for (c, (w, h, fmt, taken, camera)), v in zip(metas, vectors)]
         result = (batch, list(failures))
         arrays.clear()
         metas.clear()

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,6 @@ import sqlite_utils
 from .errors import IndexCorruptError, IndexNotFoundError, ReadOnlyIndexError
 
 APPLICATION_ID = 0x696D6773  # "imgs": marks the SQLite file as an imgsim index
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,17 @@ class ImageRow:
     height: int
     format: str
     added: float
+    folder: str = ""
+    """The folder part of `path` ("" for a file directly in the root)."""
+    name: str = ""
+    taken: str | None = None
+    """EXIF capture time as the camera wrote it (local time, ISO 8601), if the file has one."""
+    camera: str | None = None
+    date: str = ""
+    """`taken`, else the file's mtime in local time (ISO 8601): what --since and --until compare."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,8 @@ class NewImage:
     height: int
     format: str
     vector: np.ndarray
+    taken: str | None = None
+    camera: str | None = None
 
 
 MIGRATIONS = sqlite_utils.Migrations("imgsim")
@@ -78,6 +90,29 @@ def _initial(db: sqlite_utils.Database) -> None:
         )""")
     db["errors"].create({"path": str, "reason": str, "seen": float}, pk="path")
     db["manifest"].create({"key": str, "value": str}, pk="key")
+
+
+@MIGRATIONS(name="002_metadata_and_labels")
+def _metadata(db: sqlite_utils.Database) -> None:
+    """Columns the filters read (folder, file name, EXIF capture time and camera, a sortable date),
+    and labels. Existing rows get folder, name and date from what is stored; EXIF arrives when a file
+    is next embedded."""
+    for column, kind in (("folder", "TEXT NOT NULL DEFAULT ''"), ("name", "TEXT NOT NULL DEFAULT ''"),
+                         ("taken", "TEXT"), ("camera", "TEXT"), ("date", "TEXT NOT NULL DEFAULT ''")):
+        db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
+    rows = db.execute("SELECT id, path, mtime_ns FROM images").fetchall()
+    db.conn.executemany("UPDATE images SET folder = ?, name = ?, date = ? WHERE id = ?",
+                        [(*_split(_from_db(path)), local_date(mtime_ns), row_id) for row_id, path, mtime_ns in rows])
+    for column in ("folder", "format", "date"):
+        db.execute(f"CREATE INDEX images_{column} ON images({column})")
+    db.execute("""
+        CREATE TABLE labels (
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            label TEXT NOT NULL,
+            PRIMARY KEY (image_id, label)
+        )""")
+    db.execute("CREATE INDEX labels_label ON labels(label)")
+    db.execute("UPDATE manifest SET value = '2' WHERE key = 'format_version'")  # older imgsims leave it alone
 
 
 class Store:
@@ -205,30 +240,76 @@ class Store:
         rows = self.db.execute("SELECT id FROM images ORDER BY id").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
-    def insert(self, images: list[NewImage]) -> list[int]:
-        """Insert images and their vectors (inside the caller's transaction); returns the new ids."""
+    def insert(self, images: list[NewImage], labels: Iterable[str] = ()) -> list[int]:
+        """Insert images and their vectors (inside the caller's transaction); returns the new ids.
+        Each image also gets `labels`."""
         now = time.time()
         ids = []
+        labels = list(labels)
         for image in images:
+            folder, name = _split(image.path)
             cursor = self.db.execute(
-                "INSERT INTO images (path, size, mtime_ns, sha256, width, height, format, added) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (_to_db(image.path), image.size, image.mtime_ns, image.sha256, image.width, image.height, image.format, now),
+                "INSERT INTO images (path, size, mtime_ns, sha256, width, height, format, added, folder, name, "
+                "taken, camera, date) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (_to_db(image.path), image.size, image.mtime_ns, image.sha256, image.width, image.height, image.format,
+                 now, folder, name, image.taken, image.camera, image.taken or local_date(image.mtime_ns)),
             )
             ids.append(cursor.lastrowid)
             self.db.execute("INSERT INTO vectors (id, vector) VALUES (?, ?)", (cursor.lastrowid, _to_blob(image.vector)))
             self.db.execute("DELETE FROM errors WHERE path = ?", (_to_db(image.path),))
+        if labels:
+            self.add_labels(ids, labels)
         return ids
 
     def update_file(self, row_id: int, path: str, size: int, mtime_ns: int) -> None:
         """Record a file's new path or stat (a move, or a touch that left its content alone)."""
-        self.db.execute("UPDATE images SET path = ?, size = ?, mtime_ns = ? WHERE id = ?",
-                        (_to_db(path), size, mtime_ns, row_id))
+        folder, name = _split(path)
+        self.db.execute("UPDATE images SET path = ?, size = ?, mtime_ns = ?, folder = ?, name = ?, "
+                        "date = coalesce(taken, ?) WHERE id = ?",
+                        (_to_db(path), size, mtime_ns, folder, name, local_date(mtime_ns), row_id))
 
     def delete(self, ids: Iterable[int]) -> None:
         for row_id in ids:
             self.db.execute("DELETE FROM vectors WHERE id = ?", (int(row_id),))
             self.db.execute("DELETE FROM images WHERE id = ?", (int(row_id),))
+
+    # -- filters and labels ----------------------------------------------------------------------
+    def ids_where(self, where: str, params: list) -> np.ndarray:
+        """Ids of the rows matching a WHERE fragment built by `filters.Filter` (values as parameters)."""
+        rows = self.db.execute(f"SELECT id FROM images WHERE {where} ORDER BY id", params).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def rows_where(self, where: str = "1", params: list = (), order: str = "path",
+                   limit: int | None = None) -> Iterator[ImageRow]:
+        order_by = {"path": "path", "id": "id", "date": "date, path", "size": "size DESC, path"}[order]
+        sql = f"SELECT {_COLUMNS} FROM images WHERE {where} ORDER BY {order_by}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        for row in self.db.execute(sql, list(params)):
+            yield _image_row(row)
+
+    def row_by_path(self, path: str) -> ImageRow | None:
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM images WHERE path = ?", (_to_db(path),)).fetchone()
+        return _image_row(row) if row else None
+
+    def add_labels(self, ids: Iterable[int], labels: Iterable[str]) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO labels (image_id, label) VALUES (?, ?)",
+                              [(int(i), label) for i in ids for label in labels])
+
+    def remove_labels(self, ids: Iterable[int], labels: Iterable[str]) -> None:
+        self.conn.executemany("DELETE FROM labels WHERE image_id = ? AND label = ?",
+                              [(int(i), label) for i in ids for label in labels])
+
+    def labels_by_id(self, ids: Iterable[int]) -> dict[int, list[str]]:
+        ids = [int(i) for i in ids]
+        found: dict[int, list[str]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for image_id, label in self.db.execute(
+                    f"SELECT image_id, label FROM labels WHERE image_id IN ({marks}) ORDER BY label", chunk):
+                found.setdefault(image_id, []).append(label)
+        return found
 
     # -- vectors ---------------------------------------------------------------------------------
     def vectors(self, dim: int, after_id: int = 0, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -291,17 +372,29 @@ class Store:
         return [(_from_db(path), reason, seen) for path, reason, seen in rows]
 
 
-_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, format, added"
+_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, format, added, folder, name, taken, camera, date"
 _SCHEMA = {
     "images": set(_COLUMNS.split(", ")),
     "vectors": {"id", "vector"},
     "errors": {"path", "reason", "seen"},
     "manifest": {"key", "value"},
+    "labels": {"image_id", "label"},
 }
 
 
 def _image_row(row: tuple) -> ImageRow:
-    return ImageRow(row[0], _from_db(row[1]), *row[2:])
+    return ImageRow(row[0], _from_db(row[1]), *row[2:9], _from_db(row[9]), _from_db(row[10]), *row[11:])
+
+
+def _split(path: str) -> tuple[str | bytes, str | bytes]:
+    """(folder, file name) of a stored path, as stored (see `_to_db`)."""
+    folder, _, name = path.rpartition("/")
+    return _to_db(folder), _to_db(name)
+
+
+def local_date(mtime_ns: int) -> str:
+    """A file time as local ISO 8601 to the second, comparable with EXIF capture times."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(mtime_ns / 1e9))
 
 
 def _to_db(path: str) -> str | bytes:

@@ -33,7 +33,7 @@ class VerifyReport:
 def verify(index, repair: bool = False) -> VerifyReport:
     """Check `index` (an open `Index`); with `repair`, fix what can be fixed from SQLite."""
     report = VerifyReport()
-    store = index._store
+    store = index.store
     sqlite_problems = store.integrity_problems()
     report.problems.extend(sqlite_problems)
     if repair and any("no image row" in p or "no vector" in p for p in sqlite_problems):
@@ -48,10 +48,9 @@ def verify(index, repair: bool = False) -> VerifyReport:
 
 
 def _check_vectors(index, report: VerifyReport) -> None:
-    dim = index._manifest["dim"]
     bad = 0
     try:
-        for _, vectors in index._store.vectors(dim):
+        for _, vectors in index.store.vectors(index.manifest.dim):
             norms = np.linalg.norm(vectors, axis=1)
             bad += int(np.count_nonzero(~np.isfinite(norms) | (np.abs(norms - 1) > 1e-3)))
     except IndexCorruptError as e:
@@ -62,45 +61,38 @@ def _check_vectors(index, report: VerifyReport) -> None:
 
 
 def _check_faiss(index, report: VerifyReport, repair: bool) -> None:
-    from .ann import AnnIndex, HnswParams
-
-    manifest = index._manifest
-    problem = None
-    if not index.faiss_path.exists():
-        if len(index):
-            report.notes.append(f"{index.faiss_path.name} is missing: it is rebuilt from SQLite when next used")
-    else:
-        try:
-            known = tuple(filter(None, (manifest.get("faiss_sha256"), manifest.get("faiss_previous_sha256"))))
-            ann = AnnIndex.load(index.faiss_path, known,
-                                manifest["dim"], HnswParams.from_dict(manifest["hnsw"]))
-        except IndexCorruptError as e:
-            problem = str(e)
+    name = index.faiss_path.name
+    found = index.graph.check_file()
+    fixable = repair and not index.read_only
+    problem = found.problem
+    if found.duplicate_ids:
+        problem = f"{name} holds some ids twice"
+    if problem is not None:
+        if fixable:
+            index.rebuild()
+            report.repaired.append(f"rebuilt {name} from the stored vectors ({problem})")
         else:
-            graph_ids = ann.ids()
-            live = index._store.ids()
-            lagging = np.setdiff1d(live, graph_ids)
-            dead = np.setdiff1d(graph_ids, live)
-            if len(lagging):
-                report.notes.append(f"{index.faiss_path.name} lacks {len(lagging)} of the {len(live)} stored vectors "
-                                    f"(an interrupted run): they are added when the index is next used")
-            if len(np.unique(graph_ids)) != len(graph_ids):
-                problem = f"{index.faiss_path.name} holds some ids twice"
-            if len(dead):
-                report.notes.append(f"{len(dead)} removed images still in the graph (excluded from results; "
-                                    f"`imgsim rebuild` drops them)")
-    if problem is None:
+            report.problems.append(problem + " (verify --repair rebuilds it)")
         return
-    if repair and not index.read_only:
-        index.rebuild()
-        report.repaired.append(f"rebuilt {index.faiss_path.name} from the stored vectors ({problem})")
-    else:
-        report.problems.append(problem + " (verify --repair rebuilds it)")
+    if (found.missing or found.lagging) and fixable:
+        index.graph.ann  # rebuilt or caught up from SQLite as it loads
+        index.graph.save()
+        what = "missing" if found.missing else f"lacked {found.lagging} stored vectors"
+        report.repaired.append(f"wrote {name} from the stored vectors (it was {what})")
+    elif found.missing:
+        report.notes.append(f"{name} is missing (an interrupted first run, or deleted): searches rebuild it in "
+                            f"memory each time until `imgsim verify --repair` or the next `imgsim index` writes it")
+    elif found.lagging:
+        report.notes.append(f"{name} lacks {found.lagging} of the {len(index)} stored vectors "
+                            f"(an interrupted run): they are added when the index is next used")
+    if found.dead:
+        report.notes.append(f"{found.dead} removed images still in the graph (excluded from results; "
+                            f"`imgsim rebuild` drops them)")
 
 
 def _check_model(index, report: VerifyReport) -> None:
     try:
-        Model.load(index.model_name, expect_sha256=index._manifest["model_sha256"])
+        Model.load(index.model_name, expect_sha256=index.manifest.model_sha256)
     except ImgsimError as e:
         report.notes.append(f"cannot search on this machine: {e}")
 

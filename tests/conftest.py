@@ -108,3 +108,21 @@ def read_only_folder(folder: Path):
         if immutable:
             subprocess.run(["chattr", "-i", str(folder)], check=True)
         os.chmod(folder, 0o755)
+
+
+def run(*args, env=None):
+    """Run the imgsim CLI in-process; `result.stdout`, `.stderr` and `.exit_code` as a user sees them."""
+    from click.testing import CliRunner
+
+    from imgsim.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def build_index(path: Path, *sources, **options) -> Path:
+    """Create an index at `path` with the tiny model, add `sources`, close it; return `path`."""
+    from imgsim import Index
+
+    with Index.create(path, model=TINY_MODEL, **options) as index:
+        index.add(list(sources))
+    return path

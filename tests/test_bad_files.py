@@ -13,17 +13,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from imgsim import Index
-from imgsim.cli import cli
 
-from .conftest import TINY_MODEL
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from .conftest import TINY_MODEL, run
 
 
 def huge_header_png(width: int, height: int) -> bytes:

@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from imgsim.cli import cli
 
-from .conftest import TINY_MODEL
-
-
-def run(*args, env=None):
-    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+from .conftest import TINY_MODEL, run
 
 
 def error_line(result) -> str:
@@ -75,7 +70,7 @@ def test_index_file_suffix_is_accepted(tiny_index):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["index", "{tmp}/nowhere", "--index", "{tmp}/i"], "Error: folder {tmp}/nowhere does not exist"),
+    (["index", "{tmp}/nowhere", "--index", "{tmp}/i"], "Error: image folder {tmp}/nowhere does not exist"),
     (["search", "{photos}/coffee.jpg", "--index", "{tmp}/missing"], "Error: no index at {tmp}/missing"),
     (["info", "--index", "{tmp}/missing"], "Error: no index at {tmp}/missing"),
     (["index", "{photos}", "--index", "{tmp}/i", "--model", "vgg99"], "Error: unknown model 'vgg99'"),

@@ -20,14 +20,14 @@ import sys
 import zipfile
 from pathlib import Path
 
+import export_resnet50
 import numpy as np
 import onnx
+import onnx_tools
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-import export_resnet50
-import onnx_tools
 from imgsim import models
 from imgsim.cli import cli
 

@@ -12,7 +12,7 @@ from PIL import Image
 from imgsim import ImgsimError, Index, IndexLockedError, ModelError, ReadOnlyIndexError
 from imgsim.errors import IndexCorruptError
 
-from .conftest import TINY_MODEL, read_only_folder
+from .conftest import TINY_MODEL, build_index, read_only_folder
 
 
 @pytest.fixture
@@ -98,8 +98,7 @@ def test_bad_files_are_reported_and_skipped(index, photos, tmp_path):
 
 def test_removed_ids_never_come_back_and_the_graph_is_rebuilt(tmp_path, photos):
     path = tmp_path / "idx"
-    with Index.create(path, model=TINY_MODEL) as index:
-        index.add(photos)
+    build_index(path, photos)
     total = n_photos(photos)
     (photos / "coffee.jpg").unlink()
     with Index.open(path) as index:  # one removal: the id stays in the graph, excluded from results
@@ -107,13 +106,15 @@ def test_removed_ids_never_come_back_and_the_graph_is_rebuilt(tmp_path, photos):
         ids = {r.id for r in index.search(photos / "astronaut.jpg", k=100)}
         assert len(ids) == total - 1 and ids == {r.id for r in index.rows()}
     with Index.open(path, read_only=True) as index:
-        assert len(index._ann_index()) == total and index._ann_index().dead_count == 1
+        info = index.info()
+        assert (info["graph_size"], info["graph_dead"]) == (total, 1)
     for name in ["rocket.jpg", "camera.jpg", "moon.jpg"]:
         (photos / name).unlink()
     with Index.open(path) as index:  # now over the threshold: the graph is rebuilt without dead ids
         index.sync(photos)
     with Index.open(path, read_only=True) as index:
-        assert len(index._ann_index()) == total - 4 and index._ann_index().dead_count == 0
+        info = index.info()
+        assert (info["graph_size"], info["graph_dead"]) == (total - 4, 0)
         ids = {r.id for r in index.search(photos / "astronaut.jpg", k=100)}
         assert ids == {r.id for r in index.rows()}
 
@@ -146,7 +147,7 @@ def test_faiss_that_lags_behind_sqlite_is_caught_up(tmp_path, photos):
         report = index.verify()
         assert report.ok and "lacks" in " ".join(report.notes)
         assert index.search(photos / "rocket.jpg", k=1)[0].path == "rocket.jpg"
-        assert len(index._ann_index()) == n_photos(photos)
+        assert index.info()["graph_size"] == n_photos(photos)
     with Index.open(path, read_only=True) as index:  # the caught-up graph was saved on close
         assert index.verify().notes == []
 
@@ -166,8 +167,7 @@ def test_second_writer_is_refused_but_readers_are_welcome(tmp_path, photos):
 def test_index_in_a_read_only_folder_can_be_searched(tmp_path, photos):
     shipped = tmp_path / "dataset"
     shipped.mkdir()
-    with Index.create(shipped / "idx", model=TINY_MODEL, root=photos) as index:
-        index.add(photos)
+    build_index(shipped / "idx", photos, root=photos)
     with read_only_folder(shipped):
         with Index.open(shipped / "idx", read_only=True) as index:
             assert index.search(photos / "coffee.jpg", k=1)[0].path == "coffee.jpg"
@@ -176,8 +176,7 @@ def test_index_in_a_read_only_folder_can_be_searched(tmp_path, photos):
 
 
 def test_folder_moved_with_its_index_keeps_working(tmp_path, photos):
-    with Index.create(photos / ".imgsim", model=TINY_MODEL) as index:
-        index.add(photos)
+    build_index(photos / ".imgsim", photos)
     moved = tmp_path / "elsewhere"
     photos.rename(moved)
     with Index.open(moved / ".imgsim") as index:
@@ -188,8 +187,7 @@ def test_folder_moved_with_its_index_keeps_working(tmp_path, photos):
 
 
 def test_root_override(tmp_path, photos):
-    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
-        index.add(photos)
+    build_index(tmp_path / "idx", photos)
     copy = tmp_path / "copy"
     shutil.copytree(photos, copy)
     with Index.open(tmp_path / "idx", read_only=True, root=copy) as index:
@@ -197,8 +195,7 @@ def test_root_override(tmp_path, photos):
 
 
 def test_model_file_swapped_under_an_index_is_refused(tmp_path, photos, tiny_model_dir, monkeypatch):
-    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
-        index.add(photos)
+    build_index(tmp_path / "idx", photos)
     other = tmp_path / "other-models"
     other.mkdir()
     (other / "tiny-test.onnx").write_bytes((tiny_model_dir / "tiny-test.onnx").read_bytes() + b"\0")
@@ -248,8 +245,7 @@ def test_readers_see_each_committed_batch_while_a_writer_indexes(tmp_path, photo
 
 
 def test_copy_found_by_a_fresh_open_is_in_the_graph_once(tmp_path, photos):
-    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
-        index.add(photos)
+    build_index(tmp_path / "idx", photos)
     shutil.copy(photos / "coffee.jpg", photos / "coffee-copy.jpg")
     with Index.open(tmp_path / "idx") as index:  # the graph is loaded lazily, after the plan is made
         index.sync(photos)
@@ -263,8 +259,7 @@ def test_unreadable_subfolder_is_reported_and_its_entries_kept(tmp_path, photos,
     (photos / "trip").mkdir()
     for name in ("rocket.jpg", "moon.jpg"):
         (photos / name).rename(photos / "trip" / name)
-    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
-        index.add(photos)
+    build_index(tmp_path / "idx", photos)
     real_scandir = os.scandir
 
     def scandir(path):
@@ -282,7 +277,7 @@ def test_unreadable_subfolder_is_reported_and_its_entries_kept(tmp_path, photos,
 
 
 def test_large_collections_are_scored_around_their_mean(tmp_path, photos):
-    from imgsim.index import CENTER_MIN_IMAGES
+    from imgsim.graph import CENTER_MIN_IMAGES
 
     rng = np.random.default_rng(3)
     for i in range(CENTER_MIN_IMAGES):
@@ -290,11 +285,12 @@ def test_large_collections_are_scored_around_their_mean(tmp_path, photos):
         Image.fromarray(pixels).resize((64, 64), Image.Resampling.NEAREST).save(photos / f"noise{i:03d}.png")
     with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
         index.add([photos / "coffee.jpg", photos / "rocket.jpg"])
-        assert index._manifest["center"] is None  # too few images to learn a mean from
+        assert not index.info()["centred"]  # too few images to learn a mean from
         raw = index.search(photos / "rocket.jpg", k=2)
         index.add(photos)
-        mean = np.asarray(index._manifest["center"])
-        stored = np.stack(list(index._store.vectors_by_id([r.id for r in index.rows()], 48).values()))
+        assert index.info()["centred"]
+        mean = index.manifest.center
+        stored = np.concatenate([vectors for _, vectors in index.store.vectors(48)])
         assert np.allclose(mean, stored.mean(axis=0), atol=1e-5)
         results = index.search(photos / "rocket.jpg", k=5)
     assert results[0].path == "rocket.jpg" and results[0].score == pytest.approx(1.0, abs=1e-4)

@@ -9,16 +9,10 @@ import json
 import threading
 
 import pytest
-from click.testing import CliRunner
 
-from imgsim.cli import cli
 from imgsim.models import default_model
 
-from .conftest import TINY_MODEL
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from .conftest import TINY_MODEL, run
 
 
 @pytest.fixture
@@ -91,7 +85,7 @@ def test_add_usage_errors(tmp_path):
 
 def test_default_is_resnet50_once_installed(install_dir, tmp_path, photos):
     assert default_model()[0] == "efficientnet-lite0"
-    result = CliRunner().invoke(cli, ["index", str(photos), "--index", str(tmp_path / "a")])
+    result = run("index", photos, "--index", tmp_path / "a")
     assert "model: efficientnet-lite0 (bundled; resnet50.onnx is not installed)" in result.stderr
     install_dir.mkdir()
     (install_dir / "resnet50.onnx").write_bytes(b"placeholder")

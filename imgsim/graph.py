@@ -1,0 +1,266 @@
+"""The HNSW graph derived from the store, and scoring with it.
+
+SQLite holds the truth; `Graph` keeps the FAISS file in step with it: it loads the file (after its
+checksum and structure are checked), rebuilds it when it is missing or damaged, catches it up when it
+lags behind SQLite (ids only grow, so it lacks exactly the ids above its largest), tracks the ids of
+removed rows that HNSW cannot delete, learns the collection's mean, and writes the file back staged,
+recorded in the manifest, then renamed, so a crash at any point leaves a file the manifest knows.
+
+Scores are cosine similarity; from `CENTER_MIN_IMAGES` images on, cosine around the collection's mean
+(the graph proposes `RERANK_CANDIDATES` by plain cosine, re-scored exactly from its stored vectors).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .ann import AnnIndex
+from .errors import ImgsimError, IndexCorruptError
+from .files import discard, publish
+from .manifest import Manifest
+from .models import normalize
+from .store import Store
+
+log = logging.getLogger("imgsim")
+
+REBUILD_DEAD_FRACTION = 0.2
+"""Rebuild the graph once this share of its entries belong to removed images."""
+
+CENTER_MIN_IMAGES = 200
+"""From this many images on, scores are cosine after subtracting the collection's mean vector
+(taken from the graph at each save), which scripts/eval_retrieval.py measured as better for both
+near-duplicates and categories. Below it the mean says too little about the collection."""
+
+RERANK_CANDIDATES = 100
+"""With a mean, the graph (plain cosine) proposes this many candidates, re-scored exactly."""
+
+EXACT_FILTER_LIMIT = 2000
+"""A filter matching at most this many images is answered by an exact scan of just those images
+(cheaper than a graph walk that must skip almost every node, and never short of results)."""
+
+FILTER_EF_MAX = 1024
+"""The deepest graph walk a filtered search makes before falling back to an exact scan."""
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What `Graph.check_file` found in the FAISS file, without changing anything."""
+
+    problem: str | None = None
+    missing: bool = False
+    lagging: int = 0
+    dead: int = 0
+    duplicate_ids: bool = False
+
+
+class Graph:
+    """The FAISS side of an open index. `store` and `manifest` belong to the `Index` that owns it."""
+
+    def __init__(self, store: Store, manifest: Manifest, faiss_path: Path):
+        self._store = store
+        self._manifest = manifest
+        self.path = faiss_path
+        self._ann: AnnIndex | None = None
+        self._dirty = False
+
+    # -- the graph, loaded on first use -----------------------------------------------------------
+    @property
+    def ann(self) -> AnnIndex:
+        """The HNSW index, loaded on first use and brought up to date with SQLite if it lags."""
+        if self._ann is None:
+            self._ann = self._load_or_rebuild()
+            self._catch_up()
+        return self._ann
+
+    @property
+    def dirty(self) -> bool:
+        """True when the graph in memory differs from the file (it is written at the next save)."""
+        return self._dirty
+
+    @property
+    def centred(self) -> bool:
+        return self._manifest.center is not None
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    @property
+    def dead_count(self) -> int:
+        return self.ann.dead_count
+
+    def _load_or_rebuild(self) -> AnnIndex:
+        m = self._manifest
+        if not m.faiss_checksums and len(self._store) == 0:
+            return AnnIndex.empty(m.dim, m.hnsw)
+        if m.faiss_checksums and self.path.exists():
+            try:
+                return AnnIndex.load(self.path, m.faiss_checksums, m.dim, m.hnsw)
+            except IndexCorruptError as e:
+                log.warning("%s; rebuilding it from %s", e, self._store.path.name)
+        else:
+            log.warning("%s is missing; rebuilding it from %s", self.path.name, self._store.path.name)
+        if self._store.read_only:
+            log.warning("opened read-only, so the rebuilt graph is not saved: run `imgsim verify --repair` "
+                        "(or open the index for writing) once to make it permanent")
+        return self._build()
+
+    def _build(self) -> AnnIndex:
+        ann = AnnIndex.empty(self._manifest.dim, self._manifest.hnsw)
+        for ids, vectors in self._store.vectors(self._manifest.dim):
+            ann.add(ids, vectors)
+        self._dirty = True
+        return ann
+
+    def _catch_up(self) -> None:
+        ann = self._ann
+        caught_up = 0
+        for ids, vectors in self._store.vectors(self._manifest.dim, after_id=ann.max_id()):
+            ann.add(ids, vectors)
+            caught_up += len(ids)
+        if caught_up:
+            log.info("added %d vectors to %s that it was missing", caught_up, self.path.name)
+            self._dirty = True
+        self.forget_removed()
+
+    # -- changes ----------------------------------------------------------------------------------
+    def add(self, ids, vectors: np.ndarray) -> None:
+        """Add vectors whose rows were just committed to the store."""
+        if len(ids):
+            self.ann.add(np.asarray(ids, dtype=np.int64), np.asarray(vectors))
+            self._dirty = True
+
+    def forget_removed(self) -> None:
+        """Exclude from every search the ids whose rows are gone from the store."""
+        ann = self.ann
+        dead = np.setdiff1d(ann.ids(), self._store.ids(), assume_unique=True)
+        if len(dead) != ann.dead_count:
+            self._dirty = True
+        ann.set_dead(dead)
+
+    def save(self) -> None:
+        """Write the graph (rebuilt first if too many of its entries are dead) and record it."""
+        ann = self.ann
+        if ann.dead_count > REBUILD_DEAD_FRACTION * max(1, len(ann)):
+            self._ann = ann = self._build()
+        staged, digest = ann.stage(self.path)
+        mean = ann.mean() if len(self._store) >= CENTER_MIN_IMAGES else None
+        previous = self._manifest.faiss_sha256
+        try:
+            with self._store.transaction():
+                self._store.set_manifest(faiss_sha256=digest, faiss_previous_sha256=previous,
+                                         center=None if mean is None else [float(v) for v in mean])
+            publish(staged, self.path)
+        except BaseException:
+            discard(staged)
+            raise
+        self._manifest.faiss_sha256, self._manifest.faiss_previous_sha256 = digest, previous
+        self._manifest.center = mean
+        self._dirty = False
+
+    def rebuild(self) -> None:
+        """Rebuild the graph from the vectors in SQLite and write it."""
+        self._ann = self._build()
+        self.save()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) for the given ids that the graph holds, in the order given."""
+        return self.ann.vectors(np.asarray(ids, dtype=np.int64))
+
+    def search(self, query: np.ndarray, k: int, *, allowed: np.ndarray | None = None, ef: int | None = None,
+               exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the `k` best matches for one query vector, best first.
+
+        `allowed` (live ids, e.g. from a metadata filter) restricts the search; a very selective
+        filter, or `exact`, is answered by scanning the vectors instead of walking the graph, and a
+        filtered walk that comes back short of `k` while more images match is redone exactly.
+        """
+        query = np.asarray(query, dtype=np.float32).reshape(-1)
+        if query.shape[0] != self._manifest.dim:
+            raise ImgsimError(f"query vector has {query.shape[0]} dimensions; this index has {self._manifest.dim}")
+        if not np.isfinite(query).all() or not np.any(query):
+            raise ImgsimError("query vector must be finite and not all zeros")
+        query = normalize(query[None])[0]
+        ann = self.ann
+        if allowed is not None:
+            allowed = np.asarray(allowed, dtype=np.int64)
+            if len(allowed) == 0:
+                return np.empty(0, np.float32), np.empty(0, np.int64)
+        if exact or (allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT):
+            return self._exact(query, k, ann.live_ids() if allowed is None else allowed)
+        wanted = max(k, RERANK_CANDIDATES) if self.centred else k
+        ef = ef or self._manifest.hnsw.ef_search
+        if allowed is not None:  # the walk skips nodes outside the filter: look deeper the fewer match
+            ef = min(FILTER_EF_MAX, max(ef, int(ef * len(ann) / len(allowed))))
+        scores, ids = ann.search(query[None], wanted, ef_search=max(ef, wanted), allowed=allowed)
+        scores, ids = scores[0], ids[0]
+        keep = ids >= 0
+        scores, ids = scores[keep], ids[keep]
+        if allowed is not None and len(ids) < min(k, len(allowed)):
+            return self._exact(query, k, allowed)
+        if self.centred:
+            scores, ids = self._rescore(query, ids)
+        return scores[:k], ids[:k]
+
+    def neighbours(self, ids: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
+                   ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """For each of `ids` (held by the graph), its `k` nearest other images as (ids, scores) arrays
+        of shape (len(ids), k), scored as `search` scores (centred if the index is); -1 marks gaps.
+        One batched graph walk per call, so callers pass a few thousand ids at a time."""
+        found, queries = self.vectors(ids)
+        if len(found) != len(ids):
+            raise ImgsimError("some ids are not in the graph")
+        wanted = k + 1
+        _, near = self.ann.search(queries, wanted, ef_search=max(ef or self._manifest.hnsw.ef_search, wanted),
+                                  allowed=allowed)
+        near = np.where(near == np.asarray(ids, np.int64)[:, None], -1, near)  # an image is not its own neighbour
+        out_ids = np.full((len(ids), k), -1, np.int64)
+        out_scores = np.full((len(ids), k), -np.inf, np.float32)
+        for row, (query, candidates) in enumerate(zip(queries, near)):
+            scores, candidates = self._rescore(query, candidates[candidates >= 0])
+            out_ids[row, :len(candidates[:k])] = candidates[:k]
+            out_scores[row, :len(scores[:k])] = scores[:k]
+        return out_ids, out_scores
+
+    def _exact(self, query: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score `query` against every vector in `ids`, in chunks so memory stays small."""
+        best_scores, best_ids = np.empty(0, np.float32), np.empty(0, np.int64)
+        for start in range(0, len(ids), 8192):
+            scores, found = self._rescore(query, ids[start:start + 8192], sort=False)
+            scores, found = np.concatenate([best_scores, scores]), np.concatenate([best_ids, found])
+            top = np.argsort(-scores, kind="stable")[:k] if len(scores) > k else np.argsort(-scores, kind="stable")
+            best_scores, best_ids = scores[top], found[top]
+        return best_scores, best_ids
+
+    def _rescore(self, query: np.ndarray, ids: np.ndarray, sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of `query` against the graph's stored vectors of `ids` (centred if the index is)."""
+        found, matrix = self.ann.vectors(ids)
+        if not len(found):
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        center = self._manifest.center
+        if center is None:
+            scores = matrix @ query
+        else:
+            scores = normalize(matrix - center) @ normalize((query - center)[None])[0]
+        if not sort:
+            return scores, found
+        order = np.argsort(-scores, kind="stable")
+        return scores[order], found[order]
+
+    # -- checking ---------------------------------------------------------------------------------
+    def check_file(self) -> FileCheck:
+        """Read the FAISS file as it is on disk and compare it with the store; changes nothing."""
+        m = self._manifest
+        if not self.path.exists():
+            return FileCheck(missing=len(self._store) > 0)
+        try:
+            ann = AnnIndex.load(self.path, m.faiss_checksums, m.dim, m.hnsw)
+        except IndexCorruptError as e:
+            return FileCheck(problem=str(e))
+        graph_ids, live = ann.ids(), self._store.ids()
+        return FileCheck(lagging=len(np.setdiff1d(live, graph_ids)), dead=len(np.setdiff1d(graph_ids, live)),
+                         duplicate_ids=len(np.unique(graph_ids)) != len(graph_ids))

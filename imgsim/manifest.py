@@ -1,0 +1,118 @@
+"""The manifest: what an index says about itself (format, model, preprocessing, graph parameters,
+root folder, the FAISS file's checksums, the collection's mean). One typed place that knows its keys
+and checks them: a shipped index is untrusted input, so every value is validated on open.
+
+It is stored in SQLite as one JSON value per key (the `manifest` table, see `store.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .ann import HnswParams
+from .errors import ImgsimError, IndexCorruptError, ModelError
+from .images import Preprocess
+from .models import parse_pooling, spec_for
+
+FORMAT_VERSION = 2
+"""1: the first format. 2: metadata columns (folder, name, EXIF capture time, camera) and labels."""
+
+_REQUIRED = ("format_version", "model", "model_sha256", "dim", "preprocess", "hnsw")
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    model: str
+    model_sha256: str
+    dim: int
+    preprocess: Preprocess
+    hnsw: HnswParams
+    pooling: str = "avg"
+    metric: str = "cosine"
+    root: str | None = None
+    """The images' root folder, relative to the index files (POSIX separators)."""
+    created: float | None = None
+    faiss_sha256: str | None = None
+    faiss_previous_sha256: str | None = None
+    """The checksum before the last save: a crash between the rename and the commit leaves that file."""
+    center: np.ndarray | None = field(default=None, repr=False)
+    """The collection's mean vector, learned at each save from 200 images on (centred scores)."""
+
+    @classmethod
+    def from_stored(cls, data: dict, source: Path) -> Manifest:
+        """Validate the key/value pairs read from an index file; anything odd is `IndexCorruptError`."""
+        missing = [key for key in _REQUIRED if key not in data]
+        if missing:
+            raise IndexCorruptError(f"{source} has no {', '.join(missing)} in its manifest")
+        try:
+            manifest = cls(
+                format_version=data["format_version"],
+                model=data["model"],
+                model_sha256=data["model_sha256"],
+                dim=data["dim"],
+                preprocess=Preprocess.from_dict(data["preprocess"]),
+                hnsw=HnswParams.from_dict(data["hnsw"]),
+                pooling=data.get("pooling", "avg"),
+                metric=data.get("metric", "cosine"),
+                root=data.get("root"),
+                created=data.get("created"),
+                faiss_sha256=data.get("faiss_sha256"),
+                faiss_previous_sha256=data.get("faiss_previous_sha256"),
+                center=None if data.get("center") is None else np.asarray(data["center"], np.float32),
+            )
+            sane = manifest._sane()
+        except (KeyError, TypeError, ValueError, ModelError):
+            sane = False
+        if not sane:
+            raise IndexCorruptError(f"{source} has an invalid manifest")
+        if manifest.format_version > FORMAT_VERSION:
+            raise ImgsimError(f"{source} was written by a newer imgsim (format {manifest.format_version}): "
+                              f"upgrade imgsim to read it")
+        try:
+            spec = spec_for(manifest.model)
+        except ModelError:
+            raise ModelError(f"index {source} was made with model {manifest.model!r}, which this imgsim "
+                             f"does not know: upgrade imgsim, or re-index with a known model") from None
+        if spec.dim != manifest.dim:
+            raise IndexCorruptError(f"{source} says {manifest.model} has {manifest.dim} dimensions, not {spec.dim}")
+        return manifest
+
+    def _sane(self) -> bool:
+        h, p = self.hnsw, self.preprocess
+        parse_pooling(self.pooling)
+        checks = (
+            isinstance(self.format_version, int) and not isinstance(self.format_version, bool),
+            isinstance(self.model, str) and isinstance(self.model_sha256, str),
+            isinstance(self.dim, int) and 1 <= self.dim <= 65536,
+            2 <= h.M <= 256 and 1 <= h.ef_construction <= 4096 and 1 <= h.ef_search <= 4096,
+            isinstance(self.root, (str, type(None))),
+            16 <= p.size <= 1024 and p.size <= p.resize_to <= 2048,
+            p.resize in ("crop", "squash") and p.interpolation in ("bilinear", "bicubic"),
+            all(isinstance(v, (str, type(None))) for v in (self.faiss_sha256, self.faiss_previous_sha256)),
+            isinstance(self.created, (int, float, type(None))),
+            self.center is None or (self.center.shape == (self.dim,) and bool(np.isfinite(self.center).all())),
+        )
+        return all(checks)
+
+    def to_stored(self, *keys: str) -> dict:
+        """The JSON-ready values of `keys` (all of them by default), as the store keeps them."""
+        out = {}
+        for f in fields(self):
+            if keys and f.name not in keys:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, (Preprocess, HnswParams)):
+                value = value.to_dict()
+            elif isinstance(value, np.ndarray):
+                value = [float(v) for v in value]
+            out[f.name] = value
+        return out
+
+    @property
+    def faiss_checksums(self) -> tuple[str, ...]:
+        """The FAISS file checksums this manifest accepts: the current one, then the previous."""
+        return tuple(filter(None, (self.faiss_sha256, self.faiss_previous_sha256)))

@@ -1,0 +1,66 @@
+"""Printing records for people and programs: an aligned table (the default), JSON lines, or CSV.
+
+Every command that prints records goes through `Printer`, so `--json` and `--csv` exist wherever
+records are printed and mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterable
+
+import click
+
+
+def shown(path) -> str:
+    """A path as text that any terminal can print (file names that are not UTF-8 get U+FFFD)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(shown(v) for v in value)
+    return "" if value is None else shown(value)
+
+
+class Printer:
+    """Prints dict records as `fmt` ("table", "json" or "csv"). A table shows `columns` (in that
+    order, or as `line` makes it); JSON shows every field; CSV every field, with a header from the first record."""
+
+    def __init__(self, fmt: str, columns: Iterable[str] = (), line: Callable[[dict], str] | None = None):
+        self.fmt = fmt
+        self.columns = list(columns)
+        self.line = line
+        self._csv = None
+        self._header_done = False
+
+    def __call__(self, record: dict) -> None:
+        if self.fmt == "json":
+            click.echo(json.dumps(record, default=str, ensure_ascii=False))
+        elif self.fmt == "csv":
+            if self._csv is None:
+                self._csv = csv.DictWriter(sys.stdout, fieldnames=list(record), extrasaction="ignore",
+                                           lineterminator="\n")
+                self._csv.writeheader()
+            self._csv.writerow({k: _cell(v) if not isinstance(v, (int, float)) else v for k, v in record.items()})
+            sys.stdout.flush()
+        elif self.line is not None:
+            click.echo(self.line(record))
+        else:
+            click.echo("  ".join(_cell(record.get(c)) for c in self.columns))
+
+    def heading(self, text: str) -> None:
+        """A line for people only (such as which query the next rows belong to)."""
+        if self.fmt == "table":
+            click.echo(text)
+
+
+def format_option(f):
+    """--json / --csv, mutually exclusive; the table is the default."""
+    f = click.option("--csv", "fmt", flag_value="csv", help="CSV with a header row.")(f)
+    f = click.option("--json", "fmt", flag_value="json", help="One JSON object per line.")(f)
+    return click.option("--table", "fmt", flag_value="table", default=True, hidden=True)(f)
