@@ -16,9 +16,11 @@ from .errors import (
     ModelError,
     ReadOnlyIndexError,
 )
-from .index import Index, SearchResult, SyncReport
+from .filters import Filter
+from .index import Index, QueryOutcome, SearchResult, SyncReport
 
 __all__ = [
+    "Filter",
     "ImageError",
     "ImgsimError",
     "Index",
@@ -26,6 +28,7 @@ __all__ = [
     "IndexLockedError",
     "IndexNotFoundError",
     "ModelError",
+    "QueryOutcome",
     "ReadOnlyIndexError",
     "SearchResult",
     "SyncReport",

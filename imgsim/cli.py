@@ -246,6 +246,101 @@ def similar(image, index_path, k, min_score, exact, ef, root, html_file, fmt, **
             search_page(html_file, index, [(results[0].query if results else image, results)])
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes: 2000000, 500KB, 2MB, 1.5GiB."""
+
+    name = "size"
+    _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("kmgib")
+        unit = text[len(number):]
+        try:
+            size = float(number) * self._UNITS[unit]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size such as 500KB or 2MB", param, ctx)
+        if size < 0:
+            self.fail("a size cannot be negative", param, ctx)
+        return int(size)
+
+
+def dupe_line(group) -> str:
+    others = ", ".join(f"{shown(m['abspath'])} ({'identical' if same else f'{score:.3f}'})"
+                       for m, score, same in zip(group.members[1:], group.scores[1:], group.identical[1:]))
+    return f"{len(group.members)}  keep {shown(group.keeper['abspath'])}  ~  {others}"
+
+
+@cli.command()
+@index_option
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
+              help="Pairs scoring at least this are duplicates (default 0.90, measured; see the README).")
+@click.option("--min-size", type=ByteSize(), default=0, help="Ignore files smaller than this (e.g. 20KB).")
+@click.option("--reference", multiple=True, metavar="DIR", help="A folder of originals (relative to the index "
+              "root): its files are always the keeper and never moved. Repeat for several.")
+@click.option("--against-reference", is_flag=True, help="Only groups containing a reference file; reference "
+              "files are not compared with each other ('which of these do I already have?').")
+@click.option("--move-to", type=click.Path(file_okay=False), help="Move every non-keeper into this folder "
+              "(under its relative path). Lists the moves unless --yes. Never deletes or overwrites.")
+@click.option("--yes", is_flag=True, help="With --move-to: really move the files.")
+@filter_options
+@root_option
+@html_option
+@format_option
+@quiet_option
+def dupes(index_path, threshold, min_size, reference, against_reference, move_to, yes, root, html_file, fmt,
+          **filters):
+    """Find groups of duplicate and near-duplicate images in the whole index, one group per line:
+    the size of the group, the suggested keeper (reference folder, else most pixels, then largest
+    file, then oldest), and every other member with its score against the keeper."""
+    from .dupes import move_duplicates, plan_moves
+
+    if yes and not move_to:
+        raise click.UsageError("--yes goes with --move-to")
+    filter = make_filter(filters)
+    with Index.open(index_path, read_only=not (move_to and yes), root=root) as index:
+        with progress_bar("comparing") as on_progress:
+            groups = index.duplicates(threshold=threshold, filter=filter, reference=reference,
+                                      against_reference=against_reference, min_size=min_size,
+                                      on_progress=on_progress)
+        if fmt == "csv":
+            printer = Printer("csv")
+            for number, group in enumerate(groups, 1):
+                for member, score, same in zip(group.members, group.scores, group.identical):
+                    printer({"group": number, "keeper": member is group.keeper, "score": round(score, 6),
+                             "identical": same, "id": member["id"], "path": member["path"],
+                             "abspath": member["abspath"], "width": member["width"], "height": member["height"],
+                             "size": member["size"]})
+        else:
+            printer = Printer(fmt, line=lambda record: record["line"])
+            for group in groups:
+                printer(group.to_dict() if fmt == "json" else {"line": dupe_line(group)})
+        if html_file:
+            from .report import dupes_page
+
+            dupes_page(html_file, index, groups)
+        if not move_to:
+            warn(f"{len(groups)} groups, {sum(len(g.members) - 1 for g in groups)} duplicates")
+            return
+        moves = plan_moves(index, groups, move_to, reference)
+        if not yes:
+            for move in moves:
+                click.echo(f"would move {shown(move.source)} -> {shown(move.destination)}")
+            warn(f"{len(moves)} files would move: run again with --yes to move them")
+            return
+
+        def report(move, problem):
+            if problem:
+                warn(f"not moved {shown(move.source)}: {problem}")
+            else:
+                click.echo(f"moved {shown(move.source)} -> {shown(move.destination)}")
+
+        moved = move_duplicates(index, moves, on_move=report)
+    warn(f"moved {moved} of {len(moves)} files to {move_to}; move them back to undo")
+
+
 @cli.command("list")
 @index_option
 @filter_options

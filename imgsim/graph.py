@@ -226,6 +226,13 @@ class Graph:
             out_scores[row, :len(scores[:k])] = scores[:k]
         return out_ids, out_scores
 
+    def score_against(self, vector: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        """Scores of each row of `matrix` against `vector`, as `search` scores them."""
+        center = self._manifest.center
+        if center is None:
+            return normalize(matrix) @ normalize(vector[None])[0]
+        return normalize(matrix - center) @ normalize((vector - center)[None])[0]
+
     def _exact(self, query: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score `query` against every vector in `ids`, in chunks so memory stays small."""
         best_scores, best_ids = np.empty(0, np.float32), np.empty(0, np.int64)
@@ -241,11 +248,7 @@ class Graph:
         found, matrix = self.ann.vectors(ids)
         if not len(found):
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        center = self._manifest.center
-        if center is None:
-            scores = matrix @ query
-        else:
-            scores = normalize(matrix - center) @ normalize((query - center)[None])[0]
+        scores = self.score_against(query, matrix)
         if not sort:
             return scores, found
         order = np.argsort(-scores, kind="stable")

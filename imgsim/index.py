@@ -619,8 +619,8 @@ class Index:
         if skip is not None:
             keep = ids != skip
             scores, ids = scores[keep], ids[keep]
-        if min_score is not None:
-            keep = scores >= min_score
+        if min_score is not None:  # against the score as shown (6 decimals), so a shown score passes its own cut
+            keep = np.round(scores, 6) >= min_score
             scores, ids = scores[keep], ids[keep]
         return self._results(scores, ids, query)
 
@@ -643,21 +643,53 @@ class Index:
         """What is indexed (optionally filtered), one dict per image: its row, labels and `abspath`."""
         where, params = (filter or Filter()).where()
         batch: list[ImageRow] = []
-
-        def flush() -> Iterator[dict]:
-            labels = self._store.labels_by_id([row.id for row in batch])
-            for row in batch:
-                data = row.to_dict()
-                data["labels"] = labels.get(row.id, [])
-                data["abspath"] = str(self.resolve(row.path))
-                yield data
-            batch.clear()
-
         for row in self._store.rows_where(where, params, order=order, limit=limit):
             batch.append(row)
             if len(batch) >= 500:
-                yield from flush()
-        yield from flush()
+                yield from self._records(batch)
+                batch = []
+        yield from self._records(batch)
+
+    @_guard_database
+    def images_by_id(self, ids: Iterable[int]) -> list[dict]:
+        """The `images` records of these ids (those still indexed), in the order given."""
+        ids = [int(i) for i in ids]
+        rows = self._store.rows_by_id(ids)
+        return self._records([rows[i] for i in ids if i in rows])
+
+    def _records(self, rows: list[ImageRow]) -> list[dict]:
+        labels = self._store.labels_by_id([row.id for row in rows])
+        records = []
+        for row in rows:
+            data = row.to_dict()
+            data["labels"] = labels.get(row.id, [])
+            data["abspath"] = str(self.resolve(row.path))
+            records.append(data)
+        return records
+
+    # -- duplicates ------------------------------------------------------------------------------
+    @_guard_database
+    def duplicates(self, *, threshold: float | None = None, filter: Filter | None = None,
+                   reference: Iterable[str] = (), against_reference: bool = False, min_size: int = 0,
+                   on_progress: ProgressFn | None = None) -> list:
+        """Groups of duplicate and near-duplicate images (`DupeGroup`s, largest first); see `dupes.py`.
+        `reference` folders hold originals: always keepers, never moved."""
+        from .dupes import DEFAULT_THRESHOLD, find_duplicates
+
+        return find_duplicates(self, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, filter=filter,
+                               reference=reference, against_reference=against_reference, min_size=min_size,
+                               on_progress=on_progress)
+
+    @_guard_database
+    def forget_files(self, paths: Iterable[str | os.PathLike]) -> int:
+        """Remove the entries of these files (moved away by the caller) from the index."""
+        self._writable()
+        rows = [self._store.row_by_path(self._key(Path(os.path.abspath(p)))) for p in paths]
+        ids = [row.id for row in rows if row is not None]
+        with self._store.transaction():
+            self._store.delete(ids)
+        self.graph.forget_removed()
+        return len(ids)
 
     def rows(self) -> Iterator[ImageRow]:
         return self._store.all_rows()

@@ -288,6 +288,13 @@ class Store:
         for row in self.db.execute(sql, list(params)):
             yield _image_row(row)
 
+    def identical_groups(self, where: str = "1", params: list = ()) -> Iterator[list[int]]:
+        """Ids of rows sharing one sha256 (byte-identical files), one list per content, among matching rows."""
+        sql = (f"SELECT group_concat(id) FROM (SELECT id, sha256 FROM images WHERE {where} ORDER BY id) "
+               f"GROUP BY sha256 HAVING count(*) > 1")
+        for (ids,) in self.db.execute(sql, list(params)):
+            yield [int(i) for i in ids.split(",")]
+
     def row_by_path(self, path: str) -> ImageRow | None:
         row = self.db.execute(f"SELECT {_COLUMNS} FROM images WHERE path = ?", (_to_db(path),)).fetchone()
         return _image_row(row) if row else None

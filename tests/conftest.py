@@ -82,14 +82,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch, tiny_model_dir):
-    """Make the tiny model available to every test, and keep IMGSIM_* settings out of the tests."""
-    monkeypatch.setenv(models.MODELS_ENV, str(tiny_model_dir))
+def use_tiny_model(monkeypatch: pytest.MonkeyPatch, model_dir: Path):
+    """Register the tiny model (and nothing of the user's IMGSIM_* settings) through `monkeypatch`."""
+    monkeypatch.setenv(models.MODELS_ENV, str(model_dir))
     monkeypatch.delenv("IMGSIM_INDEX", raising=False)
     spec = tiny_spec()
     monkeypatch.setitem(models.CATALOGUE, TINY_MODEL, spec)
     return spec
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(monkeypatch, tiny_model_dir):
+    """Make the tiny model available to every test, and keep IMGSIM_* settings out of the tests."""
+    return use_tiny_model(monkeypatch, tiny_model_dir)
 
 
 @contextmanager

@@ -1,0 +1,145 @@
+"""Measure `imgsim dupes` on real pictures: which threshold joins copies and keeps different pictures apart.
+
+    python scripts/eval_data.py /tmp/evdata          # skimage photos + Tux Paint clip-art in categories
+    python scripts/eval_dupes.py /tmp/evdata         # prints the table; --json for the numbers
+
+Every original gets altered copies of the kinds people make (resized, re-encoded at low quality,
+cropped, mirrored, brightened or darkened, captioned); all of it is indexed through `Index` with
+the product's model and pipeline. A pair of images is a true duplicate pair when both come from one
+original. For each threshold the script reports, over all pairs, precision and recall of "score >=
+threshold", how many different pictures of the same category (two different apples) would be
+joined, and then runs the real grouping (`Index.duplicates`, transitive) at the default threshold and
+reports precision and recall of the pairs its groups imply. It also prints what scores mean in
+practice: the score distribution of each kind of pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_retrieval import ALTERATIONS, load_dataset, save_jpeg  # noqa: E402
+
+from imgsim import Index  # noqa: E402
+from imgsim import images as imgs  # noqa: E402
+from imgsim.dupes import DEFAULT_THRESHOLD  # noqa: E402
+from imgsim.models import BUNDLED_MODEL  # noqa: E402
+
+COPY_KINDS = ("resize", "jpeg", "crop90-75", "mirror", "brightness", "caption")
+THRESHOLDS = [round(t, 2) for t in np.arange(0.70, 0.99, 0.02)]
+
+
+def build(folder: Path, out: Path, *, seed: int, limit: int | None) -> dict[str, tuple[int, str | None, str]]:
+    """Originals and their copies under `out`; returns stored path -> (source, label, kind)."""
+    items = load_dataset(folder, limit=limit, seed=seed)
+    truth: dict[str, tuple[int, str | None, str]] = {}
+    for i, item in enumerate(items):
+        original = imgs.decode(item.path).image
+        target = out / f"{i:05d}-original{item.path.suffix.lower()}"
+        target.write_bytes(item.path.read_bytes())
+        truth[target.name] = (item.group, item.label, "original")
+        for kind in COPY_KINDS:
+            rng = np.random.default_rng([seed, i, len(kind)])
+            path = out / f"{i:05d}-{kind}.jpg"
+            save_jpeg(ALTERATIONS[kind](original, rng), path)
+            truth[path.name] = (item.group, item.label, kind)
+    return truth
+
+
+def evaluate(folder: Path, *, model: str, seed: int = 0, limit: int | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images"
+        images.mkdir()
+        truth = build(folder, images, seed=seed, limit=limit)
+        with Index.create(Path(tmp) / "idx", model=model) as index:
+            index.add(images)
+        with Index.open(Path(tmp) / "idx", read_only=True) as index:
+            rows = sorted(index.rows(), key=lambda r: r.id)
+            ids = np.asarray([r.id for r in rows])
+            found, vectors = index.graph.vectors(ids)
+            assert len(found) == len(ids)
+            scores = np.stack([index.graph.score_against(v, vectors) for v in vectors])
+            source = np.asarray([truth[r.path][0] for r in rows])
+            label = np.asarray([truth[r.path][1] or "" for r in rows])
+            kind = [truth[r.path][2] for r in rows]
+            upper = np.triu(np.ones_like(scores, dtype=bool), k=1)
+            same = (source[:, None] == source[None, :]) & upper
+            other = (~(source[:, None] == source[None, :])) & upper
+            same_label = other & (label[:, None] == label[None, :]) & (label[:, None] != "")
+            sweep = []
+            for t in THRESHOLDS:
+                hit = scores >= t
+                tp, fp = int((hit & same).sum()), int((hit & other).sum())
+                sweep.append({"threshold": t, "precision": tp / max(1, tp + fp), "recall": tp / max(1, same.sum()),
+                              "false_pairs": fp, "same_category_joined": int((hit & same_label).sum())})
+            groups = index.duplicates()
+            position = {int(i): n for n, i in enumerate(ids)}
+            group_of = np.full(len(ids), -1)
+            for number, group in enumerate(groups):
+                group_of[[position[m["id"]] for m in group.members]] = number
+            in_group = (group_of[:, None] == group_of[None, :]) & (group_of[:, None] >= 0) & upper
+            tp, fp = int((in_group & same).sum()), int((in_group & other).sum())
+            originals = [n for n, k in enumerate(kind) if k == "original"]
+            original_of = {int(source[o]): o for o in originals}
+            per_kind = {}
+            for copy_kind in COPY_KINDS:
+                copies = [n for n, k in enumerate(kind) if k == copy_kind]
+                joined = sum(1 for n in copies if group_of[n] >= 0 and group_of[n] == group_of[original_of[source[n]]])
+                per_kind[copy_kind] = joined / max(1, len(copies))
+            meaning = {}
+            copy_pairs = {k: [] for k in COPY_KINDS}
+            for n, k in enumerate(kind):
+                if k != "original":
+                    copy_pairs[k].append(scores[n, original_of[int(source[n])]])
+            for k, values in copy_pairs.items():
+                meaning[f"copy: {k}"] = np.percentile(values, [5, 50, 95]).tolist() if values else None
+            meaning["different picture, same category"] = np.percentile(scores[same_label], [5, 50, 95]).tolist() \
+                if same_label.any() else None
+            meaning["unrelated"] = np.percentile(scores[other & ~same_label], [5, 50, 95]).tolist()
+            meaning["top different-picture pair"] = float(scores[other].max())
+    return {"images": len(ids), "originals": len(originals), "true_pairs": int(same.sum()),
+            "sweep": sweep, "default_threshold": DEFAULT_THRESHOLD,
+            "grouping": {"precision": tp / max(1, tp + fp), "recall": tp / max(1, same.sum()), "false_pairs": fp,
+                         "groups": len(groups), "copies_joined_to_original": per_kind},
+            "score_meaning": meaning}
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['images']} images: {r['originals']} originals and their copies ({', '.join(COPY_KINDS)}), "
+             f"{r['true_pairs']} true duplicate pairs", "",
+             "threshold  precision  recall  false pairs  same-category pairs joined"]
+    for s in r["sweep"]:
+        lines.append(f"{s['threshold']:>9.2f}  {s['precision']:>9.3f}  {s['recall']:>6.3f}  {s['false_pairs']:>11}"
+                     f"  {s['same_category_joined']:>10}")
+    g = r["grouping"]
+    lines += ["", f"imgsim dupes at the default {r['default_threshold']}: {g['groups']} groups, pairs precision "
+                  f"{g['precision']:.3f}, recall {g['recall']:.3f}, {g['false_pairs']} false pairs",
+              "copies grouped with their original: " + ", ".join(f"{k} {v:.2f}"
+                                                                  for k, v in g["copies_joined_to_original"].items()),
+              "", "what scores mean (5th / 50th / 95th percentile):"]
+    for k, v in r["score_meaning"].items():
+        lines.append(f"  {k}: " + (" / ".join(f"{x:.2f}" for x in v) if isinstance(v, list) else f"{v:.3f}"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a folder made by scripts/eval_data.py")
+    parser.add_argument("--model", default=BUNDLED_MODEL)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, help="at most this many originals (a seeded sample)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    report = evaluate(args.folder, model=args.model, seed=args.seed, limit=args.limit)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Filters, labels, listing, search by an indexed image, and --exclude, with the tiny model: filtered
+searches must agree with an exact search followed by filtering, hostile values must match nothing."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgsim import Filter, ImgsimError, Index
+from imgsim import graph as graph_module
+
+from .conftest import TINY_MODEL, build_index, run, use_tiny_model
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, photos_master):
+    """Photos spread over folders (trips/2023, trips/2024, scans), some as PNG, one with EXIF."""
+    root = tmp_path_factory.mktemp("filters") / "library"
+    photos = photos_master
+    names = sorted(p.name for p in photos.glob("*.jpg"))
+    for i, name in enumerate(names):
+        folder = root / ("trips/2023", "trips/2024", "scans")[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        with Image.open(photos / name) as img:
+            if i % 4 == 0:
+                img.save(folder / (name[:-4] + ".png"))
+            else:
+                shutil.copy(photos / name, folder / name)
+    with Image.open(photos / names[0]) as img:  # a camera photo: EXIF capture time and model
+        exif = Image.Exif()
+        exif[0x0110] = "PhoneCam 12"
+        exif[0x010F] = "Acme"
+        exif.get_ifd(0x8769)[0x9003] = "2019:07:14 10:30:00"
+        img.save(root / "trips/2023/camera-shot.jpg", exif=exif)
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(library, tiny_model_dir):
+    path = library.parent / "idx"
+    with pytest.MonkeyPatch.context() as mp:
+        use_tiny_model(mp, tiny_model_dir)
+        with Index.create(path, model=TINY_MODEL) as idx:
+            idx.add(library, label_from_folder=True)
+    return path
+
+
+@pytest.fixture
+def index(built):
+    """The library's index, open read-only (tests that write use `writable`)."""
+    with Index.open(built, read_only=True) as idx:
+        yield idx
+
+
+@pytest.fixture
+def writable(built, request):
+    """A private copy of the library's index (beside the library, as the root is stored relative)."""
+    copy = built.with_name(request.node.name[:40])
+    for suffix in (".sqlite", ".faiss"):
+        shutil.copy(built.with_suffix(suffix), copy.with_suffix(suffix))
+    return copy
+
+
+def matching_ids(index, flt: Filter) -> set[int]:
+    return {r["id"] for r in index.images(flt)}
+
+
+def exact_then_filter(index, query, flt: Filter, k: int) -> list[int]:
+    everything = index.search(query, k=len(index), exact=True)
+    keep = matching_ids(index, flt)
+    return [r.id for r in everything if r.id in keep][:k]
+
+
+FILTERS = [
+    Filter(folders=("trips",)),
+    Filter(folders=("trips/2024",)),
+    Filter(labels=("scans",)),
+    Filter(formats=("png",)),
+    Filter(formats=("jpg",), folders=("trips/2023",)),
+    Filter(min_width=500),
+    Filter(min_width=500, min_height=400, formats=("jpeg", "png")),
+    Filter(since="2019", until="2019-12"),
+    Filter(folders=("scans",), min_width=100000),  # matches nothing
+]
+
+
+@pytest.mark.parametrize("flt", FILTERS, ids=lambda f: repr(f)[7:60])
+@pytest.mark.parametrize("graph_walk", [False, True], ids=["exact-subset", "graph-walk"])
+def test_filtered_search_agrees_with_exact_search_then_filtering(index, library, flt, graph_walk, monkeypatch):
+    if graph_walk:  # force the IDSelector walk even for selective filters
+        monkeypatch.setattr(graph_module, "EXACT_FILTER_LIMIT", 0)
+    query = next(library.rglob("*.jpg"))
+    for k in (1, 3, 50):
+        got = [r.id for r in index.search(query, k=k, filter=flt)]
+        want = exact_then_filter(index, query, flt, k)
+        assert got == want
+        assert len(got) == min(k, len(matching_ids(index, flt)))  # never short while k images match
+        assert all(i in matching_ids(index, flt) for i in got)
+
+
+def test_min_score_ef_and_exact(index, library):
+    query = next(library.rglob("*.jpg"))
+    results = index.search(query, k=len(index))
+    cut = results[3].score
+    assert [r.id for r in index.search(query, k=len(index), min_score=cut)] == [r.id for r in results[:4]]
+    assert [r.id for r in index.search(query, k=5, exact=True)] == [r.id for r in results[:5]]
+    assert [r.id for r in index.search(query, k=5, ef=5)][0] == results[0].id
+
+
+HOSTILE = ["' OR 1=1 --", "%", "_", "*", "trips%", "trips/_0_3", "\"; DROP TABLE images; --", "..", "../..",
+           "trips/2023' OR 'a'='a", "\\", "\x00", "scans/../trips"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_filter_values_match_nothing_and_break_nothing(index, library, value):
+    count = len(index)
+    query = next(library.rglob("*.jpg"))
+    for flt in (Filter(folders=(value,)), Filter(labels=(value,)), Filter(formats=(value,))):
+        if flt.folders == ("",):  # "..", "\\" and the like normalise to the root: everything, which is right
+            continue
+        assert index.search(query, k=5, filter=flt) == []
+        assert list(index.images(flt)) == []
+    assert len(index) == count and index.verify().ok
+    result = run("search", query, "--index", index.sqlite_path, "--folder", value, "--label", value, "--json")
+    assert result.exit_code == 0 and result.stdout == ""
+
+
+def test_bad_filter_values_are_clear_errors(index, library):
+    for kwargs, message in [({"since": "yesterday"}, "not a date"), ({"until": "2024-13"}, "not a date"),
+                            ({"min_width": -1}, "min-width"), ({"labels": ("",)}, "label")]:
+        with pytest.raises(ImgsimError, match=message):
+            Filter(**kwargs)
+    result = run("search", next(library.rglob("*.jpg")), "--index", index.sqlite_path, "--since", "last week")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: not a date: 'last week'")
+
+
+def test_metadata_is_stored_and_listed(index, library):
+    records = {r["path"]: r for r in index.images()}
+    shot = records["trips/2023/camera-shot.jpg"]
+    assert (shot["folder"], shot["name"], shot["taken"], shot["camera"]) == \
+        ("trips/2023", "camera-shot.jpg", "2019-07-14T10:30:00", "Acme PhoneCam 12")
+    assert shot["date"] == "2019-07-14T10:30:00" and shot["labels"] == ["2023"]
+    other = next(r for p, r in records.items() if p.startswith("scans/"))
+    assert other["taken"] is None and other["date"][:4] >= "2024" and other["labels"] == ["scans"]
+    assert {r["format"] for r in records.values()} == {"JPEG", "PNG"}
+
+    listed = run("list", "--index", index.sqlite_path, "--folder", "trips/2023", "--json")
+    paths = [json.loads(line)["path"] for line in listed.stdout.splitlines()]
+    assert paths == sorted(p for p in records if p.startswith("trips/2023/"))
+    table = run("list", "--index", index.sqlite_path, "--format", "png", "--csv")
+    rows = list(csv.DictReader(io.StringIO(table.stdout)))
+    assert rows and all(r["format"] == "PNG" for r in rows) and {"id", "path", "abspath", "labels"} <= set(rows[0])
+    plain = run("list", "--index", index.sqlite_path, "--since", "2019-07-14", "--until", "2019-07-14")
+    assert plain.stdout.strip().endswith("trips/2023/camera-shot.jpg") and len(plain.stdout.splitlines()) == 1
+
+
+def test_labels_are_added_and_removed_and_filter(writable, library):
+    path = writable
+    assert run("label", library / "scans", "--add", "paper", "--index", path).stdout.startswith("labelled ")
+    assert run("label", "trips/2024", "--add", "paper", "--add", "keep", "--index", path).exit_code == 0
+    with Index.open(path, read_only=True) as idx:
+        paper = matching_ids(idx, Filter(labels=("paper",)))
+        assert paper == matching_ids(idx, Filter(folders=("scans", "trips/2024")))
+    first = next(iter(sorted(paper)))
+    assert run("label", str(first), "--remove", "paper", "--index", path).exit_code == 0
+    with Index.open(path, read_only=True) as idx:
+        assert matching_ids(idx, Filter(labels=("paper",))) == paper - {first}
+        assert matching_ids(idx, Filter(labels=("keep",))) == matching_ids(idx, Filter(folders=("trips/2024",)))
+    missing = run("label", "nowhere.jpg", "--add", "x", "--index", path)
+    assert missing.exit_code == 1 and "not in this index" in missing.stderr
+    assert run("label", "scans", "--index", path).exit_code == 2  # neither --add nor --remove
+
+
+def test_similar_uses_the_stored_vector_and_leaves_the_image_out(index, library):
+    target = next(r for r in index.rows() if r.path.endswith(".jpg"))
+    by_path = index.similar(target.path, k=4)
+    by_id = index.similar(target.id, k=4)
+    by_file = index.similar(index.resolve(target.path), k=4)
+    searched = [r for r in index.search(index.resolve(target.path), k=5) if r.id != target.id][:4]
+    assert [r.id for r in by_path] == [r.id for r in by_id] == [r.id for r in by_file] == [r.id for r in searched]
+    assert target.id not in [r.id for r in by_path] and [r.rank for r in by_path] == [1, 2, 3, 4]
+    filtered = index.similar(target.id, k=3, filter=Filter(formats=("png",)))
+    assert filtered and all(r.format == "PNG" for r in filtered)
+    cli = run("similar", str(target.id), "--index", index.sqlite_path, "-k", "4", "--json")
+    assert [json.loads(line)["id"] for line in cli.stdout.splitlines()] == [r.id for r in by_path]
+    bad = run("similar", "999999", "--index", index.sqlite_path)
+    assert bad.exit_code == 1 and bad.stderr == "Error: no image with id 999999 in this index\n"
+
+
+def test_search_a_folder_of_queries(index, library, tmp_path):
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for path in list(library.rglob("*.jpg"))[:3]:
+        shutil.copy(path, queries / path.name)
+    result = run("search", queries, "--index", index.sqlite_path, "-k", "2", "--json")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 0 and len(lines) == 6
+    assert {line["query"] for line in lines} == {str(p) for p in queries.iterdir()}
+    assert all(line["score"] == pytest.approx(1.0, abs=1e-4) for line in lines if line["rank"] == 1)
+
+
+def test_exclude_skips_matching_files_and_folders(tmp_path, library):
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+        index.sync(library, exclude=["*.png", "scans"])
+        paths = [r.path for r in index.rows()]
+        assert paths and not any(p.endswith(".png") or p.startswith("scans/") for p in paths)
+        index.sync(library)  # without the exclusions everything comes in
+        assert len(index) == sum(1 for p in library.rglob("*") if p.is_file())
+        report = index.sync(library, exclude=["trips/2024/*"])  # now excluded: removed, as a sync should
+        assert report.removed == sum(1 for _ in (library / "trips/2024").iterdir())
+    result = run("index", library, "--index", tmp_path / "cli", "--model", TINY_MODEL, "--exclude", "*.png", "--json")
+    assert json.loads(result.stdout)["added"] == sum(1 for p in library.rglob("*.jpg"))
+
+
+def test_old_index_is_migrated_with_its_metadata(tmp_path, photos):
+    """An index made before metadata columns existed gains folder, name and date when opened for writing."""
+    import sqlite3
+
+    build_index(tmp_path / "idx", photos)
+    conn = sqlite3.connect(tmp_path / "idx.sqlite")
+    conn.executescript("""
+        DROP TABLE labels; DROP INDEX images_folder; DROP INDEX images_format; DROP INDEX images_date;
+        ALTER TABLE images DROP COLUMN folder; ALTER TABLE images DROP COLUMN name;
+        ALTER TABLE images DROP COLUMN taken; ALTER TABLE images DROP COLUMN camera;
+        ALTER TABLE images DROP COLUMN date;
+        DELETE FROM _sqlite_migrations WHERE name = '002_metadata_and_labels';
+        UPDATE manifest SET value = '1' WHERE key = 'format_version';
+    """)
+    conn.commit()
+    conn.close()
+    with pytest.raises(ImgsimError, match="older format"):
+        Index.open(tmp_path / "idx", read_only=True)
+    with Index.open(tmp_path / "idx") as index:
+        records = list(index.images())
+        assert index.info()["format_version"] == 2
+    assert all(r["name"] == r["path"] and r["folder"] == "" and r["date"] for r in records)
+    assert len(records) == len(os.listdir(photos)) and np.all([r["labels"] == [] for r in records])
