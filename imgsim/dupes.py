@@ -30,7 +30,12 @@ see "Duplicates" in README.md for the precision and recall of pairs at each thre
 NEIGHBOURS = 8
 """How many nearest neighbours of each image are looked at."""
 
-BATCH = 2048
+BATCH = 1024
+"""Images whose neighbours are looked up in one graph walk (bounded memory: ~BATCH x NEIGHBOURS vectors)."""
+
+DUPES_EF = 48
+"""Graph search depth for duplicate finding: near-copies are each other's nearest neighbours, so a
+shallow walk finds them (measured in scripts/bench_dupes.py against an exact scan)."""
 
 
 @dataclass
@@ -119,7 +124,7 @@ def find_duplicates(index, *, threshold: float = DEFAULT_THRESHOLD, filter: Filt
     allowed = None if len(targets) == len(graph_ids) else targets
     for start in range(0, len(queries), BATCH):
         batch = queries[start:start + BATCH]
-        near, scores = graph.neighbours(batch, NEIGHBOURS, allowed=allowed)
+        near, scores = graph.neighbours(batch, NEIGHBOURS, allowed=allowed, ef=DUPES_EF)
         rows, cols = np.nonzero((scores >= threshold) & (near >= 0))
         for a, b in zip(batch[rows].tolist(), near[rows, cols].tolist()):
             uf.union(a, b)

@@ -128,9 +128,15 @@ class Graph:
 
     # -- changes ----------------------------------------------------------------------------------
     def add(self, ids, vectors: np.ndarray) -> None:
-        """Add vectors whose rows were just committed to the store."""
-        if len(ids):
-            self.ann.add(np.asarray(ids, dtype=np.int64), np.asarray(vectors))
+        """Add vectors whose rows were just committed to the store. Ids the graph already holds (it
+        loaded them from the store when first used) are not added twice."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
+        ann = self.ann
+        fresh = ids > ann.max_id()  # ids only grow: anything at or below the largest is already in
+        if fresh.any():
+            ann.add(ids[fresh], np.asarray(vectors)[fresh])
             self._dirty = True
 
     def forget_removed(self) -> None:
@@ -209,22 +215,34 @@ class Graph:
     def neighbours(self, ids: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
                    ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For each of `ids` (held by the graph), its `k` nearest other images as (ids, scores) arrays
-        of shape (len(ids), k), scored as `search` scores (centred if the index is); -1 marks gaps.
-        One batched graph walk per call, so callers pass a few thousand ids at a time."""
+        of shape (len(ids), k), best first, scored exactly as `search` scores (centred if the index is);
+        -1 marks gaps. One batched graph walk per call, so callers pass a thousand or so ids at a time."""
+        ids = np.asarray(ids, dtype=np.int64)
         found, queries = self.vectors(ids)
         if len(found) != len(ids):
             raise ImgsimError("some ids are not in the graph")
         wanted = k + 1
         _, near = self.ann.search(queries, wanted, ef_search=max(ef or self._manifest.hnsw.ef_search, wanted),
                                   allowed=allowed)
-        near = np.where(near == np.asarray(ids, np.int64)[:, None], -1, near)  # an image is not its own neighbour
-        out_ids = np.full((len(ids), k), -1, np.int64)
-        out_scores = np.full((len(ids), k), -np.inf, np.float32)
-        for row, (query, candidates) in enumerate(zip(queries, near)):
-            scores, candidates = self._rescore(query, candidates[candidates >= 0])
-            out_ids[row, :len(candidates[:k])] = candidates[:k]
-            out_scores[row, :len(scores[:k])] = scores[:k]
+        valid = (near >= 0) & (near != ids[:, None])  # an image is not its own neighbour
+        rows, cols = np.nonzero(valid)
+        _, others = self.vectors(near[rows, cols])
+        scores = np.full(near.shape, -np.inf, np.float32)
+        scores[rows, cols] = self._pair_scores(queries[rows], others)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out_scores = np.take_along_axis(scores, order, axis=1)
+        out_ids = np.where(np.isfinite(out_scores), np.take_along_axis(near, order, axis=1), -1)
         return out_ids, out_scores
+
+    def _pair_scores(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Row-wise scores of two equally long stacks of vectors, as `score_against` scores them,
+        from dot products alone (no centred copies of the stacks are made)."""
+        ab, aa, bb = (np.einsum("ij,ij->i", x, y) for x, y in ((a, b), (a, a), (b, b)))
+        center = self._manifest.center
+        if center is not None:
+            ac, bc, cc = a @ center, b @ center, float(center @ center)
+            ab, aa, bb = ab - ac - bc + cc, aa - 2 * ac + cc, bb - 2 * bc + cc
+        return ab / np.sqrt(np.maximum(aa * bb, 1e-24))
 
     def score_against(self, vector: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         """Scores of each row of `matrix` against `vector`, as `search` scores them."""
