@@ -25,7 +25,7 @@ from .lock import WriterLock
 from .images import Preprocess
 from .models import Model, default_model, normalize, parse_pooling, spec_for
 from .pipeline import embed_files
-from .store import FORMAT_VERSION, NewImage, Store
+from .store import FORMAT_VERSION, ImageRow, NewImage, Store
 from .sync import Plan, is_under, plan_sync
 
 log = logging.getLogger("imgsim")
@@ -574,3 +574,13 @@ class Index:
 
     def rows(self) -> Iterator:
         return self._store.all_rows()
+
+    # -- one image by id (used by `imgsim serve`) ------------------------------------------------
+    def image(self, image_id: int) -> ImageRow | None:
+        """What the index holds about the image with this id (a `SearchResult.id`), or None."""
+        return self._store.rows_by_id([image_id]).get(image_id)
+
+    def vector(self, image_id: int) -> np.ndarray | None:
+        """The stored embedding of the image with this id, or None: search with it to find the
+        images similar to an indexed one without decoding or embedding it again."""
+        return self._store.vectors_by_id([image_id], self._manifest["dim"]).get(image_id)
