@@ -65,7 +65,7 @@ class AccessControl:
         if refusal is not None:
             status, message, extra = refusal
             return await _send_json(send, status, {"error": message}, extra)
-        if self.token and path == "/" and self._query_token(scope) is not None:
+        if self.token and path == "/" and self._matches(self._query_token(scope)):
             # `/?token=...`: keep the token in a cookie and drop it from the address bar.
             cookie = f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
             return await _send(send, 303, b"", [(b"location", b"/"), (b"set-cookie", cookie.encode("latin-1"))])
@@ -85,7 +85,7 @@ class AccessControl:
             offered = [self._bearer(headers), self._cookie(headers)]
             if scope.get("path") == "/":
                 offered.append(self._query_token(scope))
-            if any(t is not None and hmac.compare_digest(t.encode(), self.token.encode()) for t in offered):
+            if any(self._matches(t) for t in offered):
                 return None
             return 401, "this server needs its token: send `Authorization: Bearer TOKEN`, or open /?token=TOKEN " \
                         "in a browser", [(b"www-authenticate", b"Bearer")]
@@ -96,6 +96,9 @@ class AccessControl:
         if not is_loopback(host_name(headers.get("host", ""))):
             return 403, "unexpected Host header: open the page as http://127.0.0.1:PORT/ or http://localhost:PORT/", []
         return None
+
+    def _matches(self, offered: str | None) -> bool:
+        return offered is not None and hmac.compare_digest(offered.encode(), self.token.encode())
 
     @staticmethod
     def _bearer(headers: dict[str, str]) -> str | None:

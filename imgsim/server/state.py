@@ -30,12 +30,16 @@ Signature = tuple
 
 def files_signature(path: str | os.PathLike) -> Signature:
     """What changes when a writer publishes a new state: the FAISS file is replaced by a rename
-    (new inode) after the manifest commit, and a re-created index is a new SQLite file."""
+    (a new inode) once per `imgsim index` run, after the manifest commit that describes it; a
+    re-created index is a new SQLite file. The SQLite file's own size and time change at every
+    commit and checkpoint, which would reload mid-run for nothing: rows (paths after a move,
+    removals) are read from SQLite at each search anyway."""
+    faiss_file, sqlite_file = index_files(path)
     parts = []
-    for file in index_files(path):
+    for file, fields in ((faiss_file, ("st_dev", "st_ino", "st_size", "st_mtime_ns")), (sqlite_file, ("st_dev", "st_ino"))):
         try:
             st = os.stat(file)
-            parts.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+            parts.append(tuple(getattr(st, name) for name in fields))
         except OSError:
             parts.append(None)
     return tuple(parts)
