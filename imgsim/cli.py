@@ -272,7 +272,7 @@ def models_add(name, file, url, sha256):
 @root_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but a loopback address needs --token.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--token", envvar="IMGSIM_TOKEN", show_envvar=True, default=None,
               help="Secret every request must carry (Authorization: Bearer TOKEN, or open /?token=TOKEN once).")
 @click.option("--cors", multiple=True, metavar="ORIGIN", help="Let web pages from ORIGIN call the API (repeatable).")

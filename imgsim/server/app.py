@@ -220,7 +220,7 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
             opened.file.close()
             return Response(status_code=304, headers=headers)
         headers["Content-Length"] = str(opened.size)
-        return StreamingResponse(stream(opened.file), media_type=opened.media_type, headers=headers)
+        return StreamingResponse(stream(opened.file, opened.size), media_type=opened.media_type, headers=headers)
 
     @app.get("/thumbs/{image_id}", summary="A small JPEG of an indexed image (cached, with an ETag)",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
@@ -296,7 +296,7 @@ def run(settings: ServeSettings, quiet: bool = False) -> None:
         count = len(gen.index)
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("serving %s (%d images) at http://%s:%d/%s", settings.index, count, shown_host, settings.port,
-             f"?token={settings.token}" if settings.token else "")
+             " (browsers: open /?token=TOKEN once)" if settings.token else "")
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port,
         proxy_headers=False,  # never take the client's address from X-Forwarded-For: loopback checks rely on it

@@ -71,9 +71,12 @@ def open_indexed(path: os.PathLike, image_id: int) -> Opened:
         raise
 
 
-def stream(file: io.BufferedReader, chunk: int = 256 * 1024):
+def stream(file: io.BufferedReader, size: int, chunk: int = 256 * 1024):
+    """The first `size` bytes of an open file (its size when opened: the Content-Length sent)."""
     try:
-        while data := file.read(chunk):
+        left = size
+        while left > 0 and (data := file.read(min(chunk, left))):
+            left -= len(data)
             yield data
     finally:
         file.close()
