@@ -341,12 +341,14 @@ def test_unsafe_settings_are_refused(tiny_index):
 def test_cross_origin_access_only_for_named_origins(tiny_index, client):
     origin = {"Origin": "http://elsewhere.example"}
     assert "access-control-allow-origin" not in client.get("/info", headers=origin).headers
+    assert client.get("/thumbs/1").headers["cross-origin-resource-policy"] == "same-origin"
     with make_client(tiny_index, cors=("http://app.example",)) as c:
         allowed = c.get("/info", headers={"Origin": "http://app.example"})
         assert allowed.headers["access-control-allow-origin"] == "http://app.example"
         assert "access-control-allow-origin" not in c.get("/info", headers=origin).headers
         preflight = c.options("/search", headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
         assert preflight.status_code == 200
+        assert c.get("/thumbs/1").headers["cross-origin-resource-policy"] == "cross-origin"
 
 
 def test_page_docs_info_and_security_headers(client, photos):

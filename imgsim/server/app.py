@@ -175,7 +175,7 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
                               "images. The web page is at `/`.")
     app.state.api = api
     install_error_handlers(app)
-    app.add_middleware(AccessControl, token=settings.token)
+    app.add_middleware(AccessControl, token=settings.token, cross_origin=bool(settings.cors))
     if settings.cors:
         # Outermost, so that a browser's preflight (which never carries the token) is answered here.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors), allow_methods=["GET", "POST"],

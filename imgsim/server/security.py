@@ -52,9 +52,12 @@ def host_name(header: str) -> str:
 class AccessControl:
     """ASGI middleware enforcing the rules above."""
 
-    def __init__(self, app, token: str | None):
+    def __init__(self, app, token: str | None, cross_origin: bool = False):
         self.app = app
         self.token = token or None
+        # Unless --cors names other origins, pages elsewhere may not even embed the thumbnails.
+        policy = b"cross-origin" if cross_origin else b"same-origin"
+        self.headers = [*SECURITY_HEADERS, (b"cross-origin-resource-policy", policy)]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -75,7 +78,7 @@ class AccessControl:
                 message = dict(message)
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 message["headers"] = list(message.get("headers", [])) + [
-                    h for h in SECURITY_HEADERS if h[0] not in present]
+                    h for h in self.headers if h[0] not in present]
             await send(message)
 
         return await self.app(scope, receive, send_with_headers)
