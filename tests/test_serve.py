@@ -363,6 +363,9 @@ def test_page_docs_info_and_security_headers(client, photos):
     schema = client.get("/openapi.json").json()
     assert {"/search", "/similar/{image_id}", "/images/{image_id}", "/thumbs/{image_id}", "/dupes", "/info",
             "/health"} <= set(schema["paths"])
+    documented = set(schema["components"]["schemas"]["Result"]["properties"])
+    assert documented == set(upload(client, (photos / "coffee.jpg").read_bytes()).json()["results"][0])
+    assert "HTTPValidationError" not in json.dumps(schema["paths"])  # errors are documented as {"error": ...}
     params = {p["name"] for p in schema["paths"]["/search"]["post"]["parameters"]}
     assert {"limit", "k", "folder", "label", "format", "min_width", "since", "until", "min_score"} <= params
     info = client.get("/info").json()

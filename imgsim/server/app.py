@@ -25,6 +25,7 @@ from ..models import available_cpus
 from .errors import ApiError, install_error_handlers
 from .files import Thumbnails, open_indexed, stream
 from .filters import search_filters, supported_filters
+from .schema import SearchAnswer, errors
 from .security import AccessControl, is_loopback
 from .state import SharedIndex
 from .uploads import UPLOAD_FIELD, decode_upload, image_from_body, read_body
@@ -181,7 +182,9 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
 
-    @app.post("/search", summary="The indexed images most similar to an uploaded one", openapi_extra={
+    @app.post("/search", summary="The indexed images most similar to an uploaded one", response_model=None,
+              responses={200: {"model": SearchAnswer}, **errors(400, 401, 403, 408, 413, 415, 422, 501, 503)},
+              openapi_extra={
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": [UPLOAD_FIELD],
             "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary"}}}}}}})
@@ -199,7 +202,8 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
         answer["took_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return answer
 
-    @app.get("/similar/{image_id}", summary="The indexed images most similar to an indexed one")
+    @app.get("/similar/{image_id}", summary="The indexed images most similar to an indexed one", response_model=None,
+             responses={200: {"model": SearchAnswer}, **errors(401, 403, 404, 422, 501, 503)})
     async def similar(image_id: int = IMAGE_ID, limit: int | None = LIMIT, k: int | None = K,
                       filters: dict = Depends(search_filters)):
         """Searches with the stored vector (nothing is decoded or embedded again); the image itself
@@ -210,7 +214,7 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
         return answer
 
     @app.get("/images/{image_id}", summary="The original file of an indexed image",
-             response_class=Response, responses={200: {"content": {"image/*": {}}}})
+             response_class=Response, responses={200: {"content": {"image/*": {}}}, **errors(401, 403, 404, 422)})
     async def image(request: Request, image_id: int = IMAGE_ID):
         path, stored = await api.run(api.thumb_slots, api.locate, image_id)
         opened = await anyio.to_thread.run_sync(open_indexed, path, image_id)
@@ -223,7 +227,7 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
         return StreamingResponse(stream(opened.file, opened.size), media_type=opened.media_type, headers=headers)
 
     @app.get("/thumbs/{image_id}", summary="A small JPEG of an indexed image (cached, with an ETag)",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **errors(401, 403, 404, 422)})
     async def thumb(request: Request, image_id: int = IMAGE_ID):
         path, _ = await api.run(api.thumb_slots, api.locate, image_id)
         etag = await anyio.to_thread.run_sync(api.thumbs.identity, path, image_id)
@@ -234,7 +238,7 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
         return Response(data, media_type="image/jpeg", headers=headers)
 
     @app.get("/dupes", summary="Groups of near-duplicate images (not available yet)",
-             responses={501: {"description": "This imgsim has no duplicate finder yet"}})
+             responses=errors(401, 403, 501))
     async def dupes():
         """Will list the groups of `imgsim dupes`: not available in this version."""
         raise ApiError(501, "this imgsim cannot group duplicates yet (`imgsim dupes`): upgrade imgsim")
