@@ -240,7 +240,8 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
     @app.get("/dupes", summary="Groups of near-duplicate images (not available yet)",
              responses=errors(401, 403, 501))
     async def dupes():
-        """Will list the groups of `imgsim dupes`: not available in this version."""
+        """Will list the groups of `imgsim dupes`: not available in this version. The page expects
+        `{"groups": [{"keeper": id, "members": [result, ...]}]}`, members shaped like /search results."""
         raise ApiError(501, "this imgsim cannot group duplicates yet (`imgsim dupes`): upgrade imgsim")
 
     @app.get("/info", summary="The index: count, model, parameters; and what this server supports")

@@ -115,6 +115,9 @@ function render(answer, name) {
 }
 
 // -- duplicates ------------------------------------------------------------------------------------
+// GET /dupes answers 501 until imgsim groups duplicates. The page expects
+// {"groups": [{"keeper": ID, "members": [RESULT, ...]}]}, each RESULT shaped like a /search result
+// (id, path, score against the keeper, width, height, format, thumb_url, image_url).
 async function showDupes() {
   const box = $("groups");
   box.replaceChildren();
