@@ -478,6 +478,39 @@ def models_add(name, file, url, sha256):
     click.echo(f"installed {name} at {path}")
 
 
+@cli.command()
+@index_option
+@root_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but a loopback address needs --token.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token", envvar="IMGSIM_TOKEN", show_envvar=True, default=None,
+              help="Secret every request must carry (Authorization: Bearer TOKEN, or open /?token=TOKEN once).")
+@click.option("--cors", multiple=True, metavar="ORIGIN", help="Let web pages from ORIGIN call the API (repeatable).")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0.001),
+              help="Largest accepted upload.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(1),
+              help="Refuse uploads whose header claims more pixels (decompression bombs).")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds an upload may take to arrive, and a request may wait for a worker.")
+@click.pass_obj
+def serve(obj, index_path, root, host, port, token, cors, max_upload_mb, max_pixels, timeout):
+    """Search the index from a web page at http://127.0.0.1:8000/ and over HTTP (POST /search, /docs).
+
+    Needs the serve extra: pip install 'imgsim[serve]'. Follows `imgsim index` runs without a restart.
+    """
+    try:
+        from .server import ServeSettings, run as run_server
+    except ImportError as e:
+        if e.name and e.name.split(".")[0] in ("fastapi", "starlette", "uvicorn", "python_multipart", "anyio"):
+            raise click.ClickException(f"imgsim serve needs the serve extra ({e.name} is missing): "
+                                       f"pip install 'imgsim[serve]'") from None
+        raise
+    run_server(ServeSettings(index=index_path, root=root, host=host, port=port, token=token, cors=tuple(cors),
+                             max_upload_bytes=int(max_upload_mb * 1_000_000), max_pixels=max_pixels,
+                             timeout=timeout), quiet=obj["quiet"])
+
+
 def main() -> None:
     cli(prog_name="imgsim")
 

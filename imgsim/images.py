@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -177,10 +178,16 @@ def decode(path: str | os.PathLike, min_side: int = 0, max_pixels: int = DEFAULT
         raise ImageError(e.strerror or str(e)) from None
     if not stat.S_ISREG(mode):
         raise ImageError("not a regular file")
+    return decode_stream(path, min_side, max_pixels)
+
+
+def decode_stream(source: str | BinaryIO, min_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """`decode` for a path already checked, or for a binary file object such as an upload held in
+    memory (`io.BytesIO`). The format is found from the content, never from a name."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageError(f"{width}x{height} pixels is over the limit of {max_pixels:,}")

@@ -741,3 +741,15 @@ class Index:
     def store(self) -> Store:
         """The SQLite side (for `verify` and exporters; most callers want the methods above)."""
         return self._store
+
+    # -- one image by id (used by `imgsim serve`) ------------------------------------------------
+    @_guard_database
+    def image(self, image_id: int) -> ImageRow | None:
+        """What the index holds about the image with this id (a `SearchResult.id`), or None."""
+        return self._store.rows_by_id([image_id]).get(image_id)
+
+    @_guard_database
+    def vector(self, image_id: int) -> np.ndarray | None:
+        """The stored embedding of the image with this id, or None: search with it to find the
+        images similar to an indexed one without decoding or embedding it again."""
+        return self._store.vectors_by_id([image_id], self._manifest.dim).get(image_id)
