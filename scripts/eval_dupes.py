@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,14 @@ COPY_KINDS = tuple(COPIES)
 THRESHOLDS = [round(t, 2) for t in np.arange(0.70, 0.99, 0.02)]
 
 
-def build(folder: Path, out: Path, *, seed: int, limit: int | None) -> dict[str, tuple[int, str | None, str]]:
+def build(folder: Path, out: Path, *, seed: int, limit: int | None,
+          photos: Path | None = None) -> dict[str, tuple[int, str | None, str]]:
     """Originals and their copies under `out`; returns stored path -> (source, label, kind)."""
     items = load_dataset(folder, limit=limit, seed=seed)
+    if photos is not None:  # more real photos, each its own category (wallpapers, a holiday folder...)
+        extra = load_dataset(photos, seed=seed)
+        offset = 1 + max((item.group for item in items), default=0)
+        items += [replace(item, label=f"photo-{item.key}", group=item.group + offset) for item in extra]
     truth: dict[str, tuple[int, str | None, str]] = {}
     for i, item in enumerate(items):
         original = imgs.decode(item.path).image
@@ -81,11 +87,11 @@ def build(folder: Path, out: Path, *, seed: int, limit: int | None) -> dict[str,
     return truth
 
 
-def evaluate(folder: Path, *, model: str, seed: int = 0, limit: int | None = None) -> dict:
+def evaluate(folder: Path, *, model: str, seed: int = 0, limit: int | None = None, photos: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "images"
         images.mkdir()
-        truth = build(folder, images, seed=seed, limit=limit)
+        truth = build(folder, images, seed=seed, limit=limit, photos=photos)
         with Index.create(Path(tmp) / "idx", model=model) as index:
             index.add(images)
         with Index.open(Path(tmp) / "idx", read_only=True) as index:
@@ -101,7 +107,7 @@ def evaluate(folder: Path, *, model: str, seed: int = 0, limit: int | None = Non
             same = (source[:, None] == source[None, :]) & upper
             other = (~(source[:, None] == source[None, :])) & upper
             same_label = other & (label[:, None] == label[None, :]) & (label[:, None] != "")
-            photo = label == ""  # scikit-image's photos carry no label; the clip-art does
+            photo = np.char.startswith(label.astype(str), "photo")  # eval_data.py's photo-NAME folders; --photos
             sets = {"all": np.ones_like(same), "photos": photo[:, None] & photo[None, :],
                     "clip-art": ~photo[:, None] & ~photo[None, :]}
             sweep = []
@@ -171,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=BUNDLED_MODEL)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, help="at most this many originals (a seeded sample)")
+    parser.add_argument("--photos", type=Path, help="a folder of more real photos to add as originals "
+                        "(each its own category), e.g. /usr/share/backgrounds from Debian's gnome-backgrounds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    report = evaluate(args.folder, model=args.model, seed=args.seed, limit=args.limit)
+    report = evaluate(args.folder, model=args.model, seed=args.seed, limit=args.limit, photos=args.photos)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
