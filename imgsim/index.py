@@ -184,7 +184,8 @@ class Index:
         if sqlite_path.exists():
             raise ImgsimError(f"an index already exists at {sqlite_path}: open it instead, or delete it first")
         if not sqlite_path.parent.is_dir():
-            raise IndexNotFoundError(f"cannot create index {path}: its folder {sqlite_path.parent} does not exist")
+            raise IndexNotFoundError(f"cannot create index {path}: the index folder {sqlite_path.parent} "
+                                     f"does not exist")
         if model is None:
             model, why = default_model()
             log.info("model: %s (%s)", model, why)
@@ -217,6 +218,9 @@ class Index:
         if not sqlite_path.exists():
             raise IndexNotFoundError(f"no index at {path} ({sqlite_path.name} not found): "
                                      f"create one with `imgsim index FOLDER --index {path}`")
+        if root is not None and not Path(os.path.expanduser(os.fspath(root))).is_dir():
+            raise ImgsimError(f"root folder {os.fspath(root)} does not exist: give the folder the indexed images "
+                              f"are in now")
         lock = None if read_only else WriterLock.acquire(sqlite_path)
         try:
             store = Store.open(sqlite_path, read_only=read_only)
