@@ -30,7 +30,7 @@ from .errors import (
     IndexNotFoundError,
     ReadOnlyIndexError,
 )
-from .files import discard, leftover_stages
+from .files import discard, leftover_stages, why_not_writable
 from .filters import Filter
 from .graph import Graph
 from .lock import WriterLock
@@ -69,6 +69,16 @@ def _link_new(source: Path, destination: Path) -> None:
         if destination.exists():
             raise ImgsimError(f"an index already exists at {destination}") from None
         os.replace(source, destination)
+
+
+def _refuse_unwritable(path, sqlite_path: Path) -> None:
+    """Refuse to open for writing an index whose folder or file cannot be written (a read-only
+    medium, another user's folder), saying so, rather than failing later in SQLite or the lock."""
+    for what, target in (("the folder", sqlite_path.parent), ("the file", sqlite_path)):
+        why = why_not_writable(target)
+        if why:
+            raise ReadOnlyIndexError(f"cannot write to index {path}: {what} {target} {why}; it can still be "
+                                     f"searched (read-only)")
 
 
 def _guard_database(method):
@@ -186,6 +196,10 @@ class Index:
         if not sqlite_path.parent.is_dir():
             raise IndexNotFoundError(f"cannot create index {path}: the index folder {sqlite_path.parent} "
                                      f"does not exist")
+        unwritable = why_not_writable(sqlite_path.parent)
+        if unwritable:
+            raise ReadOnlyIndexError(f"cannot create index {path}: the folder {sqlite_path.parent} {unwritable}; "
+                                     f"create it somewhere writable (indexes already there can still be searched)")
         if model is None:
             model, why = default_model()
             log.info("model: %s (%s)", model, why)
@@ -221,6 +235,8 @@ class Index:
         if root is not None and not Path(os.path.expanduser(os.fspath(root))).is_dir():
             raise ImgsimError(f"root folder {os.fspath(root)} does not exist: give the folder the indexed images "
                               f"are in now")
+        if not read_only:
+            _refuse_unwritable(path, sqlite_path)
         lock = None if read_only else WriterLock.acquire(sqlite_path)
         try:
             store = Store.open(sqlite_path, read_only=read_only)
