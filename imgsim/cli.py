@@ -21,13 +21,17 @@ INDEX_HELP = "Index name: NAME.faiss and NAME.sqlite. Default: $IMGSIM_INDEX, el
 
 
 class ImgsimGroup(click.Group):
-    """Turns every `ImgsimError` into a one-line `Error: ...` and exit code 1, in one place."""
+    """Turns every `ImgsimError` into a one-line `Error: ...` and exit code 1, and Ctrl-C into exit
+    code 130 (128 + SIGINT, the shell's convention), in one place."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except ImgsimError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
 
 
 def index_option(f):
