@@ -397,6 +397,9 @@ class Index:
         for source in sources:
             if not source.exists() and not source.is_symlink():
                 raise ImgsimError(f"{source} does not exist")
+        # Where the files really are (a folder given through a link, `~/Pictures -> /data/photos`, is
+        # walked as /data/photos), so that their paths are stored relative to the resolved root.
+        sources = [s.resolve() if s.is_dir() else s.parent.resolve() / s.name for s in sources]
         if self.root is None:
             folders = [s for s in sources if s.is_dir()]
             self._set_root(folders[0] if folders else Path(os.path.commonpath([s.resolve().parent for s in sources])))
