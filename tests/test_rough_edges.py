@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sqlite3
 from datetime import datetime
 
 import numpy as np
@@ -160,3 +161,65 @@ def test_a_root_that_does_not_exist_is_an_error(tiny_index, photos, tmp_path):
         assert run(*command, "--index", tiny_index, "--root", tmp_path / "gone").exit_code == 1
     with pytest.raises(ImgsimError, match="does not exist"):
         Index.open(tiny_index, read_only=True, root=tmp_path / "gone")
+
+
+# -- files that failed ---------------------------------------------------------------------------
+def test_unchanged_failed_files_are_counted_not_retried(tmp_path, photos):
+    (photos / "broken.jpg").write_bytes(b"not a picture")
+    (photos / "empty.png").write_bytes(b"")
+    index = tmp_path / "i"
+    first = run("index", photos, "--index", index, "--model", TINY_MODEL, "--json")
+    assert json.loads(first.stdout)["failed"] == 2 and first.stderr.count("skipped ") == 2
+    again = run("index", photos, "--index", index)
+    assert again.exit_code == 0 and again.stderr == ""  # quiet: nothing was tried
+    assert again.stdout.startswith(f"added 0, updated 0, moved 0, removed 0, unchanged {n_photos(photos) - 1}, "
+                                   f"failed 0, known failures 2 in ")
+    summary = json.loads(run("index", photos, "--index", index, "--json").stdout)
+    assert (summary["failed"], summary["known_failures"]) == (0, 2)
+    listed = run("errors", "--index", index).stdout.splitlines()
+    assert sorted(line.split(": ")[0].rsplit("/", 1)[1] for line in listed) == ["broken.jpg", "empty.png"]
+    assert run("index", photos, "--index", index, "--strict").exit_code == 3  # still not indexed
+    retried = json.loads(run("index", photos, "--index", index, "--retry-failed", "--json").stdout)
+    assert (retried["failed"], retried["known_failures"]) == (2, 0)
+    assert len(run("errors", "--index", index).stdout.splitlines()) == 2
+
+
+def test_a_failed_file_that_changes_is_tried_again(tmp_path, photos):
+    broken = photos / "broken.jpg"
+    broken.write_bytes(b"not a picture")
+    with Index.create(tmp_path / "i", model=TINY_MODEL) as index:
+        assert index.sync(photos).failed == 1
+        assert (index.sync(photos).failed, index.sync(photos).known_failures) == (0, 1)
+        broken.write_bytes(b"still not a picture")  # another size: tried, and fails again
+        report = index.sync(photos)
+        assert (report.failed, report.known_failures) == (1, 0)
+        Image.new("RGB", (40, 30), "red").save(broken)
+        report = index.sync(photos)
+        assert (report.added, report.failed, report.known_failures) == (1, 0, 0)
+        assert index.errors() == []
+
+
+def test_add_leaves_known_failures_alone_and_retry_failed_tries_them(tmp_path, photos):
+    broken = photos / "broken.jpg"
+    broken.write_bytes(b"x" * 100)
+    with Index.create(tmp_path / "i", model=TINY_MODEL) as index:
+        assert index.sync(photos).failed == 1
+        assert index.add(photos).known_failures == 1  # add leaves it alone too
+        report = index.sync(photos, retry_failed=True)
+        assert (report.failed, report.known_failures) == (1, 0)
+
+
+def test_an_index_from_before_failure_stats_is_read_and_upgraded(tmp_path, photos):
+    """Readers need no upgrade for it (a shipped index stays searchable); the first writer adds it."""
+    (photos / "broken.jpg").write_bytes(b"not a picture")
+    build_index(tmp_path / "i", photos)
+    with sqlite3.connect(tmp_path / "i.sqlite") as db:
+        db.execute("DELETE FROM _sqlite_migrations WHERE name = '003_error_file_stat'")
+        for column in ("size", "mtime_ns", "ctime_ns"):
+            db.execute(f"ALTER TABLE errors DROP COLUMN {column}")
+    db.close()
+    with Index.open(tmp_path / "i", read_only=True) as index:
+        assert len(index.errors()) == 1 and index.search(photos / "coffee.jpg", k=1)[0].path == "coffee.jpg"
+    with Index.open(tmp_path / "i") as index:
+        assert index.sync(photos).failed == 1  # no stat was kept: tried once more
+        assert index.sync(photos).known_failures == 1
