@@ -36,8 +36,13 @@ def read_only_mount(folder: Path):
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    def make_read_only() -> None:
+        done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot remount a tmpfs read-only here: {done.stderr.decode().strip()}")
+
     try:
-        yield lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield make_read_only
     finally:
         if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
