@@ -21,13 +21,17 @@ INDEX_HELP = "Index name: NAME.faiss and NAME.sqlite. Default: $IMGSIM_INDEX, el
 
 
 class ImgsimGroup(click.Group):
-    """Turns every `ImgsimError` into a one-line `Error: ...` and exit code 1, in one place."""
+    """Turns every `ImgsimError` into a one-line `Error: ...` and exit code 1, and Ctrl-C into exit
+    code 130 (128 + SIGINT, the shell's convention), in one place."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except ImgsimError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
 
 
 def index_option(f):
@@ -144,18 +148,20 @@ def progress_bar(label: str):
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders matching this pattern "
               "(relative path or name, e.g. '*.gif' or 'raw/*'). Repeat for several.")
 @click.option("--label-from-folder", is_flag=True, help="Label each new image with its folder's name.")
+@click.option("--retry-failed", is_flag=True, help="Try again the files that failed before, even if unchanged.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 if any file could not be indexed.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(1),
               help="Skip images whose header claims more pixels (decompression bombs).")
 @click.option("--json", "as_json", is_flag=True, help="The summary as one JSON object.")
 @quiet_option
-def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folder, strict, batch_size, max_pixels,
-              as_json):
+def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folder, retry_failed, strict, batch_size,
+              max_pixels, as_json):
     """Index the images in FOLDER (recursively), creating the index or bringing it up to date.
 
     Only new and changed files are embedded; moved files keep their vectors; entries for files
-    that are gone from FOLDER (or excluded) are removed unless --keep-missing.
+    that are gone from FOLDER (or excluded) are removed unless --keep-missing. Files that failed
+    before and are unchanged are counted as known failures, not tried again (see `imgsim errors`).
     """
     if not Path(folder).is_dir():
         raise click.ClickException(f"image folder {folder} does not exist")
@@ -163,18 +169,19 @@ def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folde
         report = index.sync(folder, remove_missing=not keep_missing, on_progress=on_progress,
                             on_skip=lambda path, reason: warn(f"skipped {shown(path)}: {reason}"),
                             batch_size=batch_size, max_pixels=max_pixels, exclude=exclude,
-                            label_from_folder=label_from_folder)
+                            label_from_folder=label_from_folder, retry_failed=retry_failed)
     if as_json:
         Printer("json")(report.to_dict())
     else:
         click.echo(summary_line(report))
-    if strict and report.failed:
+    if strict and (report.failed or report.known_failures):
         sys.exit(3)
 
 
 def summary_line(report: SyncReport) -> str:
+    known = f", known failures {report.known_failures}" if report.known_failures else ""
     return (f"added {report.added}, updated {report.updated}, moved {report.moved}, removed {report.removed}, "
-            f"unchanged {report.unchanged}, failed {report.failed} in {report.seconds:.1f} s "
+            f"unchanged {report.unchanged}, failed {report.failed}{known} in {report.seconds:.1f} s "
             f"({report.images_per_second:.1f} images/s)")
 
 

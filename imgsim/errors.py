@@ -18,7 +18,8 @@ class IndexLockedError(ImgsimError):
 
 
 class ReadOnlyIndexError(ImgsimError):
-    """A write was attempted on an index opened read-only."""
+    """A write was attempted on an index opened read-only, or where it cannot be written (a read-only
+    file system, a folder this user cannot write): such an index can still be opened read-only."""
 
 
 class ModelError(ImgsimError):

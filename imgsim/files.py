@@ -61,6 +61,19 @@ def leftover_stages(path: Path) -> list[Path]:
     return list(path.parent.glob(f".{path.name}.*.tmp"))
 
 
+def why_not_writable(path: Path) -> str | None:
+    """Why this process cannot write `path` (a file or folder): "is on a read-only file system" or
+    "is not writable" (permissions, an immutable folder); None if it can."""
+    if os.access(path, os.W_OK):
+        return None
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "is on a read-only file system"
+    except (OSError, AttributeError):  # AttributeError: no statvfs on Windows
+        pass
+    return "is not writable"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -111,14 +111,33 @@ def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | 
     """Yield the image files under `folder`, recursively, in a stable sorted order.
 
     Hidden files and folders are skipped, and so are files and folders matching an `exclude` glob.
-    Symbolic links are followed, but a folder already
-    visited (a symlink loop, or two links to one place) is walked only once. A folder that cannot
-    be read is passed to `on_error(path, reason)`, so that nothing under it is taken as deleted.
+    No file is yielded under two names: a symbolic link (to a file or a folder) whose target lies
+    inside `folder` is skipped, since the target is found under its own name; a link to something
+    outside is followed and yields paths under the link's name, once (a place reached again through
+    another link, or a loop, is not walked again). A folder that cannot be read is passed to
+    `on_error(path, reason)`, so that nothing under it is taken as deleted.
     """
     root = Path(folder)
+    inside = os.path.join(os.path.realpath(folder), "")
     seen: set[tuple[int, int]] = set()
+    linked_files: set[str] = set()  # the real paths of files yielded through links
 
-    def walk(directory: Path) -> Iterator[Path]:
+    def alias(entry: os.DirEntry, through_link: bool) -> bool:
+        """A link into `folder`, or a second way to a file already yielded through a link."""
+        is_link = entry.is_symlink()
+        if not (is_link or through_link):
+            return False
+        target = os.path.realpath(entry.path)
+        if is_link and os.path.exists(target) and os.path.join(target, "").startswith(inside):
+            return True
+        if os.path.isdir(target):  # a folder reached twice is caught by `seen`
+            return False
+        if target in linked_files:
+            return True
+        linked_files.add(target)
+        return False
+
+    def walk(directory: Path, through_link: bool = False) -> Iterator[Path]:
         try:
             st = directory.stat()
         except OSError as e:
@@ -145,8 +164,10 @@ def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | 
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
                 is_dir = False
+            if alias(entry, through_link):
+                continue
             if is_dir:
-                yield from walk(path)
+                yield from walk(path, through_link or entry.is_symlink())
             elif has_image_extension(entry.name):
                 yield path
 

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from .errors import (
     IndexNotFoundError,
     ReadOnlyIndexError,
 )
-from .files import discard, leftover_stages
+from .files import discard, leftover_stages, why_not_writable
 from .filters import Filter
 from .graph import Graph
 from .lock import WriterLock
@@ -38,7 +39,7 @@ from .manifest import FORMAT_VERSION, Manifest
 from .models import Model, default_model
 from .pipeline import bounded_map, embed_files
 from .store import ImageRow, NewImage, Store
-from .sync import Plan, is_under, plan_sync
+from .sync import Plan, file_stat, is_under, plan_sync
 
 log = logging.getLogger("imgsim")
 
@@ -69,6 +70,26 @@ def _link_new(source: Path, destination: Path) -> None:
         if destination.exists():
             raise ImgsimError(f"an index already exists at {destination}") from None
         os.replace(source, destination)
+
+
+def _refuse_unwritable(path, sqlite_path: Path) -> None:
+    """Refuse to open for writing an index whose folder or file cannot be written (a read-only
+    medium, another user's folder), saying so, rather than failing later in SQLite or the lock."""
+    for what, target in (("the folder", sqlite_path.parent), ("the file", sqlite_path)):
+        why = why_not_writable(target)
+        if why:
+            raise ReadOnlyIndexError(f"cannot write to index {path}: {what} {target} {why}; it can still be "
+                                     f"searched (read-only)")
+
+
+def _file_stat(path: str) -> tuple[int, int, int] | None:
+    """A failed file's `file_stat`, to recognise it unchanged next time; None for a folder or a
+    broken link (those are looked at again each run: it costs nothing)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return None if stat.S_ISDIR(st.st_mode) else file_stat(st)
 
 
 def _guard_database(method):
@@ -131,6 +152,8 @@ class SyncReport:
     unchanged: int = 0
     failed: int = 0
     embedded: int = 0
+    known_failures: int = 0
+    """Files that failed before and are unchanged since: not tried again (see `retry_failed`)."""
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
@@ -184,7 +207,12 @@ class Index:
         if sqlite_path.exists():
             raise ImgsimError(f"an index already exists at {sqlite_path}: open it instead, or delete it first")
         if not sqlite_path.parent.is_dir():
-            raise IndexNotFoundError(f"cannot create index {path}: its folder {sqlite_path.parent} does not exist")
+            raise IndexNotFoundError(f"cannot create index {path}: the index folder {sqlite_path.parent} "
+                                     f"does not exist")
+        unwritable = why_not_writable(sqlite_path.parent)
+        if unwritable:
+            raise ReadOnlyIndexError(f"cannot create index {path}: the folder {sqlite_path.parent} {unwritable}; "
+                                     f"create it somewhere writable (indexes already there can still be searched)")
         if model is None:
             model, why = default_model()
             log.info("model: %s (%s)", model, why)
@@ -217,6 +245,11 @@ class Index:
         if not sqlite_path.exists():
             raise IndexNotFoundError(f"no index at {path} ({sqlite_path.name} not found): "
                                      f"create one with `imgsim index FOLDER --index {path}`")
+        if root is not None and not Path(os.path.expanduser(os.fspath(root))).is_dir():
+            raise ImgsimError(f"root folder {os.fspath(root)} does not exist: give the folder the indexed images "
+                              f"are in now")
+        if not read_only:
+            _refuse_unwritable(path, sqlite_path)
         lock = None if read_only else WriterLock.acquire(sqlite_path)
         try:
             store = Store.open(sqlite_path, read_only=read_only)
@@ -346,29 +379,31 @@ class Index:
     # -- adding ----------------------------------------------------------------------------------
     def add(self, sources: str | os.PathLike | Iterable[str | os.PathLike], *, on_progress: ProgressFn | None = None,
             on_skip: SkipFn | None = None, batch_size: int = 16, max_pixels: int = imgs.DEFAULT_MAX_PIXELS,
-            exclude: Iterable[str] = (), label_from_folder: bool = False) -> SyncReport:
+            exclude: Iterable[str] = (), label_from_folder: bool = False, retry_failed: bool = False) -> SyncReport:
         """Add image files and folders (walked recursively). Unchanged files are not embedded again,
         a moved file keeps its vector, and nothing is removed; see `sync` for that.
 
         `exclude` holds glob patterns (matched against the path relative to each folder added, and
         against the file name) of files to leave out; `label_from_folder` labels each new image with
-        the name of the folder it is in."""
+        the name of the folder it is in. A file that failed before and is unchanged (size, mtime,
+        ctime) is not tried again unless `retry_failed`; it stays in `errors()`."""
         return self._update(sources, remove_missing=False, on_progress=on_progress, on_skip=on_skip,
                             batch_size=batch_size, max_pixels=max_pixels, exclude=exclude,
-                            label_from_folder=label_from_folder)
+                            label_from_folder=label_from_folder, retry_failed=retry_failed)
 
     def sync(self, folder: str | os.PathLike, *, remove_missing: bool = True, on_progress: ProgressFn | None = None,
              on_skip: SkipFn | None = None, batch_size: int = 16, max_pixels: int = imgs.DEFAULT_MAX_PIXELS,
-             exclude: Iterable[str] = (), label_from_folder: bool = False) -> SyncReport:
+             exclude: Iterable[str] = (), label_from_folder: bool = False, retry_failed: bool = False) -> SyncReport:
         """Make the index match `folder`: embed new and changed files, follow moved ones and, unless
         `remove_missing` is false, remove entries for files under `folder` that are gone (or excluded)."""
         return self._update([folder], remove_missing=remove_missing, on_progress=on_progress, on_skip=on_skip,
                             batch_size=batch_size, max_pixels=max_pixels, exclude=exclude,
-                            label_from_folder=label_from_folder)
+                            label_from_folder=label_from_folder, retry_failed=retry_failed)
 
     @_guard_database
     def _update(self, sources, *, remove_missing: bool, on_progress, on_skip, batch_size: int,
-                max_pixels: int, exclude: Iterable[str], label_from_folder: bool) -> SyncReport:
+                max_pixels: int, exclude: Iterable[str], label_from_folder: bool,
+                retry_failed: bool = False) -> SyncReport:
         self._writable()
         started = time.perf_counter()
         if isinstance(sources, (str, os.PathLike)):
@@ -377,6 +412,9 @@ class Index:
         for source in sources:
             if not source.exists() and not source.is_symlink():
                 raise ImgsimError(f"{source} does not exist")
+        # Where the files really are (a folder given through a link, `~/Pictures -> /data/photos`, is
+        # walked as /data/photos), so that their paths are stored relative to the resolved root.
+        sources = [s.resolve() if s.is_dir() else s.parent.resolve() / s.name for s in sources]
         if self.root is None:
             folders = [s for s in sources if s.is_dir()]
             self._set_root(folders[0] if folders else Path(os.path.commonpath([s.resolve().parent for s in sources])))
@@ -388,15 +426,18 @@ class Index:
         walked = [self._key(s.resolve()) for s in sources if s.is_dir()]
         plan = plan_sync(files, self._store, key=self._key, resolve=self.resolve,
                          walked_prefixes=walked if remove_missing else None,
-                         unseen_prefixes=[self._key(Path(path).resolve()) for path, _ in unreadable])
+                         unseen_prefixes=[self._key(Path(path).resolve()) for path, _ in unreadable],
+                         known_failures=None if retry_failed else self._store.failed_file_stats())
         plan.failures[:0] = unreadable  # reported and counted; what was indexed under them is kept
         self._apply_plan(plan, report, label_from_folder)
-        stale = [p for p, _, _ in self._store.errors() if p in plan.seen or (remove_missing and is_under(p, walked))]
+        stale = [p for p, _, _ in self._store.errors() if p not in plan.known_failed
+                 and (p in plan.seen or (remove_missing and is_under(p, walked)))]
         with self._store.transaction():
             self._store.forget_errors(stale)  # they are tried again now, and recorded again if they fail
         self._embed_new(plan, report, on_progress, on_skip, batch_size, max_pixels, label_from_folder)
         if report.added or report.updated or report.removed or report.moved:
             self._fresh = False
+        report.known_failures = len(plan.known_failed)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -473,7 +514,8 @@ class Index:
     def _record_failures(self, failures: list[tuple[str, str]], report: SyncReport, on_skip: SkipFn | None) -> None:
         """Keep (path, reason) failures in the errors table (inside the caller's transaction), count
         them in `report`, and tell `on_skip`."""
-        self._store.record_errors([(self._key(Path(path)), reason) for path, reason in failures])
+        self._store.record_errors([(self._key(Path(path)), reason) for path, reason in failures],
+                                  [_file_stat(path) for path, _ in failures])
         report.failed += len(failures)
         report.failures.extend(failures)
         for path, reason in failures:

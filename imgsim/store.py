@@ -115,6 +115,18 @@ def _metadata(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE manifest SET value = '2' WHERE key = 'format_version'")  # older imgsims leave it alone
 
 
+@MIGRATIONS(name="003_error_file_stat")
+def _error_file_stat(db: sqlite_utils.Database) -> None:
+    """The size, mtime and ctime of a file that failed, so that the next run can leave it alone
+    while it is unchanged. Older rows have none and are tried once more."""
+    for column in ("size", "mtime_ns", "ctime_ns"):
+        db.execute(f"ALTER TABLE errors ADD COLUMN {column} INTEGER")
+
+
+WRITER_ONLY_MIGRATIONS = frozenset({"003_error_file_stat"})
+"""Migrations that only writers need: a read-only open of a file without them is not refused."""
+
+
 class Store:
     """An open SQLite index file. Writes go through `transaction()` so each batch is atomic."""
 
@@ -151,7 +163,7 @@ class Store:
             store._configure()
             if not read_only:
                 store.migrate()
-            elif store._pending_migrations():
+            elif set(store._pending_migrations()) - WRITER_ONLY_MIGRATIONS:
                 raise IndexCorruptError(f"{path} uses an older format: open it once for writing to upgrade it")
             store._check_schema()
             return store
@@ -366,10 +378,22 @@ class Store:
         return gone
 
     # -- errors ----------------------------------------------------------------------------------
-    def record_errors(self, failures: list[tuple[str, str]]) -> None:
+    def record_errors(self, failures: list[tuple[str, str]],
+                      stats: Iterable[tuple[int, int, int] | None] | None = None) -> None:
+        """Keep (path, reason) failures; `stats` holds each file's (size, mtime_ns, ctime_ns), or None
+        where there is none (a broken link, a folder), for `failed_file_stats`."""
         now = time.time()
-        self.conn.executemany("INSERT OR REPLACE INTO errors (path, reason, seen) VALUES (?, ?, ?)",
-                            [(_to_db(path), reason, now) for path, reason in failures])
+        stats = [None] * len(failures) if stats is None else list(stats)
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO errors (path, reason, seen, size, mtime_ns, ctime_ns) VALUES (?, ?, ?, ?, ?, ?)",
+            [(_to_db(path), reason, now, *(stat or (None, None, None)))
+             for (path, reason), stat in zip(failures, stats)])
+
+    def failed_file_stats(self) -> dict[str, tuple[int, int, int]]:
+        """(size, mtime_ns, ctime_ns) of each failed file, as it was when it failed."""
+        rows = self.db.execute("SELECT path, size, mtime_ns, ctime_ns FROM errors WHERE size IS NOT NULL "
+                               "AND mtime_ns IS NOT NULL AND ctime_ns IS NOT NULL").fetchall()
+        return {_from_db(path): (size, mtime_ns, ctime_ns) for path, size, mtime_ns, ctime_ns in rows}
 
     def forget_errors(self, paths: Iterable[str]) -> None:
         self.conn.executemany("DELETE FROM errors WHERE path = ?", [(_to_db(p),) for p in paths])

@@ -48,6 +48,13 @@ class Plan:
     removals: list[int] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+    known_failed: set[str] = field(default_factory=set)
+    """Stored paths of files that failed before and are unchanged since: not tried again."""
+
+
+def file_stat(st: os.stat_result) -> tuple[int, int, int]:
+    """What says a file changed: size, mtime, and ctime (a chmod that makes it readable changes that)."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def is_under(key: str, prefixes: list[str]) -> bool:
@@ -61,10 +68,12 @@ def is_under(key: str, prefixes: list[str]) -> bool:
 
 
 def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str], resolve: Callable[[str], Path],
-              walked_prefixes: list[str] | None, unseen_prefixes: list[str] = ()) -> Plan:
+              walked_prefixes: list[str] | None, unseen_prefixes: list[str] = (),
+              known_failures: dict[str, tuple[int, int, int]] | None = None) -> Plan:
     """Classify `files` against the stored rows. With `walked_prefixes`, rows under those stored-path
     prefixes whose files were not seen are removals (or the sources of moves), except rows under
-    `unseen_prefixes`: folders that could not be read, whose files may well still be there."""
+    `unseen_prefixes`: folders that could not be read, whose files may well still be there.
+    A file in `known_failures` (stored path: `file_stat` when it failed) that is unchanged is left alone."""
     plan = Plan()
     rows = list(store.all_rows())
     by_key = {row.path: row for row in rows}
@@ -81,6 +90,9 @@ def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str]
             broken = os.path.islink(path) and e.errno == errno.ENOENT
             reason = "broken symbolic link" if broken else (e.strerror or str(e))
             plan.failures.append((str(path), reason))
+            continue
+        if known_failures and known_failures.get(key(path)) == file_stat(st):
+            plan.known_failed.add(key(path))
             continue
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device named like an image would block or never end
             plan.failures.append((str(path), "not a regular file"))

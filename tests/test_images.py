@@ -46,10 +46,14 @@ def test_discover_walks_recursively_case_insensitive_and_skips_hidden(tmp_path):
 def test_discover_follows_symlinks_once_and_survives_loops(tmp_path):
     photos = tmp_path / "photos"
     _save(photos / "a.png", Image.new("RGB", (8, 8)))
+    _save(tmp_path / "outside" / "b.png", Image.new("RGB", (8, 8)))
     os.symlink(photos, photos / "loop")  # a folder that contains itself
-    os.symlink(tmp_path / "photos" / "a.png", photos / "link.png")
+    os.symlink(tmp_path / "photos" / "a.png", photos / "link.png")  # a second name inside: skipped
+    os.symlink(tmp_path / "outside", photos / "out")
+    os.symlink(tmp_path / "outside" / "b.png", photos / "z-link.png")  # a second way to out/b.png
+    os.symlink(photos / "out", tmp_path / "outside" / "back")  # a loop through the outside
     found = list(discover(photos))
-    assert sorted(p.name for p in found) == ["a.png", "link.png"]
+    assert [p.relative_to(photos).as_posix() for p in found] == ["a.png", "out/b.png"]
 
 
 def test_exif_orientation_is_applied(tmp_path):

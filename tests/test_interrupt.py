@@ -1,0 +1,56 @@
+"""Ctrl-C while indexing: exit code 130 (the shell's convention for SIGINT), no traceback, and an
+index that agrees with itself and that the next run completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from imgsim import Index
+
+from .test_crash import WORKER, stored_rows
+from .tiny_model import TINY_MODEL
+
+IMAGES = 80
+
+
+def test_ctrl_c_while_indexing_exits_130_and_keeps_the_index_consistent(tmp_path, tiny_model_dir):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(IMAGES):  # full-decode PNGs keep the run long enough to interrupt it halfway
+        pixels = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((768, 576), Image.Resampling.NEAREST).save(folder / f"p{i:03d}.png")
+    env = {**os.environ, "IMGSIM_MODELS": str(tiny_model_dir), "PYTHONPATH": str(Path(__file__).parents[1])}
+    name = tmp_path / "idx"
+    command = [sys.executable, str(WORKER), "index", str(folder), "--index", str(name), "--batch-size", "4"]
+    proc = subprocess.Popen([*command, "--model", TINY_MODEL], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while stored_rows(name.with_suffix(".sqlite")) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Aborted!" not in stderr and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert stdout == ""
+    with Index.open(name, read_only=True) as index:
+        stored = len(index)
+        assert 8 <= stored < IMAGES
+        report = index.verify()
+        assert report.ok and report.notes == [], (report.problems, report.notes)  # the graph was saved too
+    again = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert (summary["added"], summary["unchanged"]) == (IMAGES - stored, stored)
+    with Index.open(name, read_only=True) as index:
+        assert len(index) == IMAGES and index.verify().ok
