@@ -500,6 +500,7 @@ def models_add(name, file, url, sha256):
               help="Refuse uploads whose header claims more pixels (decompression bombs).")
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds an upload may take to arrive, and a request may wait for a worker.")
+@quiet_option
 @click.pass_obj
 def serve(obj, index_path, root, host, port, token, cors, max_upload_mb, max_pixels, timeout):
     """Search the index from a web page at http://127.0.0.1:8000/ and over HTTP (POST /search, /docs).
