@@ -536,6 +536,13 @@ class Index:
                                         row.height, row.format, row.size, query))
         return results
 
+    # -- for imgsim.export (issue 11) -----------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        """The SQLite store, for imgsim.export, which reads every column generically. Internal: what it
+        holds may change with the format; Python users want `search`, `rows` and `info`."""
+        return self._store
+
     # -- reporting -------------------------------------------------------------------------------
     def info(self) -> dict:
         """What a user wants to know about an index, as plain data."""
