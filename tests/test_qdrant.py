@@ -251,7 +251,7 @@ def test_transient_failures_are_retried_with_backoff(tmp_path, photos):
 
 
 @pytest.mark.parametrize("die_at", [("upsert", 3), ("confirm", 2), ("delete", 1), ("forget", 1)])
-def test_export_interrupted_anywhere_ends_consistent(tmp_path, photos, die_at):
+def test_export_interrupted_anywhere_ends_consistent(tmp_path, die_at):
     """Dies (as a kill would: no further call runs) after the n-th Qdrant write or state update."""
     from imgsim.export import state as state_module
 
@@ -282,7 +282,7 @@ def test_export_interrupted_anywhere_ends_consistent(tmp_path, photos, die_at):
             return result
         return wrapper
 
-    with Index.open(name) as index:
+    with Index.open(name) as index, pytest.MonkeyPatch.context() as patch:
         client, location = connect(path=str(qdrant))
         try:
             target = client
@@ -290,14 +290,11 @@ def test_export_interrupted_anywhere_ends_consistent(tmp_path, photos, die_at):
                 target = Flaky(client, {})
                 setattr(target, where, dying(getattr(client, where)))
             else:
-                original = getattr(state_module.SyncState, where)
-                pytest.MonkeyPatch().setattr(state_module.SyncState, where, dying(original))
+                patch.setattr(state_module.SyncState, where, dying(getattr(state_module.SyncState, where)))
             with pytest.raises(Killed):
                 export_qdrant(index, target, location, "idx", batch_size=4)
         finally:
             client.close()
-            if where not in ("upsert", "delete"):
-                setattr(state_module.SyncState, where, original)
     result = run("export", "qdrant", "--path", qdrant, "--index", name, "--json")
     assert result.exit_code == 0, result.output
     assert_consistent(name, qdrant, "idx")

@@ -174,13 +174,16 @@ def export_qdrant(index: Index, client, location: str, collection: str, *, selec
     if exists and recreate:
         call("delete_collection", collection)
         exists = False
+    have: set[str] = set()
     if exists:
-        _check_collection(call, collection, source, state.count(target.id))
+        info = _check_collection(call, collection, source, state.count(target.id))
+        have = set(getattr(info, "payload_schema", None) or {})
     else:
         state.reset(target.id)
         target = state.target("qdrant", location, collection)
         _create_collection(call, models, collection, source)
         report.created = True
+    _ensure_payload_indexes(call, models, collection, source, have)
     if target.centre_version != version:
         state.set_centre_version(target.id, version)
         call("update_collection", collection, metadata=_collection_metadata(source, version, centre))
@@ -229,6 +232,11 @@ def _create_collection(call, models, collection: str, source: Source) -> None:
     call("create_collection", collection,
          vectors_config=models.VectorParams(size=source.dim, distance=models.Distance.COSINE),
          metadata={"imgsim": {"model": source.manifest["model"], "dim": source.dim}})
+
+
+def _ensure_payload_indexes(call, models, collection: str, source: Source, have: set[str]) -> None:
+    """A payload index on every filterable field the collection lacks one for (columns added to the
+    index since the collection was made get theirs on the next export)."""
     schema = {"integer": models.PayloadSchemaType.INTEGER, "real": models.PayloadSchemaType.FLOAT,
               "text": models.PayloadSchemaType.KEYWORD}
     fields = [(c.name, schema[c.affinity]) for c in source.columns
@@ -237,10 +245,11 @@ def _create_collection(call, models, collection: str, source: Source) -> None:
     with warnings.catch_warnings():  # local mode says payload indexes have no effect there
         warnings.simplefilter("ignore")
         for name, field_schema in fields:
-            call("create_payload_index", collection, field_name=name, field_schema=field_schema, wait=True)
+            if name not in have:
+                call("create_payload_index", collection, field_name=name, field_schema=field_schema, wait=True)
 
 
-def _check_collection(call, collection: str, source: Source, recorded: int) -> None:
+def _check_collection(call, collection: str, source: Source, recorded: int):
     info = call("get_collection", collection)
     params = info.config.params.vectors
     size = getattr(params, "size", None)
@@ -257,6 +266,7 @@ def _check_collection(call, collection: str, source: Source, recorded: int) -> N
         if count:
             raise ImgsimError(f"Qdrant collection {collection} already holds {count} points that this index did "
                               f"not export: choose another --collection, or --recreate it")
+    return info
 
 
 def _payloads(batch, source: Source) -> list[dict]:
