@@ -366,21 +366,19 @@ def embed(files, index_path, raw, as_json):
     from 200 images on, centred as `imgsim export qdrant` centred the points, so Qdrant ranks as imgsim."""
     import numpy as np
 
-    from .export.state import query_centre
-    from .models import normalize
+    from .export.state import query_centre, query_vector
 
     with Index.open(index_path, read_only=True) as index:
-        centre = None if raw else query_centre(index.store)
+        centred = not raw and query_centre(index.store) is not None
         for file in files:
-            vector = index.embed(file)
-            if centre is not None:
-                vector = normalize((vector - centre)[None])[0]
-            data = {"file": file, "model": index.model_name, "centred": centre is not None,
+            vector = index.embed(file) if raw else query_vector(index, file)
+            data = {"file": file, "model": index.model_name, "centred": centred,
                     "vector": [float(v) for v in vector.astype(np.float32)]}
             if as_json:
                 emit(data)
             else:
                 click.echo(f"{shown(file)}\t" + " ".join(f"{v:.6g}" for v in vector))
+
 
 def main() -> None:
     cli(prog_name="imgsim")

@@ -23,6 +23,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from imgsim import ImgsimError, Index
 from imgsim.cli import cli
+from imgsim.export import query_vector
 from imgsim.export.qdrant import connect, export_qdrant
 from imgsim.export.state import query_centre
 from imgsim.models import normalize
@@ -143,14 +144,18 @@ def test_top10_for_real_photos_equals_exact_search(tmp_path, photo_collection):
                     data = json.loads(embedded.output)
                     assert data["centred"] is True
                     vector = data["vector"]
-                else:
-                    vector = normalize((index.embed(query) - centre)[None])[0]
+                else:  # Python, as the README shows it
+                    vector = query_vector(index, query)
+                    np.testing.assert_allclose(vector, normalize((index.embed(query) - centre)[None])[0], atol=1e-6)
                 hits = client.query_points("photos", query=vector, limit=10).points
                 expected_ids, expected_scores = exact_top(index, index.embed(query), 10)
                 assert [int(h.id) for h in hits] == expected_ids, query.name
                 np.testing.assert_allclose([h.score for h in hits], expected_scores, atol=1e-5)
                 assert [r.id for r in index.search(query, k=10)] == expected_ids
                 assert hits[0].payload["path"].split("-")[0] == query.name.split("-")[0]
+            raw = json.loads(run("embed", queries[0], "--index", name, "--json", "--raw").output)
+            assert raw["centred"] is False
+            np.testing.assert_allclose(raw["vector"], index.embed(queries[0]), atol=1e-6)
     finally:
         client.close()
     assert_consistent(name, qdrant, "photos")

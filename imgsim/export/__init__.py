@@ -16,3 +16,10 @@ def require(module: str, extra: str, package: str):
         return importlib.import_module(module)
     except ImportError:
         raise ImgsimError(f"{package} is not installed: pip install 'imgsim[{extra}]'") from None
+
+
+def query_vector(index, image):
+    """The vector to query an exported copy of `index` with (see `imgsim.export.state.query_vector`)."""
+    from .state import query_vector as _query_vector
+
+    return _query_vector(index, image)

@@ -170,3 +170,15 @@ def query_centre(store: Store) -> np.ndarray | None:
         return latest[1]
     center = store.manifest().get("center")
     return None if center is None else np.asarray(center, dtype=np.float32)
+
+
+def query_vector(index, image) -> np.ndarray:
+    """The vector to query this index's exports with: `image` (a file, a PIL image, or a vector from
+    `Index.embed`) embedded as the index embeds, then centred as the exported points were."""
+    from ..models import normalize
+
+    vector = image if isinstance(image, np.ndarray) else index.embed(image)
+    centre = query_centre(index.store)
+    if centre is None:
+        return np.asarray(vector, dtype=np.float32)
+    return normalize((np.asarray(vector, np.float32) - centre)[None])[0]
