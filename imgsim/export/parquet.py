@@ -283,6 +283,8 @@ def _checked_rows(path, record_batch, names: list[str], dim: int, offset: int):
     """One record batch as rows to insert, after checking every value imgsim relies on."""
     pa = _pa()
     n = record_batch.num_rows
+    if n == 0:
+        return [], [], np.empty((0, dim), np.float32), []
     columns = {name: record_batch.column(name) for name in record_batch.schema.names}
     ids_array = columns["id"]
     vector_array = columns["vector"]
