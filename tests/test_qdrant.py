@@ -86,6 +86,10 @@ def points(path: Path, collection: str) -> dict[int, tuple[dict, np.ndarray]]:
         client.close()
 
 
+def points_of_client(client) -> list[int]:
+    return [int(r.id) for r in client.scroll("idx", limit=10_000, with_payload=False)[0]]
+
+
 def assert_consistent(index_name: Path, qdrant_path: Path, collection: str) -> None:
     """Qdrant holds exactly the index's images, with their paths and their (centred) vectors, and the
     index's record of the export says so."""
@@ -209,6 +213,14 @@ def test_second_export_moves_only_the_difference(tmp_path, photos):
     assert '"written": 0, "deleted": 0' in third.output
     again = run("export", "qdrant", "--path", qdrant, "--index", name, "--recentre", "--json")
     assert '"written": 231' in again.output and '"recentred": true' in again.output
+    assert_consistent(name, qdrant, "idx")
+
+    client = QdrantClient(path=str(qdrant))  # points deleted behind the index's back are sent again
+    from qdrant_client import models
+    client.delete("idx", points_selector=models.PointIdsList(points=sorted(points_of_client(client))[:5]))
+    client.close()
+    healed = run("export", "qdrant", "--path", qdrant, "--index", name, "--json")
+    assert '"written": 231' in healed.output, healed.output
     assert_consistent(name, qdrant, "idx")
 
 

@@ -184,9 +184,16 @@ def export_qdrant(index: Index, client, location: str, collection: str, *, selec
         _create_collection(call, models, collection, source)
         report.created = True
     _ensure_payload_indexes(call, models, collection, source, have)
-    if target.centre_version != version:
-        state.set_centre_version(target.id, version)
+    if target.centre_version != version:  # the collection's metadata first: a kill between the two redoes both
         call("update_collection", collection, metadata=_collection_metadata(source, version, centre))
+        state.set_centre_version(target.id, version)
+    elif exists:
+        confirmed = state.count(target.id, confirmed=True)
+        held = call("count", collection, exact=True).count
+        if held < confirmed:  # points were deleted behind the index's back: send everything again
+            log.warning("Qdrant collection %s holds %d points, fewer than the %d exported; sending all again",
+                        collection, held, confirmed)
+            state.set_centre_version(target.id, version)
 
     write, delete, report.unchanged = diff(source.id_fingerprints(selection), state.exported(target.id))
     total = len(write) + len(delete)

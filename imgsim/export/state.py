@@ -108,8 +108,11 @@ class SyncState:
             self.conn.execute("UPDATE export_targets SET centre_version = NULL WHERE id = ?", (target,))
 
     # -- points ---------------------------------------------------------------------------------
-    def count(self, target: int) -> int:
-        return self.conn.execute("SELECT count(*) FROM export_points WHERE target = ?", (target,)).fetchone()[0]
+    def count(self, target: int, confirmed: bool = False) -> int:
+        """Points recorded for `target`; with `confirmed`, only those the target acknowledged."""
+        extra = " AND fingerprint IS NOT NULL" if confirmed else ""
+        return self.conn.execute(f"SELECT count(*) FROM export_points WHERE target = ?{extra}",
+                                 (target,)).fetchone()[0]
 
     def exported(self, target: int, chunk: int = 8192) -> Iterator[tuple[int, str | None]]:
         """(image id, fingerprint or None if pending) of every point recorded for `target`, in id order."""
