@@ -1,6 +1,6 @@
 """Export and import rates, file sizes and peak memory at scale (imgsim export/import, issue 11).
 
-    python scripts/bench_export.py [--count 100000] [--qdrant-count 10000] [--workdir DIR]
+    python scripts/bench_export.py [--count 100000] [--qdrant-count 100000] [--workdir DIR]
 
 Makes an index of `--count` synthetic vectors shaped like real embeddings (1280-d, non-negative,
 L2-normalised, clustered, as GeM-pooled EfficientNet-Lite0 features are), stored through the library
@@ -116,7 +116,7 @@ STEPS = {"make": make, "export": export, "import": import_, "qdrant": qdrant}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=100_000)
-    parser.add_argument("--qdrant-count", type=int, default=10_000)
+    parser.add_argument("--qdrant-count", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     args = parser.parse_args()
