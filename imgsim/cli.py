@@ -268,6 +268,9 @@ def models_add(name, file, url, sha256):
 
 
 # -- export, import, embed (issue 11): thin commands over imgsim.export, whose extras load lazily ----
+# Search filters (issue 8) plug in here: the same filter options on `export parquet` and `export
+# qdrant`, turned into an `imgsim.export.source.Selection` (an SQL condition with parameters, or a set
+# of ids) and passed as `selection=` to export_parquet / export_qdrant.
 @cli.group("export")
 def export_group():
     """Hand the index to other engines: a Parquet file, or a Qdrant collection kept in sync."""
@@ -323,7 +326,7 @@ def export_qdrant_cmd(obj, url, api_key_env, local_path, collection, index_path,
     client, location = connect(url=url, api_key=api_key, path=local_path)
     try:
         with Index.open(index_path) as index, progress_bar("exporting", obj["quiet"]) as on_progress:
-            report = export_qdrant(index, client, location, collection or Path(index_path).name,
+            report = export_qdrant(index, client, location, collection or index_files(index_path)[1].stem,
                                    batch_size=batch_size, recentre=recentre, recreate=recreate,
                                    on_progress=on_progress)
     finally:
