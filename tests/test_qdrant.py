@@ -372,3 +372,23 @@ def test_refuses_a_foreign_or_mismatched_collection(tmp_path, photos):
     result = run("export", "qdrant", "--url", "http://127.0.0.1:1", "--api-key-env", "IMGSIM_NO_SUCH_VAR",
                  "--index", name)
     assert result.output == "Error: environment variable IMGSIM_NO_SUCH_VAR is not set\n"
+
+
+def test_export_centre_is_renewed_only_past_the_tolerance(tmp_path, photos):
+    from imgsim.export.state import SyncState, centre_drift
+
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+        state = SyncState(index.store)
+        assert state.export_centre(None, 0.02) == (1, None, False)        # below 200 images: no centre
+        assert state.export_centre(None, 0.02)[:2] == (1, None)
+        centre = np.full(48, 0.1, np.float32)
+        version, got, replaced = state.export_centre(centre, 0.02)
+        assert version == 2 and replaced and np.array_equal(got, centre)
+        nudged = centre + np.float32(0.001)
+        assert centre_drift(nudged, centre) < 0.02
+        assert state.export_centre(nudged, 0.02)[0] == 2                  # a small change keeps the old one
+        moved = centre + np.float32(0.05)
+        assert centre_drift(moved, centre) > 0.02
+        version, got, replaced = state.export_centre(moved, 0.02)
+        assert version == 3 and replaced and np.array_equal(got, moved)
+        assert state.export_centre(moved, 0.02, force=True)[0] == 4
