@@ -80,7 +80,6 @@ def _initial(db: sqlite_utils.Database) -> None:
     db["manifest"].create({"key": str, "value": str}, pk="key")
 
 
-
 @MIGRATIONS(name="002_export_state")
 def _export_state(db: sqlite_utils.Database) -> None:
     """What was last exported where (imgsim.export.state): one row per export target, and per target
@@ -109,6 +108,7 @@ def _export_state(db: sqlite_utils.Database) -> None:
             fingerprint TEXT,
             PRIMARY KEY (target, image_id)
         ) WITHOUT ROWID""")
+
 
 class Store:
     """An open SQLite index file. Writes go through `transaction()` so each batch is atomic."""
