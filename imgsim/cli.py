@@ -13,7 +13,7 @@ import click
 from .errors import ImgsimError
 from .filters import Filter
 from .images import DEFAULT_MAX_PIXELS
-from .index import Index, SearchResult, SyncReport
+from .index import Index, SearchResult, SyncReport, index_files
 from .output import Printer, format_option, shown
 
 DEFAULT_INDEX = "imgsim"
@@ -517,6 +517,136 @@ def serve(obj, index_path, root, host, port, token, cors, max_upload_mb, max_pix
     run_server(ServeSettings(index=index_path, root=root, host=host, port=port, token=token, cors=tuple(cors),
                              max_upload_bytes=int(max_upload_mb * 1_000_000), max_pixels=max_pixels,
                              timeout=timeout), quiet=obj["quiet"])
+
+
+# -- export, import, embed: thin commands over imgsim.export, whose extras load lazily --------------
+def selection_of(filter: Filter):
+    """The export selection for the same filters as `search` and `list`."""
+    from .export.source import ALL, Selection
+
+    if filter.empty:
+        return ALL
+    where, params = filter.where()
+    return Selection(where=where, params=params)
+
+
+@cli.group("export")
+def export_group():
+    """Hand the index to other engines: a Parquet file, or a Qdrant collection kept in sync."""
+
+
+@export_group.command("parquet")
+@click.argument("file", type=click.Path(dir_okay=False))
+@index_option
+@click.option("--row-group-size", default=8192, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Rows per row group (what is held in memory at once).")
+@click.option("--compression", default="zstd", show_default=True,
+              type=click.Choice(["zstd", "snappy", "gzip", "lz4", "none"]))
+@filter_options
+@quiet_option
+def export_parquet_cmd(file, index_path, row_group_size, compression, **filters):
+    """Write every image (id, path, metadata, labels, vector) to the Parquet FILE, with the index's
+    manifest in the file's metadata (needs `pip install 'imgsim[export]'`). The filters of `search`
+    limit which images go."""
+    from .export.parquet import export_parquet
+
+    selection = selection_of(make_filter(filters))
+    with Index.open(index_path, read_only=True) as index, progress_bar("exporting") as on_progress:
+        count = export_parquet(index, file, row_group_size=row_group_size, on_progress=on_progress,
+                               compression=compression, selection=selection)
+    click.echo(f"exported {count} images to {file} ({Path(file).stat().st_size / 1e6:.1f} MB)")
+
+
+@export_group.command("qdrant")
+@click.option("--url", help="A Qdrant server, e.g. http://localhost:6333.")
+@click.option("--api-key-env", metavar="VAR", help="Environment variable holding the server's API key.")
+@click.option("--path", "local_path", type=click.Path(file_okay=False), help="Qdrant local mode in this folder.")
+@click.option("--collection", help="Collection name. Default: the index's name.")
+@index_option
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--recentre", is_flag=True, help="Renew the centre the vectors are exported around (sends every point).")
+@click.option("--recreate", is_flag=True, help="Delete the collection first and export everything.")
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="The summary as one JSON object.")
+@quiet_option
+def export_qdrant_cmd(url, api_key_env, local_path, collection, index_path, batch_size, recentre, recreate,
+                      as_json, **filters):
+    """Create or sync a Qdrant collection: only what changed since the last export is sent, what was
+    removed is deleted, and an interrupted export resumes (needs `pip install 'imgsim[qdrant]'`).
+    The filters of `search` limit which images the collection holds."""
+    import os
+
+    from .export.qdrant import connect, export_qdrant
+
+    if bool(url) == bool(local_path):
+        raise click.UsageError("give either --url URL or --path DIR")
+    if api_key_env and not url:
+        raise click.UsageError("--api-key-env goes with --url")
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise click.ClickException(f"environment variable {api_key_env} is not set")
+    selection = selection_of(make_filter(filters))
+    client, location = connect(url=url, api_key=api_key, path=local_path)
+    try:
+        with Index.open(index_path) as index, progress_bar("exporting") as on_progress:
+            report = export_qdrant(index, client, location, collection or index_files(index_path)[1].stem,
+                                   batch_size=batch_size, recentre=recentre, recreate=recreate,
+                                   on_progress=on_progress, selection=selection)
+    finally:
+        client.close()
+    if as_json:
+        Printer("json")(report.to_dict())
+    else:
+        click.echo(f"{report.collection}: wrote {report.written}, deleted {report.deleted}, unchanged "
+                   f"{report.unchanged}, {report.points} points"
+                   + (", re-centred" if report.recentred else "") + f" in {report.seconds:.1f} s")
+
+
+@cli.group("import")
+def import_group():
+    """Build an index from an exported file."""
+
+
+@import_group.command("parquet")
+@click.argument("file", type=click.Path(dir_okay=False))
+@index_option
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Where the images are on this machine. Default: where they were when exported, if it exists.")
+@quiet_option
+def import_parquet_cmd(file, index_path, root):
+    """Create a new index from a Parquet FILE written by `imgsim export parquet` (no re-embedding)."""
+    from .export.parquet import import_parquet
+
+    with progress_bar("importing") as on_progress:
+        count = import_parquet(file, index_path, root=root, on_progress=on_progress)
+    click.echo(f"imported {count} images into {index_files(index_path)[1]}")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@index_option
+@click.option("--raw", is_flag=True, help="The model's embedding as is, not centred for the index's exports.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@quiet_option
+def embed(files, index_path, raw, as_json):
+    """Print the query vector of each image FILE for this index's exports: embedded with its model and,
+    from 200 images on, centred as `imgsim export qdrant` centred the points, so Qdrant ranks as imgsim."""
+    import numpy as np
+
+    from .export.state import query_centre, query_vector
+
+    with Index.open(index_path, read_only=True) as index:
+        centred = not raw and query_centre(index.store) is not None
+        for file in files:
+            vector = index.embed(file) if raw else query_vector(index, file)
+            data = {"file": file, "model": index.model_name, "centred": centred,
+                    "vector": [float(v) for v in vector.astype(np.float32)]}
+            if as_json:
+                Printer("json")(data)
+            else:
+                click.echo(f"{shown(file)}\t" + " ".join(f"{v:.6g}" for v in vector))
 
 
 def main() -> None:

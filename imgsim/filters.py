@@ -47,7 +47,8 @@ class Filter:
         return not any(getattr(self, f.name) not in (None, ()) for f in fields(self))
 
     def where(self) -> tuple[str, list]:
-        """A WHERE fragment over the `images` table, and its parameters."""
+        """A WHERE fragment over the `images` table (columns written `images.col`, so it can stand in a
+        join), and its parameters."""
         clauses: list[str] = []
         params: list = []
         if self.folders:
@@ -57,27 +58,27 @@ class Filter:
                 if folder == "":
                     parts.append("1")
                     continue
-                parts.append("(folder = ? OR substr(folder, 1, ?) = ?)")
+                parts.append("(images.folder = ? OR substr(images.folder, 1, ?) = ?)")
                 params += [folder, len(folder) + 1, folder + "/"]
             clauses.append("(" + " OR ".join(parts) + ")")
         if self.labels:
             marks = ",".join("?" * len(self.labels))
-            clauses.append(f"id IN (SELECT image_id FROM labels WHERE label IN ({marks}))")
+            clauses.append(f"images.id IN (SELECT image_id FROM labels WHERE label IN ({marks}))")
             params += list(self.labels)
         if self.formats:
-            clauses.append(f"format IN ({','.join('?' * len(self.formats))})")
+            clauses.append(f"images.format IN ({','.join('?' * len(self.formats))})")
             params += list(self.formats)
         if self.min_width is not None:
-            clauses.append("width >= ?")
+            clauses.append("images.width >= ?")
             params.append(self.min_width)
         if self.min_height is not None:
-            clauses.append("height >= ?")
+            clauses.append("images.height >= ?")
             params.append(self.min_height)
         if self.since is not None:
-            clauses.append("date >= ?")
+            clauses.append("images.date >= ?")
             params.append(self.since)
         if self.until is not None:
-            clauses.append("date <= ?")
+            clauses.append("images.date <= ?")
             params.append(self.until)
         return (" AND ".join(clauses) or "1"), params
 

@@ -123,7 +123,37 @@ def _error_file_stat(db: sqlite_utils.Database) -> None:
         db.execute(f"ALTER TABLE errors ADD COLUMN {column} INTEGER")
 
 
-WRITER_ONLY_MIGRATIONS = frozenset({"003_error_file_stat"})
+@MIGRATIONS(name="004_export_state")
+def _export_state(db: sqlite_utils.Database) -> None:
+    """What was last exported where (imgsim.export.state): one row per export target, and per target
+    the images it holds with a fingerprint of their metadata (NULL: written, not yet confirmed)."""
+    db.execute("""
+        CREATE TABLE export_centres (
+            version INTEGER PRIMARY KEY AUTOINCREMENT,
+            centre TEXT,
+            created REAL NOT NULL
+        )""")
+    db.execute("""
+        CREATE TABLE export_targets (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            location TEXT NOT NULL,
+            collection TEXT NOT NULL,
+            centre_version INTEGER,
+            created REAL NOT NULL,
+            finished REAL,
+            UNIQUE (kind, location, collection)
+        )""")
+    db.execute("""
+        CREATE TABLE export_points (
+            target INTEGER NOT NULL REFERENCES export_targets(id) ON DELETE CASCADE,
+            image_id INTEGER NOT NULL,
+            fingerprint TEXT,
+            PRIMARY KEY (target, image_id)
+        ) WITHOUT ROWID""")
+
+
+WRITER_ONLY_MIGRATIONS = frozenset({"003_error_file_stat", "004_export_state"})
 """Migrations that only writers need: a read-only open of a file without them is not refused."""
 
 

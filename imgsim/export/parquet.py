@@ -1,0 +1,327 @@
+"""An index as one Parquet file, and back.
+
+One row per image: `id`, `path` (UTF-8; `path_bytes` holds the raw name of a file whose name is not
+UTF-8), every other column of the index's `images` table, `labels` (a list of strings), and `vector`
+(a fixed-size list of float32, L2-normalised). The file's key-value metadata holds, under the key
+``imgsim``, a JSON object with the index's manifest (model name and sha256, dimensions,
+preprocessing, pooling, metric, HNSW parameters, the centring mean) so that a reader knows exactly
+how to embed and score a query. Written row group by row group, straight from SQLite, so memory is
+bounded by the row group size, not by the index.
+
+Import trusts nothing in the file: the model must be one this imgsim knows with the same file
+(sha256), the vectors must have its dimensions and be finite and unit length, ids and paths unique.
+The index is built under a temporary name and put in place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import ImgsimError, ModelError
+from ..files import discard
+from ..index import Index, index_files
+from . import require
+from .source import ALL, Batch, Selection, Source, quoted, text_of
+
+FORMAT = "imgsim-parquet"
+FORMAT_VERSION = 1
+METADATA_KEY = b"imgsim"
+DEFAULT_ROW_GROUP = 8192
+ProgressFn = Callable[[int, int], None]
+
+_ARROW_TYPES = {"integer": "int64", "real": "float64", "text": "string", "blob": "binary", "numeric": "string"}
+"""How an `images` column's SQLite affinity is written. NUMERIC columns (DATETIME, BOOLEAN, ...) hold
+values of any type in SQLite and are written as text."""
+
+_MANIFEST_KEYS = ("format_version", "model", "model_sha256", "dim", "metric", "preprocess", "pooling", "hnsw",
+                  "center", "created")
+UNIT_TOLERANCE = 1e-3
+
+
+def _pa():
+    return require("pyarrow", "export", "pyarrow")
+
+
+def schema(source: Source):
+    pa = _pa()
+    fields = [pa.field("id", pa.int64(), nullable=False)]
+    for column in source.columns:
+        if column.name == "path":
+            fields.append(pa.field("path", pa.string(), nullable=False))
+            fields.append(pa.field("path_bytes", pa.binary()))
+        else:
+            fields.append(pa.field(column.name, getattr(pa, _ARROW_TYPES[column.affinity])()))
+    fields.append(pa.field("labels", pa.list_(pa.string()), nullable=False))
+    fields.append(pa.field("vector", pa.list_(pa.float32(), source.dim), nullable=False))
+    return pa.schema(fields)
+
+
+def _table(batch: Batch, source: Source, arrow_schema):
+    pa = _pa()
+    arrays = [pa.array(batch.ids, pa.int64())]
+    for column in source.columns:
+        values = batch.values[column.name]
+        if column.name == "path":
+            arrays.append(pa.array([text_of(v) for v in values], pa.string()))
+            arrays.append(pa.array([v if isinstance(v, bytes) else None for v in values], pa.binary()))
+        elif column.affinity in ("text", "numeric"):
+            arrays.append(pa.array([text_of(v) for v in values], pa.string()))
+        elif column.affinity == "blob":
+            arrays.append(pa.array([v if v is None or isinstance(v, bytes) else str(v).encode() for v in values],
+                                   pa.binary()))
+        else:
+            arrays.append(pa.array(values, arrow_schema.field(column.name).type))
+    arrays.append(pa.array(batch.labels, pa.list_(pa.string())))
+    flat = pa.array(np.ascontiguousarray(batch.vectors, dtype=np.float32).reshape(-1), pa.float32())
+    arrays.append(pa.FixedSizeListArray.from_arrays(flat, source.dim))
+    return pa.Table.from_arrays(arrays, schema=arrow_schema)
+
+
+def export_parquet(index: Index, path: str | os.PathLike, *, selection: Selection = ALL,
+                   row_group_size: int = DEFAULT_ROW_GROUP, compression: str = "zstd",
+                   on_progress: ProgressFn | None = None) -> int:
+    """Write the selected images of `index` to the Parquet file `path`; returns the number of rows.
+    The file appears whole or not at all (written beside it under a temporary name, then renamed)."""
+    pq = require("pyarrow.parquet", "export", "pyarrow")
+    if row_group_size < 1:
+        raise ImgsimError("the row group size must be at least 1")
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ImgsimError(f"folder {target.parent} does not exist")
+    source = Source(index.store)
+    arrow_schema = schema(source)
+    staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    written = 0
+    try:
+        with source.snapshot():
+            total = source.count(selection)
+            arrow_schema = arrow_schema.with_metadata({METADATA_KEY: json.dumps(_metadata(index, source, total))})
+            vector_column = "vector"
+            with pq.ParquetWriter(staged, arrow_schema, compression=compression,
+                                  use_dictionary=[f.name for f in arrow_schema if f.name != vector_column],
+                                  write_statistics=[f.name for f in arrow_schema if f.name != vector_column]) as writer:
+                for batch in source.batches(selection, batch_size=row_group_size):
+                    writer.write_table(_table(batch, source, arrow_schema), row_group_size=row_group_size)
+                    written += len(batch)
+                    if on_progress:
+                        on_progress(written, total)
+        with open(staged, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(staged, target)
+    except OSError as e:
+        discard(staged)
+        raise ImgsimError(f"cannot write {target}: {e.strerror or e}") from None
+    except BaseException:
+        discard(staged)
+        raise
+    return written
+
+
+def _metadata(index: Index, source: Source, count: int) -> dict:
+    manifest = {key: source.manifest.get(key) for key in _MANIFEST_KEYS}
+    root = index.root
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "imgsim_version": __version__,
+        "exported": time.time(),
+        "count": count,
+        "root": str(root) if root else None,
+        "manifest": manifest,
+        "query": "embed the query with the manifest's model, preprocessing and pooling, L2-normalise it; "
+                 "if `center` is set, subtract it from the query and from every vector and normalise both "
+                 "again; score by cosine (`imgsim embed FILE --json --index NAME` does the query side).",
+    }
+
+
+# -- import -----------------------------------------------------------------------------------------
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The imgsim metadata of a Parquet file, checked; raises `ImgsimError` for anything else."""
+    pq = require("pyarrow.parquet", "export", "pyarrow")
+    try:
+        file = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise ImgsimError(f"{path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ImgsimError(f"{path} is not a readable Parquet file ({_first_line(e)})") from None
+    raw = (file.schema_arrow.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ImgsimError(f"{path} was not written by `imgsim export parquet` (no imgsim metadata)")
+    try:
+        meta = json.loads(raw)
+        manifest = meta["manifest"]
+        if meta.get("format") != FORMAT or not isinstance(manifest, dict):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise ImgsimError(f"{path} has invalid imgsim metadata") from None
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise ImgsimError(f"{path} was written by a newer imgsim (format {meta.get('format_version')!r}): "
+                          f"upgrade imgsim to import it")
+    meta["_file"] = file
+    return meta
+
+
+def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                   batch_size: int = DEFAULT_ROW_GROUP, on_progress: ProgressFn | None = None) -> int:
+    """Build a new index at `index_path` from a file written by `export_parquet`; returns its size.
+
+    `root` is where the images are on this machine (default: where they were when exported, if that
+    folder exists here). Nothing is left behind if the file is refused."""
+    from ..ann import HnswParams
+    from ..images import Preprocess
+    from ..models import Model, parse_pooling, spec_for
+
+    meta = read_metadata(path)
+    file = meta.pop("_file")
+    manifest = meta["manifest"]
+    name = manifest.get("model")
+    try:
+        spec = spec_for(name)
+    except ModelError:
+        raise ImgsimError(f"{path} was made with model {name!r}, which this imgsim does not know") from None
+    dim = manifest.get("dim")
+    if dim != spec.dim:
+        raise ImgsimError(f"{path} says its vectors have {dim!r} dimensions; {name} gives {spec.dim}")
+    try:
+        hnsw = HnswParams.from_dict(manifest["hnsw"])
+        Preprocess.from_dict(manifest["preprocess"])
+        parse_pooling(manifest.get("pooling") or "avg")
+    except (KeyError, TypeError, ValueError, ModelError):
+        raise ImgsimError(f"{path} has an invalid manifest in its imgsim metadata") from None
+    try:
+        model = Model.load(name)
+    except ModelError as e:
+        raise ImgsimError(f"cannot import {path}: {e}") from None
+    if manifest.get("model_sha256") != model.sha256:
+        raise ImgsimError(f"{path} was made with a different {name} file (sha256 "
+                          f"{str(manifest.get('model_sha256'))[:12]}...) than {model.path} (sha256 "
+                          f"{model.sha256[:12]}...): its vectors would not match queries; install the same file")
+    _check_schema(path, file.schema_arrow, dim)
+
+    faiss_path, sqlite_path = index_files(index_path)
+    if sqlite_path.exists():
+        raise ImgsimError(f"an index already exists at {sqlite_path}: import into a new --index")
+    if root is None and meta.get("root") and Path(meta["root"]).is_dir():
+        root = meta["root"]
+    staging = sqlite_path.with_name(f".{sqlite_path.stem}.import-{os.getpid()}")
+    staged_faiss, staged_sqlite = index_files(staging)
+    imported = 0
+    try:
+        with Index.create(staging, model=name, root=root, hnsw=hnsw) as index:
+            store = index.store
+            table_columns = {row[1]: row for row in store.conn.execute("PRAGMA table_info(images)")}
+            names = [n for n in file.schema_arrow.names if n in table_columns and n != "id"]
+            missing = [n for n, row in table_columns.items() if row[3] and row[4] is None and n not in names
+                       and n != "id"]
+            if missing:
+                raise ImgsimError(f"{path} lacks the column(s) {', '.join(missing)}")
+            has_labels = "labels" in file.schema_arrow.names and _has_labels_table(store)
+            insert = (f"INSERT INTO images (id, {', '.join(quoted(n) for n in names)}) "
+                      f"VALUES ({', '.join('?' * (len(names) + 1))})")
+            total = file.metadata.num_rows
+            with store.transaction():
+                store.set_manifest(preprocess=manifest["preprocess"], pooling=manifest.get("pooling") or "avg")
+            for record_batch in file.iter_batches(batch_size=batch_size):
+                ids, rows, vectors, labels = _checked_rows(path, record_batch, names, dim, imported)
+                try:
+                    with store.transaction():
+                        store.conn.executemany(insert, rows)
+                        store.conn.executemany("INSERT INTO vectors (id, vector) VALUES (?, ?)",
+                                               zip(ids, (v.tobytes() for v in vectors)))
+                        if has_labels:
+                            store.conn.executemany("INSERT OR IGNORE INTO labels (image_id, label) VALUES (?, ?)",
+                                                   [(i, str(lab)) for i, labs in zip(ids, labels) for lab in labs or ()])
+                except sqlite3.IntegrityError as e:
+                    raise ImgsimError(f"{path} is inconsistent: {e} (duplicate ids or paths?)") from None
+                imported += len(ids)
+                if on_progress:
+                    on_progress(imported, total)
+            if isinstance(meta.get("count"), int) and meta["count"] != imported:
+                raise ImgsimError(f"{path} holds {imported} rows; its metadata says {meta['count']}")
+            index.rebuild()
+        with Index.open(staging) as check:  # everything a user would open is checked once more
+            if len(check) != imported:
+                raise ImgsimError(f"import of {path} is incomplete")
+        os.replace(staged_faiss, faiss_path)
+        try:
+            os.link(staged_sqlite, sqlite_path)
+        except FileExistsError:
+            raise ImgsimError(f"an index appeared at {sqlite_path} meanwhile: import into a new --index") from None
+    finally:
+        for leftover in (staged_faiss, staged_sqlite, Path(f"{staged_sqlite}-wal"), Path(f"{staged_sqlite}-shm")):
+            leftover.unlink(missing_ok=True)
+    return imported
+
+
+def _has_labels_table(store) -> bool:
+    return {"image_id", "label"} <= {row[1] for row in store.conn.execute("PRAGMA table_info(labels)")}
+
+
+def _check_schema(path, arrow_schema, dim: int) -> None:
+    pa = _pa()
+    for needed in ("id", "path", "vector"):
+        if needed not in arrow_schema.names:
+            raise ImgsimError(f"{path} has no {needed!r} column")
+    vector_type = arrow_schema.field("vector").type
+    if not pa.types.is_fixed_size_list(vector_type) or not pa.types.is_float32(vector_type.value_type):
+        raise ImgsimError(f"{path}: column 'vector' is {vector_type}, not a fixed-size list of float32")
+    if vector_type.list_size != dim:
+        raise ImgsimError(f"{path}: its vectors have {vector_type.list_size} dimensions; the model gives {dim}")
+    if not pa.types.is_integer(arrow_schema.field("id").type):
+        raise ImgsimError(f"{path}: column 'id' is not an integer column")
+
+
+def _checked_rows(path, record_batch, names: list[str], dim: int, offset: int):
+    """One record batch as rows to insert, after checking every value imgsim relies on."""
+    pa = _pa()
+    n = record_batch.num_rows
+    if n == 0:
+        return [], [], np.empty((0, dim), np.float32), []
+    columns = {name: record_batch.column(name) for name in record_batch.schema.names}
+    ids_array = columns["id"]
+    vector_array = columns["vector"]
+    if ids_array.null_count or vector_array.null_count:
+        raise ImgsimError(f"{path}: rows {offset + 1}-{offset + n} have missing ids or vectors")
+    ids = [int(i) for i in ids_array.to_numpy(zero_copy_only=False)]
+    if min(ids) < 1 or max(ids) >= 2**63 - 1:
+        raise ImgsimError(f"{path}: image ids must be positive integers")
+    flat = vector_array.flatten()
+    vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype="<f4").reshape(n, dim)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ImgsimError(f"{path}: the vector of image {ids[row]} has NaN or infinite values")
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    off = np.abs(norms - 1.0) > UNIT_TOLERANCE
+    if off.any():
+        row = int(np.argmax(off))
+        raise ImgsimError(f"{path}: the vector of image {ids[row]} is not unit length (norm {norms[row]:.4g}); "
+                          f"imgsim vectors are L2-normalised")
+    raw_paths = columns["path_bytes"].to_pylist() if "path_bytes" in columns else [None] * n
+    values = []
+    for name in names:
+        column = columns[name]
+        if name == "path":
+            texts = column.to_pylist()
+            if any(not t and not raw for t, raw in zip(texts, raw_paths)):
+                raise ImgsimError(f"{path}: rows {offset + 1}-{offset + n} include an empty path")
+            values.append([raw if raw else t for t, raw in zip(texts, raw_paths)])
+        elif pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):
+            raise ImgsimError(f"{path}: column {name!r} holds lists, not single values")
+        else:
+            values.append(column.to_pylist())
+    rows = [(image_id, *row) for image_id, row in zip(ids, zip(*values))] if names else [(i,) for i in ids]
+    labels = columns["labels"].to_pylist() if "labels" in columns else [None] * n
+    return ids, rows, vectors, labels
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
