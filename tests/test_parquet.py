@@ -44,10 +44,9 @@ def big_index(tmp_path, photos):
 
 
 def test_round_trip_gives_identical_search_results(tmp_path, big_index, photos):
-    with Index.open(big_index) as index:  # a column added by a later migration, and labels
-        index.store.conn.execute("ALTER TABLE images ADD COLUMN camera TEXT")
-        index.store.conn.execute("UPDATE images SET camera = 'X100' WHERE id % 3 = 0")
-        index.store.conn.execute("CREATE TABLE labels (image_id INTEGER, label TEXT)")
+    with Index.open(big_index) as index:  # a column added by some later migration, metadata, and labels
+        index.store.conn.execute("ALTER TABLE images ADD COLUMN rating INTEGER")
+        index.store.conn.execute("UPDATE images SET rating = id % 5, camera = 'X100' WHERE id % 3 = 0")
         index.store.conn.execute("INSERT INTO labels SELECT id, 'even' FROM images WHERE id % 2 = 0")
     file = tmp_path / "big.parquet"
     result = run("export", "parquet", file, "--index", big_index, "--row-group-size", 64)
@@ -59,7 +58,7 @@ def test_round_trip_gives_identical_search_results(tmp_path, big_index, photos):
     assert meta["manifest"]["model"] == TINY_MODEL and meta["manifest"]["dim"] == 48
     assert meta["manifest"]["center"] is not None and meta["count"] == table.num_rows
     assert table.schema.field("vector").type == pa.list_(pa.float32(), 48)
-    assert {"id", "path", "size", "mtime_ns", "sha256", "width", "height", "format", "camera", "labels"} \
+    assert {"id", "path", "size", "mtime_ns", "sha256", "width", "height", "format", "camera", "rating", "labels"} \
         <= set(table.column_names)
     rows = table.to_pylist()
     assert [r["labels"] for r in rows] == [["even"] if r["id"] % 2 == 0 else [] for r in rows]
