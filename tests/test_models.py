@@ -80,7 +80,11 @@ def test_add_refuses_what_is_not_a_model(install_dir, tmp_path):
     junk.write_bytes(b"not a model")
     result = run("models", "add", TINY_MODEL, junk)
     assert result.exit_code == 1 and "not installed" not in result.stdout
+    assert result.stderr.startswith(f"Error: {junk} is not a usable {TINY_MODEL} model (")
+    assert str(install_dir) not in result.stderr, "the error must name the user's file, not the staged copy"
     assert not (install_dir / "tiny-test.onnx").exists()
+    wrong = run("models", "add", TINY_MODEL, junk, "--sha256", "0" * 64)
+    assert wrong.stderr.startswith(f"Error: sha256 of {junk} is ")
     assert run("models", "add", "vgg99", junk).exit_code == 1
 
 
