@@ -16,11 +16,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 from .errors import ImageError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+_HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
+_AVIF_EXTENSIONS = frozenset({".avif"})
+
+
+def _register_heif() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with Pillow when it is installed (``imgsim[heif]``)."""
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    except Exception:  # not installed, or a build that cannot load its libheif
+        return False
+    return True
+
+
+HEIF_SUPPORTED = _register_heif()
+"""HEIC/HEIF files (what phones write) are decoded: pillow-heif is installed."""
+AVIF_SUPPORTED = "avif" in features.modules and bool(features.check_module("avif"))
+"""AVIF files are decoded: this Pillow was built with libavif (`PIL.features.check("avif")`)."""
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+                             | (_HEIF_EXTENSIONS if HEIF_SUPPORTED else frozenset())
+                             | (_AVIF_EXTENSIONS if AVIF_SUPPORTED else frozenset()))
+"""The file name extensions (lower case) that discovery picks up: what this installation decodes."""
+
+_UNSUPPORTED = {
+    **{ext: "SVG is a vector format, not supported" for ext in (".svg", ".svgz")},
+    ".jxl": "JPEG XL is not supported",
+    **{ext: "HEIC/HEIF needs pillow-heif: pip install 'imgsim[heif]'" for ext in _HEIF_EXTENSIONS},
+    ".avif": "AVIF needs a Pillow built with AVIF support (PIL.features.check('avif') is False here)",
+    **{ext: "camera raw files are not supported" for ext in (".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                                                               ".rw2", ".raf")},
+    ".psd": "Photoshop files are not supported",
+}
 DEFAULT_MAX_PIXELS = 150_000_000
 """Images whose header claims more pixels than this are refused before decoding (decompression bombs)."""
 
@@ -93,12 +126,23 @@ def has_image_extension(path: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
-def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+def unsupported_reason(path: str | os.PathLike) -> str | None:
+    """Why imgsim does not index this image file (SVG, JPEG XL, camera raw, and HEIC or AVIF where
+    this installation cannot decode them), or None if it is not such a file: a supported image or
+    no image at all. The reason is the same for every file of a kind, so reasons can be counted."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    return None if ext in IMAGE_EXTENSIONS else _UNSUPPORTED.get(ext)
+
+
+def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | None = None,
+             on_unsupported: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
     """Yield the image files under `folder`, recursively, in a stable sorted order.
 
     Hidden files and folders are skipped. Symbolic links are followed, but a folder already
     visited (a symlink loop, or two links to one place) is walked only once. A folder that cannot
     be read is passed to `on_error(path, reason)`, so that nothing under it is taken as deleted.
+    An image file imgsim cannot decode is passed to `on_unsupported(path, unsupported_reason(path))`
+    (and not yielded); other files are ignored.
     """
     root = Path(folder)
     seen: set[tuple[int, int]] = set()
@@ -132,17 +176,21 @@ def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | 
                 yield from walk(path)
             elif has_image_extension(entry.name):
                 yield path
+            elif on_unsupported and (reason := unsupported_reason(entry.name)):
+                on_unsupported(path, reason)
 
     yield from walk(root)
 
 
 def expand(sources: Iterable[str | os.PathLike],
-           on_error: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
-    """Yield image files from a mix of files and folders; a folder is walked with `discover`."""
+           on_error: Callable[[Path, str], None] | None = None,
+           on_unsupported: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+    """Yield image files from a mix of files and folders; a folder is walked with `discover`.
+    A file named explicitly is always yielded (decoding it says what is wrong with it)."""
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            yield from discover(path, on_error)
+            yield from discover(path, on_error, on_unsupported)
         else:
             yield path
 
@@ -179,7 +227,7 @@ def decode(path: str | os.PathLike, min_side: int = 0, max_pixels: int = DEFAULT
         limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
         raise ImageError(f"pixel count is over the limit of {limit:,} (a decompression bomb?)") from None
     except Exception as e:  # Pillow raises many types for bad data: all mean "not a readable image".
-        raise ImageError(_reason(e)) from None
+        raise ImageError(_reason(e, path)) from None
     if rgb.width < 1 or rgb.height < 1:
         raise ImageError("image has no pixels")
     return Decoded(rgb, width, height, fmt)
@@ -191,10 +239,10 @@ def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: Exception, path: str) -> str:
     text = str(e) or type(e).__name__
     if "cannot identify image file" in text:
-        return "not an image (unrecognised format)"
+        return unsupported_reason(path) or "not an image (unrecognised format)"
     return text.splitlines()[0]
 
 
