@@ -72,7 +72,7 @@ CATALOGUE: dict[str, ModelSpec] = {
             dim=1280,
             preprocess=_LITE_PREPROCESS,
             description="EfficientNet-Lite0, static INT8 (QDQ, per-channel), 2x faster (bundled)",
-            sha256="bd9c077ee9224c90e49ac417ec33820340217d216a64db5a8a274b22a7cffa02",
+            sha256="e63db1b1fdbfe7c2cd5faee81f7e0d217712a680ab8e98a502ef657910c65acb",
             how_to_get="it ships with imgsim: reinstall imgsim, or see models/README.md",
         ),
         ModelSpec(
