@@ -19,11 +19,44 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 from .errors import ImageError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+_HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
+_AVIF_EXTENSIONS = frozenset({".avif"})
+
+
+def _register_heif() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with Pillow when it is installed (``imgsim[heif]``)."""
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    except Exception:  # not installed, or a build that cannot load its libheif
+        return False
+    return True
+
+
+HEIF_SUPPORTED = _register_heif()
+"""HEIC/HEIF files (what phones write) are decoded: pillow-heif is installed."""
+AVIF_SUPPORTED = "avif" in features.modules and bool(features.check_module("avif"))
+"""AVIF files are decoded: this Pillow was built with libavif (`PIL.features.check("avif")`)."""
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+                             | (_HEIF_EXTENSIONS if HEIF_SUPPORTED else frozenset())
+                             | (_AVIF_EXTENSIONS if AVIF_SUPPORTED else frozenset()))
+"""The file name extensions (lower case) that discovery picks up: what this installation decodes."""
+
+_UNSUPPORTED = {
+    **{ext: "SVG is a vector format, not supported" for ext in (".svg", ".svgz")},
+    ".jxl": "JPEG XL is not supported",
+    **{ext: "HEIC/HEIF needs pillow-heif: pip install 'imgsim[heif]'" for ext in _HEIF_EXTENSIONS},
+    ".avif": "AVIF needs a Pillow built with AVIF support (PIL.features.check('avif') is False here)",
+    **{ext: "camera raw files are not supported" for ext in (".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                                                               ".rw2", ".raf")},
+    ".psd": "Photoshop files are not supported",
+}
 DEFAULT_MAX_PIXELS = 150_000_000
 """Images whose header claims more pixels than this are refused before decoding (decompression bombs)."""
 
@@ -106,8 +139,16 @@ def excluded(relative: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def unsupported_reason(path: str | os.PathLike) -> str | None:
+    """Why imgsim does not index this image file (SVG, JPEG XL, camera raw, and HEIC or AVIF where
+    this installation cannot decode them), or None if it is not such a file: a supported image or
+    no image at all. The reason is the same for every file of a kind, so reasons can be counted."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    return None if ext in IMAGE_EXTENSIONS else _UNSUPPORTED.get(ext)
+
+
 def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | None = None,
-             exclude: tuple[str, ...] = ()) -> Iterator[Path]:
+             exclude: tuple[str, ...] = (), on_unsupported: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
     """Yield the image files under `folder`, recursively, in a stable sorted order.
 
     Hidden files and folders are skipped, and so are files and folders matching an `exclude` glob.
@@ -115,7 +156,9 @@ def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | 
     inside `folder` is skipped, since the target is found under its own name; a link to something
     outside is followed and yields paths under the link's name, once (a place reached again through
     another link, or a loop, is not walked again). A folder that cannot be read is passed to
-    `on_error(path, reason)`, so that nothing under it is taken as deleted.
+    `on_error(path, reason)`, so that nothing under it is taken as deleted. An image file imgsim
+    cannot decode is passed to `on_unsupported(path, unsupported_reason(path))` (and not yielded);
+    other files are ignored.
     """
     root = Path(folder)
     inside = os.path.join(os.path.realpath(folder), "")
@@ -170,17 +213,20 @@ def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | 
                 yield from walk(path, through_link or entry.is_symlink())
             elif has_image_extension(entry.name):
                 yield path
+            elif on_unsupported and (reason := unsupported_reason(entry.name)):
+                on_unsupported(path, reason)
 
     yield from walk(root)
 
 
 def expand(sources: Iterable[str | os.PathLike], on_error: Callable[[Path, str], None] | None = None,
-           exclude: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield image files from a mix of files and folders; a folder is walked with `discover`."""
+           exclude: tuple[str, ...] = (), on_unsupported: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+    """Yield image files from a mix of files and folders; a folder is walked with `discover`.
+    A file named explicitly is always yielded (decoding it says what is wrong with it), unless excluded."""
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            yield from discover(path, on_error, exclude)
+            yield from discover(path, on_error, exclude, on_unsupported)
         elif not (exclude and excluded(path.name, exclude)):
             yield path
 
@@ -224,7 +270,7 @@ def decode_stream(source: str | BinaryIO, min_side: int = 0, max_pixels: int = D
         limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
         raise ImageError(f"pixel count is over the limit of {limit:,} (a decompression bomb?)") from None
     except Exception as e:  # Pillow raises many types for bad data: all mean "not a readable image".
-        raise ImageError(_reason(e)) from None
+        raise ImageError(_reason(e, source if isinstance(source, (str, os.PathLike)) else "")) from None
     if rgb.width < 1 or rgb.height < 1:
         raise ImageError("image has no pixels")
     return Decoded(rgb, width, height, fmt, taken, camera)
@@ -274,10 +320,10 @@ def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: Exception, path: str | os.PathLike) -> str:
     text = str(e) or type(e).__name__
     if "cannot identify image file" in text:
-        return "not an image (unrecognised format)"
+        return unsupported_reason(path) or "not an image (unrecognised format)"
     return text.splitlines()[0]
 
 

@@ -153,6 +153,9 @@ class SyncReport:
     failed: int = 0
     embedded: int = 0
     known_failures: int = 0
+    unsupported: int = 0
+    """Image files of kinds imgsim cannot decode here (SVG, JPEG XL, camera raw, HEIC without the
+    heif extra...), left out."""
     """Files that failed before and are unchanged since: not tried again (see `retry_failed`)."""
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -420,9 +423,11 @@ class Index:
             self._set_root(folders[0] if folders else Path(os.path.commonpath([s.resolve().parent for s in sources])))
         report = SyncReport()
         unreadable: list[tuple[str, str]] = []
-        files = imgs.expand(sources, on_error=lambda path, reason: unreadable.append((str(path), reason)),
-                            exclude=tuple(exclude))
-        files = list(files)
+        unsupported: list[tuple[str, str]] = []
+        files = list(imgs.expand(sources, on_error=lambda path, reason: unreadable.append((str(path), reason)),
+                                 exclude=tuple(exclude),
+                                 on_unsupported=lambda path, reason: unsupported.append((str(path), reason))))
+        report.unsupported = len(unsupported)
         walked = [self._key(s.resolve()) for s in sources if s.is_dir()]
         plan = plan_sync(files, self._store, key=self._key, resolve=self.resolve,
                          walked_prefixes=walked if remove_missing else None,

@@ -66,7 +66,7 @@ def install_file(name: str, source: str | os.PathLike, sha256: str | None = None
     with _staging(spec) as (tmp, destination):
         with open(source, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        return _verify_and_commit(spec, tmp, destination, sha256)
+        return _verify_and_commit(spec, tmp, destination, sha256, str(source))
 
 
 def install_url(name: str, url: str, sha256: str, timeout: float = 60.0) -> Path:
@@ -80,7 +80,7 @@ def install_url(name: str, url: str, sha256: str, timeout: float = 60.0) -> Path
                 shutil.copyfileobj(response, dst, 1 << 20)
         except OSError as e:
             raise ModelError(f"download of {url} failed: {getattr(e, 'reason', None) or e}") from None
-        return _verify_and_commit(spec, tmp, destination, sha256)
+        return _verify_and_commit(spec, tmp, destination, sha256, url)
 
 
 class _staging:
@@ -103,26 +103,28 @@ class _staging:
         self.tmp.unlink(missing_ok=True)
 
 
-def _verify_and_commit(spec: ModelSpec, tmp: Path, destination: Path, sha256: str | None) -> Path:
+def _verify_and_commit(spec: ModelSpec, tmp: Path, destination: Path, sha256: str | None, source: str) -> Path:
+    """Check the staged copy `tmp` of `source` (the user's file or URL, which errors name) and
+    rename it to `destination`."""
     digest = file_sha256(tmp)
-    for expected, source in ((sha256, "the given checksum"), (spec.sha256, "the catalogue's checksum")):
+    for expected, which in ((sha256, "the given checksum"), (spec.sha256, "the catalogue's checksum")):
         if expected and digest != expected.lower():
-            raise ModelError(f"sha256 of the file is {digest}, which does not match {source} {expected}: not installed")
-    model = Model(spec, tmp, digest)
-    _check_output(model)
+            raise ModelError(f"sha256 of {source} is {digest}, which does not match {which} {expected}: not installed")
+    _check_output(Model(spec, tmp, digest), source)
     os.replace(tmp, destination)
     return destination
 
 
-def _check_output(model: Model) -> None:
+def _check_output(model: Model, source: str) -> None:
     import numpy as np
 
     size = model.preprocess.size
     try:
         out = model.embed(np.zeros((1, 3, size, size), np.float32))
-    except ModelError:
-        raise
-    except Exception as e:  # onnxruntime raises its own types for a graph without the expected names
-        raise ModelError(f"the file is not a usable {model.name} model: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # onnxruntime raises its own types for a file or graph it cannot use
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = reason.replace(f"model file {model.path} could not be loaded by onnxruntime: ", "")
+        reason = reason.replace(str(model.path), source)  # onnxruntime names the staged copy
+        raise ModelError(f"{source} is not a usable {model.name} model ({reason}): not installed") from None
     if out.shape != (1, model.dim):
-        raise ModelError(f"the file gives {out.shape[1]}-d embeddings; {model.name} has {model.dim}: not installed")
+        raise ModelError(f"{source} gives {out.shape[1]}-d embeddings; {model.name} has {model.dim}: not installed")

@@ -20,6 +20,8 @@ from .images import Preprocess
 
 MODELS_ENV = "IMGSIM_MODELS"
 """Environment variable naming an extra folder of model files."""
+TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+"""Set to 1 (unless already set) before onnxruntime is imported: see `onnxruntime_module`."""
 
 # Whole-image resizing after trimming plain borders, and GeM pooling (p=3), were chosen by
 # scripts/eval_retrieval.py over centre crop and average pooling: see "How good is it" in README.md.
@@ -70,7 +72,7 @@ CATALOGUE: dict[str, ModelSpec] = {
             dim=1280,
             preprocess=_LITE_PREPROCESS,
             description="EfficientNet-Lite0, static INT8 (QDQ, per-channel), 2x faster (bundled)",
-            sha256="bd9c077ee9224c90e49ac417ec33820340217d216a64db5a8a274b22a7cffa02",
+            sha256="e63db1b1fdbfe7c2cd5faee81f7e0d217712a680ab8e98a502ef657910c65acb",
             how_to_get="it ships with imgsim: reinstall imgsim, or see models/README.md",
         ),
         ModelSpec(
@@ -180,8 +182,7 @@ class Model:
 
     @cached_property
     def _session(self):
-        import onnxruntime as ort
-
+        ort = onnxruntime_module()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = available_cpus()
@@ -204,6 +205,24 @@ class Model:
             (feature_map,) = self._session.run(["feature_map"], feed)
             out = gem(feature_map, self._gem_p)
         return normalize(out.reshape(len(batch), -1))
+
+
+def onnxruntime_module():
+    """onnxruntime, imported with its telemetry off.
+
+    On import, onnxruntime (1.2x and later on Linux too) starts a telemetry client that stores a
+    device id and an event database under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` and,
+    where the home folder is not writable, prints a warning on every run. imgsim is offline and
+    writes nothing it was not asked to: ``ORT_DISABLE_TELEMETRY=1`` (read at import; a value the
+    user set is kept) turns the client off. If the caller imported onnxruntime first, the
+    variable comes too late, and `disable_telemetry_events` is what remains.
+    """
+    os.environ.setdefault(TELEMETRY_ENV, "1")
+    import onnxruntime
+
+    if os.environ[TELEMETRY_ENV] == "1":
+        onnxruntime.disable_telemetry_events()
+    return onnxruntime
 
 
 def parse_pooling(pooling: str) -> float | None:

@@ -123,8 +123,10 @@ def quantize(model: Path, output: Path, calibration: np.ndarray, *, activations:
         quantize_static(str(prepared), str(quantized), BatchReader(calibration, BATCH if method == "minmax" else 1),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=ACTIVATIONS[activations],
-                        calibrate_method=METHODS[method], nodes_to_exclude=exclude,
-                        extra_options={"CalibMaxIntermediateOutputs": 4})
+                        calibrate_method=METHODS[method], nodes_to_exclude=exclude)
+        # No ``CalibMaxIntermediateOutputs``: with it, onnxruntime's MinMax calibrator drops what it
+        # collected every N batches without computing ranges (onnxruntime issue 18893), so only the
+        # last partial group counted. It keeps just a min and a max per tensor and batch anyway.
         result = onnx.load(str(quantized))
     props = {p.key: p.value for p in source.metadata_props}
     props["quantization"] = (f"onnxruntime {ort.__version__} quantize_static: QDQ, per-channel int8 weights, "

@@ -6,7 +6,12 @@ import functools
 import hashlib
 import http.server
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -74,7 +79,11 @@ def test_add_refuses_what_is_not_a_model(install_dir, tmp_path):
     junk.write_bytes(b"not a model")
     result = run("models", "add", TINY_MODEL, junk)
     assert result.exit_code == 1 and "not installed" not in result.stdout
+    assert result.stderr.startswith(f"Error: {junk} is not a usable {TINY_MODEL} model (")
+    assert str(install_dir) not in result.stderr, "the error must name the user's file, not the staged copy"
     assert not (install_dir / "tiny-test.onnx").exists()
+    wrong = run("models", "add", TINY_MODEL, junk, "--sha256", "0" * 64)
+    assert wrong.stderr.startswith(f"Error: sha256 of {junk} is ")
     assert run("models", "add", "vgg99", junk).exit_code == 1
 
 
@@ -90,3 +99,41 @@ def test_default_is_resnet50_once_installed(install_dir, tmp_path, photos):
     install_dir.mkdir()
     (install_dir / "resnet50.onnx").write_bytes(b"placeholder")
     assert default_model() == ("resnet50", "its ONNX file is installed")
+
+
+def test_onnxruntime_writes_and_prints_nothing(tiny_index_in_subprocess, tmp_path):
+    """onnxruntime's telemetry client stores a device id under ~/.cache, and prints a warning on
+    every run where it cannot. imgsim turns it off: a home folder stays empty, and an unwritable
+    one (as root, a process without root's capabilities) gets no warning."""
+    command, photos = tiny_index_in_subprocess
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("index", "search"):
+        args = ["index", str(photos), "--model", TINY_MODEL] if name == "index" else ["search", str(photos / "coffee.jpg"), "-k", "1"]
+        done = subprocess.run([*command, *args], capture_output=True, text=True, env=_env(tmp_path, home))
+        assert done.returncode == 0, done.stderr
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+
+    os.chmod(home, 0o555)
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("needs setpriv (util-linux) to drop root's capabilities")
+        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+    done = subprocess.run([*prefix, *command, "search", str(photos / "coffee.jpg"), "-k", "1"],
+                          capture_output=True, text=True, env=_env(tmp_path, home))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.split()[2].endswith("coffee.jpg")
+
+
+def _env(tmp_path, home) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "ORT_"))}
+    return {**env, "HOME": str(home), "IMGSIM_INDEX": str(tmp_path / "i")}
+
+
+@pytest.fixture
+def tiny_index_in_subprocess(photos, tiny_model_dir, monkeypatch):
+    """The imgsim CLI with the tiny model registered, as a separate process (tests/tiny_model.py)."""
+    monkeypatch.setenv("IMGSIM_MODELS", str(tiny_model_dir))
+    return [sys.executable, str(Path(__file__).with_name("tiny_model.py"))], photos

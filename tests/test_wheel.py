@@ -7,6 +7,7 @@ import subprocess
 import sys
 import sysconfig
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,21 @@ def test_wheel_carries_the_model_and_works_from_elsewhere(wheel_env, photos, tmp
     out = subprocess.run([*cli, "search", str(photos / "rocket.jpg"), "--index", "w", "-k", "1"], cwd=tmp_path,
                          env=env, check=True, capture_output=True, text=True).stdout
     assert out.split()[2].endswith("rocket.jpg")
+
+
+def test_wheel_carries_the_licence_and_the_models_readme(wheel_env):
+    """The project's Apache-2.0 text, and models/README.md (each bundled model's source, licence and
+    checksum) beside the model files."""
+    _, wheel = wheel_env
+    with zipfile.ZipFile(wheel) as whl:
+        names = whl.namelist()
+        licences = [n for n in names if ".dist-info/" in n and n.rsplit("/", 1)[-1] == "LICENSE"]
+        assert len(licences) == 1, names
+        assert whl.read(licences[0]) == (REPO / "LICENSE").read_bytes()
+        assert whl.read("imgsim/_models/README.md") == (REPO / "models" / "README.md").read_bytes()
+    text = (REPO / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License\n") and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_gitignore_lists_what_the_readme_quickstart_writes():
+    assert "samples/" in (REPO / ".gitignore").read_text().splitlines()
