@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .dupes import DEFAULT_THRESHOLD
 from .errors import ImgsimError
 from .filters import Filter
 from .images import DEFAULT_MAX_PIXELS
@@ -284,7 +285,8 @@ def dupe_line(group) -> str:
 @cli.command()
 @index_option
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
-              help="Pairs scoring at least this are duplicates (default 0.90, measured; see the README).")
+              help=f"Pairs scoring at least this are duplicates (default {DEFAULT_THRESHOLD}, measured: see the "
+              "README).")
 @click.option("--min-size", type=ByteSize(), default=0, help="Ignore files smaller than this (e.g. 20KB).")
 @click.option("--reference", multiple=True, metavar="DIR", help="A folder of originals (relative to the index "
               "root): its files are always the keeper and never moved. Repeat for several.")
@@ -532,6 +534,7 @@ def selection_of(filter: Filter):
 
 
 @cli.group("export")
+@quiet_option
 def export_group():
     """Hand the index to other engines: a Parquet file, or a Qdrant collection kept in sync."""
 
@@ -606,6 +609,7 @@ def export_qdrant_cmd(url, api_key_env, local_path, collection, index_path, batc
 
 
 @cli.group("import")
+@quiet_option
 def import_group():
     """Build an index from an exported file."""
 

@@ -23,7 +23,7 @@ import numpy as np
 from .errors import ImgsimError
 from .filters import Filter
 
-DEFAULT_THRESHOLD = 0.90
+DEFAULT_THRESHOLD = 0.80
 """Pairs scoring at least this are duplicates. Chosen with scripts/eval_dupes.py on real photos:
 see "Duplicates" in README.md for the precision and recall of pairs at each threshold."""
 
