@@ -562,15 +562,19 @@ class Index:
             if rows:
                 return list(rows.values())
         path = Path(os.path.expanduser(text))
-        keys = [self._key(path.resolve())] if path.exists() else []
-        keys.append(Path(text).as_posix())
-        for key in keys:
+        # (stored key, whether it names a folder on disk): the file or folder as it is on disk, then the
+        # text as a stored path. A stored "." means nothing; the root folder given on disk means everything.
+        keys = [(self._key(path.resolve()), path.is_dir())] if path.exists() else []
+        keys.append((Path(text).as_posix(), None))
+        for key, is_dir in keys:
             row = self._store.row_by_path(key)
             if row is not None:
                 return [row]
+            if is_dir is False or key.startswith("/") or (key in ("", ".") and not is_dir):
+                continue
             where, params = Filter(folders=(key,)).where()
-            rows = list(self._store.rows_where(where, params)) if not key.startswith("/") else []
-            if rows and key not in ("", "."):
+            rows = list(self._store.rows_where(where, params))
+            if rows:
                 return rows
         raise ImgsimError(f"{text} is not in this index (see `imgsim list`)")
 

@@ -242,3 +242,10 @@ def test_old_index_is_migrated_with_its_metadata(tmp_path, photos):
         assert index.info()["format_version"] == 2
     assert all(r["name"] == r["path"] and r["folder"] == "" and r["date"] for r in records)
     assert len(records) == len(os.listdir(photos)) and np.all([r["labels"] == [] for r in records])
+
+
+def test_labelling_the_root_folder_labels_everything(writable, library, monkeypatch):
+    monkeypatch.chdir(library.parent)
+    result = run("label", "library", "--add", "all", "--index", writable)
+    assert result.exit_code == 0 and result.stdout == f"labelled {sum(1 for p in library.rglob('*') if p.is_file())} images\n"
+    assert run("label", ".", "--add", "x", "--index", writable).exit_code == 1  # "." as a stored path is nothing
