@@ -198,14 +198,17 @@ def print_results(printer: Printer, query: str, results: list[SearchResult], man
         printer(result.to_dict())
 
 
+def result_options(f):
+    """What every command that prints search results takes: the index, the search options and
+    filters, --root, and the output formats."""
+    for option in (quiet_option, format_option, html_option, root_option, search_options, index_option):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @click.argument("queries", nargs=-1, required=True, metavar="QUERY...")
-@index_option
-@search_options
-@root_option
-@html_option
-@format_option
-@quiet_option
+@result_options
 def search(queries, index_path, k, min_score, exact, ef, root, html_file, fmt, **filters):
     """Find the indexed images most similar to each QUERY: image files, or folders of them.
 
@@ -236,12 +239,7 @@ def search(queries, index_path, k, min_score, exact, ef, root, html_file, fmt, *
 
 @cli.command()
 @click.argument("image", metavar="PATH_OR_ID")
-@index_option
-@search_options
-@root_option
-@html_option
-@format_option
-@quiet_option
+@result_options
 def similar(image, index_path, k, min_score, exact, ef, root, html_file, fmt, **filters):
     """Find the images most like one that is already indexed (its path or id), without embedding it again."""
     filter = make_filter(filters)
