@@ -62,7 +62,7 @@ CATALOGUE: dict[str, ModelSpec] = {
             preprocess=_LITE_PREPROCESS,
             description="EfficientNet-Lite0, ImageNet weights, fp32 (bundled)",
             sha256="b4e688f1897f4e4c828a200f4bda4f1383246818f726ed94248a7777ecf3bbc6",
-            how_to_get="it ships with imgsim: reinstall imgsim, or run scripts/convert_efficientnet_lite0.py",
+            how_to_get="it ships with imgsim: reinstall imgsim, or run scripts/convert_efficientnet_lite.py",
         ),
         ModelSpec(
             name="efficientnet-lite0-int8",
@@ -72,6 +72,24 @@ CATALOGUE: dict[str, ModelSpec] = {
             description="EfficientNet-Lite0, static INT8 (QDQ, per-channel), 2x faster (bundled)",
             sha256="bd9c077ee9224c90e49ac417ec33820340217d216a64db5a8a274b22a7cffa02",
             how_to_get="it ships with imgsim: reinstall imgsim, or see models/README.md",
+        ),
+        ModelSpec(
+            name="efficientnet-lite1",
+            filename="efficientnet-lite1.onnx",
+            dim=1280,
+            preprocess=_LITE_PREPROCESS,
+            description="EfficientNet-Lite1, ImageNet weights, fp32",
+            sha256="07794393b507d5f15d81dee448e14e09aec2e3f57819b6623eb7b60ab113a228",
+            how_to_get="run scripts/convert_efficientnet_lite.py --variant lite1 (see models/README.md)",
+        ),
+        ModelSpec(
+            name="efficientnet-lite2",
+            filename="efficientnet-lite2.onnx",
+            dim=1280,
+            preprocess=_LITE_PREPROCESS,
+            description="EfficientNet-Lite2, ImageNet weights, fp32",
+            sha256="39d4180179c28d69c7cd2e55cbea93d53a1e5a17c414037e7906c0549ab91bd8",
+            how_to_get="run scripts/convert_efficientnet_lite.py --variant lite2 (see models/README.md)",
         ),
         ModelSpec(
             name="resnet50",
