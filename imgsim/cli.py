@@ -236,15 +236,19 @@ def models(ctx, as_json):
     if ctx.invoked_subcommand is not None:
         return
     from .installer import catalogue_status
+    from .models import default_model
 
+    default, why = default_model()
     for entry in catalogue_status():
         data = entry.to_dict()
         if as_json:
-            emit(data)
+            emit({**data, "default": data["name"] == default})
             continue
         verified = {True: "sha256 verified", False: "sha256 MISMATCH", None: "no published sha256"}[entry.verified]
         where = f"{data['path']} ({data['bytes'] / 1e6:.1f} MB, {verified})" if data["installed"] else "not installed"
         click.echo(f"{data['name']:<24} {data['dimensions']:>5}-d  {data['input_size']}px  {where}")
+    if not as_json:
+        click.echo(f"default: {default} ({why})")
 
 
 @models.command("add")

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from imgsim.cli import cli
-from imgsim.models import default_model
+from imgsim.errors import ModelError
+from imgsim.models import default_model, parse_pooling, pooling_regions, regions
 
 from .conftest import TINY_MODEL
 
@@ -92,7 +93,25 @@ def test_add_usage_errors(tmp_path):
 def test_default_is_resnet50_once_installed(install_dir, tmp_path, photos):
     assert default_model()[0] == "efficientnet-lite0"
     result = CliRunner().invoke(cli, ["index", str(photos), "--index", str(tmp_path / "a")])
-    assert "model: efficientnet-lite0 (bundled; resnet50.onnx is not installed)" in result.stderr
+    assert "model: efficientnet-lite0 (bundled; " in result.stderr
+    assert "resnet50.onnx is not installed)" in result.stderr
     install_dir.mkdir()
     (install_dir / "resnet50.onnx").write_bytes(b"placeholder")
     assert default_model() == ("resnet50", "its ONNX file is installed")
+
+
+def test_pooling_names_with_regions():
+    assert parse_pooling("gem3") == 3.0 and pooling_regions("gem3") == (0, 0)
+    assert parse_pooling("gem3-rmac3-creg60") == 3.0 and pooling_regions("gem3-rmac3-creg60") == (3, 60)
+    for bad in ("gem3-wobble", "gem3-rmac9", "gem3-creg5"):
+        with pytest.raises(ModelError):
+            parse_pooling(bad)
+    assert regions(7, 7) == [(0, 0, 7, 7)]
+    assert regions(7, 7, 2) == [(0, 0, 7, 7), (0, 0, 5, 5), (0, 2, 5, 5), (2, 0, 5, 5), (2, 2, 5, 5)]
+    assert regions(7, 7, 1, 60) == [(0, 0, 7, 7), (1, 1, 4, 4)]
+
+
+def test_the_default_model_and_why_are_listed():
+    result = CliRunner().invoke(cli, ["models"])
+    assert result.exit_code == 0
+    assert "default: efficientnet-lite0" in result.output
