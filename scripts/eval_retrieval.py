@@ -15,7 +15,12 @@ FOLDER's immediate sub-folders are labels (files directly in FOLDER have none). 
    by 3-15 degrees with black or white borders, Gaussian blur, brightness x0.5-0.75 or x1.3-1.7,
    a caption band over the bottom 12-22%, letterbox or pillarbox bars, stretching by 1.25-1.6,
    the picture pasted at 35-60% onto a plain canvas, EXIF-rotated storage (a phone photo), and
-   combinations of two or three everyday edits.
+   combinations of two or three everyday edits. `--hard` adds, for every image, the hard ones
+   (HARD_ALTERATIONS): a Gaussian blur of 0.7, 1 or 1.5% of the width, the centre 70, 60 or 50% of
+   each side in greyscale, a turn by 10, 15 or 20 degrees with black corners, one of these with an
+   everyday edit, and two of these at once; they are also reported per family (blur, greycrop, rot,
+   combined). `--width 300` first makes the originals small web pictures (300 pixels wide, JPEG);
+   `--width full,300` runs both.
 2. Categories. Every image whose label has at least one other member is a query; precision@10 is
    the share of its 10 nearest neighbours (itself and byte-identical copies excluded) that share
    its label, next to what random neighbours would give (chance).
@@ -38,6 +43,16 @@ model's ``feature_map`` output and exact search, spelled as dash-separated parts
     bicubic        bicubic instead of the model's interpolation
     trim           cut plain-coloured margins (letterbox bars, a plain background, the white page
                    around clip-art) off every image before resizing
+    rmac3          R-MAC regions (levels 1-3) of the feature map, each pooled and normalised, summed
+    creg60         the centre 60% of the feature map pooled and summed with the whole map
+    regmax3        index: R-MAC regions (levels 1-3) stored as separate vectors; an image scores by its best
+    dbcentre60     index vectors: the mean of the whole image's and its centre 60%'s (queries unchanged);
+                   dbgrey: of its greyscale copy; bothcentre60, bothgrey: queries too
+    qmirror        query vectors: the mean of the query's and its mirror's (index unchanged)
+    qunrot15       queries: the best score of the query as is and un-rotated by +-15 degrees
+    qe2            query expansion: re-search with the mean of the query and its top 2 (category queries
+                   leave themselves out)
+    dba1           database-side augmentation: index vectors are the mean of themselves and their top 1
 
 Timings are per image on this machine: decode + preprocess + inference for indexing (index ms) and
 for one query (query ms); for ``imgsim`` the indexing figure is `SyncReport` seconds / image.
