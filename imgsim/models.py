@@ -154,7 +154,7 @@ def default_model() -> tuple[str, str]:
     if find_file(CATALOGUE["resnet50"]) is not None:
         return "resnet50", "its ONNX file is installed"
     return BUNDLED_MODEL, ("bundled; on the evaluation harness efficientnet-lite1/-lite2 found no more "
-                           "near-duplicates for 1.3-2x the time; resnet50.onnx is not installed")
+                           "near-duplicates for 1.4-1.6x the model time; resnet50.onnx is not installed")
 
 
 @dataclass
