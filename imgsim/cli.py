@@ -149,6 +149,8 @@ def progress_bar(label: str):
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders matching this pattern "
               "(relative path or name, e.g. '*.gif' or 'raw/*'). Repeat for several.")
 @click.option("--label-from-folder", is_flag=True, help="Label each new image with its folder's name.")
+@click.option("--centre-view", is_flag=True, help="New index: also embed the centre 60% of each "
+              "picture (finds tight crops; indexing ~1.3x slower; an exact copy then scores ~0.93).")
 @click.option("--retry-failed", is_flag=True, help="Try again the files that failed before, even if unchanged.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 if any file could not be indexed.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
@@ -156,8 +158,8 @@ def progress_bar(label: str):
               help="Skip images whose header claims more pixels (decompression bombs).")
 @click.option("--json", "as_json", is_flag=True, help="The summary as one JSON object.")
 @quiet_option
-def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folder, retry_failed, strict, batch_size,
-              max_pixels, as_json):
+def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folder, centre_view, retry_failed, strict,
+              batch_size, max_pixels, as_json):
     """Index the images in FOLDER (recursively), creating the index or bringing it up to date.
 
     Only new and changed files are embedded; moved files keep their vectors; entries for files
@@ -166,7 +168,9 @@ def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folde
     """
     if not Path(folder).is_dir():
         raise click.ClickException(f"image folder {folder} does not exist")
-    with Index.open_or_create(index_path, model=model, root=folder) as index, progress_bar("embedding") as on_progress:
+    views = ("centre60",) if centre_view else None  # None: whatever an existing index was made with
+    with Index.open_or_create(index_path, model=model, root=folder, index_views=views) as index, \
+            progress_bar("embedding") as on_progress:
         report = index.sync(folder, remove_missing=not keep_missing, on_progress=on_progress,
                             on_skip=lambda path, reason: warn(f"skipped {shown(path)}: {reason}"),
                             batch_size=batch_size, max_pixels=max_pixels, exclude=exclude,
@@ -454,15 +458,19 @@ def models(ctx, as_json):
     if ctx.invoked_subcommand is not None:
         return
     from .installer import catalogue_status
+    from .models import default_model
 
+    default, why = default_model()
     for entry in catalogue_status():
         data = entry.to_dict()
         if as_json:
-            Printer("json")(data)
+            Printer("json")({**data, "default": data["name"] == default})
             continue
         verified = {True: "sha256 verified", False: "sha256 MISMATCH", None: "no published sha256"}[entry.verified]
         where = f"{data['path']} ({data['bytes'] / 1e6:.1f} MB, {verified})" if data["installed"] else "not installed"
         click.echo(f"{data['name']:<24} {data['dimensions']:>5}-d  {data['input_size']}px  {where}")
+    if not as_json:
+        click.echo(f"default: {default} ({why})")
 
 
 @models.command("add")

@@ -71,6 +71,8 @@ class Preprocess:
     square; ``squash`` scales the whole image to `size` x `size`, ignoring its aspect ratio.
     `mean` and `std` are per RGB channel on the 0..1 scale. `trim` first cuts plain-coloured margins
     (letterbox bars, a plain background, the page around clip-art): see `trim_plain_borders`.
+    `index_views` are extra views of every *indexed* image (not of queries) whose vectors are averaged
+    into its stored one: ``centreNN``, the centre NN % of each side (see `to_views`).
     """
 
     size: int = 224
@@ -80,8 +82,15 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     trim: bool = False
+    index_views: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for view in self.index_views:
+            if not (view.startswith("centre") and view[6:].isdigit() and 10 <= int(view[6:]) <= 99):
+                raise ValueError(f"unknown index view {view!r}: use centreNN, e.g. centre70")
 
     def to_dict(self) -> dict:
+        extra = {"index_views": list(self.index_views)} if self.index_views else {}
         return {
             "size": self.size,
             "resize_to": self.resize_to,
@@ -90,6 +99,7 @@ class Preprocess:
             "mean": list(self.mean),
             "std": list(self.std),
             "trim": self.trim,
+            **extra,
         }
 
     @classmethod
@@ -102,6 +112,7 @@ class Preprocess:
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
             trim=bool(data.get("trim", False)),
+            index_views=tuple(str(v) for v in data.get("index_views", ())),
         )
 
     @property
@@ -372,6 +383,19 @@ def to_array(img: Image.Image, prep: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
+def to_views(img: Image.Image, prep: Preprocess) -> np.ndarray:
+    """The (V, 3, size, size) arrays an indexed image is embedded from: the whole image (`to_array`),
+    then each of `prep.index_views` (``centreNN``: the centre NN % of each side, cut before the
+    borders are trimmed, as a tight crop of the picture would be)."""
+    views = [to_array(img, prep)]
+    for view in prep.index_views:
+        share = int(view[6:]) / 100
+        cw, ch = max(1, round(img.width * share)), max(1, round(img.height * share))
+        left, top = (img.width - cw) // 2, (img.height - ch) // 2
+        views.append(to_array(img.crop((left, top, left + cw, top + ch)), prep))
+    return np.stack(views)
+
+
 def trim_plain_borders(img: Image.Image, tol: int = 12, share: float = 0.97, rounds: int = 3) -> Image.Image:
     """Cut off margins of one plain colour from each side: letterbox bars, the plain background a
     picture was pasted onto, the white page around clip-art.
@@ -428,6 +452,18 @@ def _resize_shorter(img: Image.Image, target: int, resample: Image.Resampling) -
 
 
 def load_array(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Decoded]:
-    """`decode` then `to_array`: what indexing and searching do with each file."""
+    """`decode` then `to_array`: what searching does with a query file."""
     decoded = decode(path, prep.decode_size, max_pixels)
     return to_array(decoded.image, prep), decoded
+
+
+def load_views(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Decoded]:
+    """`decode` then `to_views`: what indexing does with each file."""
+    decoded = decode(path, _views_decode_size(prep), max_pixels)
+    return to_views(decoded.image, prep), decoded
+
+
+def _views_decode_size(prep: Preprocess) -> int:
+    """Enough pixels that the smallest centre view still has `decode_size` on its shorter side."""
+    smallest = min((int(v[6:]) for v in prep.index_views), default=100)
+    return math.ceil(prep.decode_size * 100 / smallest)

@@ -16,7 +16,7 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -198,11 +198,13 @@ class Index:
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, *, model: str | None = None, root: str | os.PathLike | None = None,
-               hnsw: HnswParams | None = None) -> Index:
+               hnsw: HnswParams | None = None, index_views: Iterable[str] = ()) -> Index:
         """Create a new, empty index at `path` (files PATH.faiss and PATH.sqlite).
 
         `model` is a catalogue name (default: resnet50 when installed, else the bundled model);
-        `root` is the folder image paths are stored relative to (default: the first folder added).
+        `root` is the folder image paths are stored relative to (default: the first folder added);
+        `index_views` such as ``("centre60",)`` average each indexed image's vector with that of its
+        centre (finds tight crops; indexing about 1.3x slower; an exact copy then scores about 0.93).
         If the `with` block of a new index fails before anything was stored, the index is removed
         again, so that a retry starts afresh.
         """
@@ -220,9 +222,13 @@ class Index:
             model, why = default_model()
             log.info("model: %s (%s)", model, why)
         loaded = Model.load(model)
+        try:
+            preprocess = replace(loaded.preprocess, index_views=tuple(index_views))
+        except ValueError as e:
+            raise ImgsimError(str(e)) from None
         root_key = None if root is None else _relative(Path(os.path.expanduser(os.fspath(root))), sqlite_path.parent)
         manifest = Manifest(format_version=FORMAT_VERSION, model=loaded.name, model_sha256=loaded.sha256,
-                            dim=loaded.dim, preprocess=loaded.preprocess, hnsw=hnsw or HnswParams(),
+                            dim=loaded.dim, preprocess=preprocess, hnsw=hnsw or HnswParams(),
                             pooling=loaded.pooling, root=root_key, created=time.time())
         # Built under a temporary name and linked into place whole, so a crash never leaves a half-made index.
         staging = sqlite_path.with_name(f".{sqlite_path.name}.{os.getpid()}.new")
@@ -236,7 +242,8 @@ class Index:
             for leftover in (staging, Path(f"{staging}-wal"), Path(f"{staging}-shm")):
                 leftover.unlink(missing_ok=True)
         index = cls.open(path)
-        index._model = loaded
+        if preprocess == loaded.preprocess:
+            index._model = loaded
         index._fresh = True
         return index
 
@@ -273,17 +280,22 @@ class Index:
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, *, model: str | None = None,
-                       root: str | os.PathLike | None = None) -> Index:
-        """Open the index at `path` for writing, or create it. A `model` other than the one an
-        existing index was made with is refused (an index holds one model's vectors)."""
+                       root: str | os.PathLike | None = None, index_views: Iterable[str] | None = None) -> Index:
+        """Open the index at `path` for writing, or create it. A `model` (or `index_views`) other than
+        the one an existing index was made with is refused (an index holds one kind of vector)."""
         _, sqlite_path = index_files(path)
         if not sqlite_path.exists():
-            return cls.create(path, model=model, root=root)
+            return cls.create(path, model=model, root=root, index_views=index_views or ())
         index = cls.open(path)
         if model and model != index.model_name:
             index.close()
             raise ImgsimError(f"index {path} was made with {index.model_name}, not {model}: "
                               f"use another --index for a {model} index")
+        if index_views is not None and tuple(index_views) != index.manifest.preprocess.index_views:
+            made = ", ".join(index.manifest.preprocess.index_views) or "no extra view"
+            index.close()
+            raise ImgsimError(f"index {path} was made with {made}: use another --index to index with "
+                              f"{', '.join(index_views) or 'no extra view'}")
         return index
 
     def close(self, discard_if_fresh: bool = False) -> None:

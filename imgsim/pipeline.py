@@ -43,7 +43,7 @@ def embed_files(candidates: list[Candidate], model: Model, *, batch_size: int = 
 
     def decode(candidate: Candidate):
         try:
-            array, decoded = imgs.load_array(candidate.path, prep, max_pixels)
+            array, decoded = imgs.load_views(candidate.path, prep, max_pixels)
             return candidate, array, (decoded.width, decoded.height, decoded.format, decoded.taken, decoded.camera)
         except ImageError as e:
             return candidate, None, str(e)
@@ -54,7 +54,7 @@ def embed_files(candidates: list[Candidate], model: Model, *, batch_size: int = 
     failures: list[tuple[str, str]] = []
 
     def flush() -> tuple[list[NewImage], list[tuple[str, str]]]:
-        vectors = model.embed(np.stack(arrays)) if arrays else np.empty((0, model.dim), np.float32)
+        vectors = model.embed_views(np.stack(arrays)) if arrays else np.empty((0, model.dim), np.float32)
         batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v, taken, camera)
                  for (c, (w, h, fmt, taken, camera)), v in zip(metas, vectors)]
         result = (batch, list(failures))

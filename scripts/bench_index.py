@@ -1,9 +1,10 @@
 """Indexing, re-sync and search figures on a folder of real photos; prints them, asserts nothing.
 
     python scripts/bench_index.py [--images 1000] [--model efficientnet-lite0] [--batch-size 16]
+    python scripts/bench_index.py --images 200 --size 4000x3000     # 12-megapixel camera JPEGs
 
-Builds N distinct photo-like JPEGs (640x480, crops/flips/colour shifts of scikit-image's photos;
-reused across runs from --cache), then measures, in one run on one machine:
+Builds N distinct photo-like JPEGs (640x480 or --size, crops/flips/colour shifts of scikit-image's
+photos; reused across runs from --cache), then measures, in one run on one machine:
   - the first `index` (images/s, end to end: discovery, hashing, decoding, embedding, storage),
   - a sync of the unchanged folder (seconds, and as a ratio of the first run),
   - search latency through `Index.search` with a vector (ANN + SQLite lookup) and with an image file,
@@ -13,6 +14,7 @@ reused across runs from --cache), then measures, in one run on one machine:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import sys
@@ -26,10 +28,10 @@ from PIL import Image, ImageEnhance, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_photos import PHOTOS, photo  # noqa: E402
 
-from imgsim import Index  # noqa: E402
+from imgsim import Index, models  # noqa: E402
 
 
-def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
+def make_photos(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (640, 480)) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     existing = sorted(folder.glob("*.jpg"))
     if len(existing) >= count:
@@ -43,7 +45,7 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
         scale = rng.uniform(0.5, 0.95)
         cw, ch = int(w * scale), int(h * scale)
         left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-        variant = img.crop((left, top, left + cw, top + ch)).resize((640, 480), Image.Resampling.BILINEAR)
+        variant = img.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BILINEAR)
         if rng.random() < 0.5:
             variant = ImageOps.mirror(variant)
         variant = ImageEnhance.Color(variant).enhance(rng.uniform(0.5, 1.5))
@@ -59,11 +61,24 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet-lite0")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--size", default="640x480", help="pixel size of the generated JPEGs, WxH")
+    parser.add_argument("--pooling", help="try another pooling than the catalogue's, e.g. gem3-rmac3")
+    parser.add_argument("--index-views", help="try other index views: comma-separated (e.g. centre60), or none")
+    parser.add_argument("--input-size", type=int, help="try another input size than the catalogue's")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "imgsim-bench-photos")
     args = parser.parse_args()
 
-    folder = args.cache / str(args.images)
-    paths = make_photos(folder, args.images)
+    if args.pooling or args.index_views or args.input_size:  # a variant of the catalogue entry, for this run only
+        spec = models.CATALOGUE[args.model]
+        prep = dataclasses.replace(
+            spec.preprocess, size=args.input_size or spec.preprocess.size,
+            resize_to=args.input_size or spec.preprocess.resize_to,
+            index_views=(spec.preprocess.index_views if not args.index_views
+                         else () if args.index_views == "none" else tuple(args.index_views.split(","))))
+        models.CATALOGUE[args.model] = dataclasses.replace(spec, preprocess=prep, pooling=args.pooling or spec.pooling)
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    folder = args.cache / (str(args.images) if size == (640, 480) else f"{args.images}-{size[0]}x{size[1]}")
+    paths = make_photos(folder, args.images, size=size)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "bench"
         with Index.create(base, model=args.model, root=folder) as index:
@@ -87,7 +102,10 @@ def main() -> None:
                 file_ms.append((time.perf_counter() - start) * 1000)
             info = index.info()
 
-    print(f"model {args.model}, {args.images} photos of 640x480 JPEG, batch {args.batch_size}")
+    spec = models.CATALOGUE[args.model]
+    print(f"model {args.model} (input {spec.preprocess.size}, pooling {spec.pooling}, index views "
+          f"{','.join(spec.preprocess.index_views) or 'none'}), {args.images} photos of {size[0]}x{size[1]} JPEG, "
+          f"batch {args.batch_size}")
     print(f"first index:     {first.seconds:7.2f} s  {first.images_per_second:6.1f} images/s  (added {first.added})")
     print(f"unchanged sync:  {again.seconds:7.2f} s  ({again.seconds / first.seconds:.4f} of the first run, "
           f"embedded {again.embedded})")

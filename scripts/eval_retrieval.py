@@ -15,7 +15,12 @@ FOLDER's immediate sub-folders are labels (files directly in FOLDER have none). 
    by 3-15 degrees with black or white borders, Gaussian blur, brightness x0.5-0.75 or x1.3-1.7,
    a caption band over the bottom 12-22%, letterbox or pillarbox bars, stretching by 1.25-1.6,
    the picture pasted at 35-60% onto a plain canvas, EXIF-rotated storage (a phone photo), and
-   combinations of two or three everyday edits.
+   combinations of two or three everyday edits. `--hard` adds, for every image, the hard ones
+   (HARD_ALTERATIONS): a Gaussian blur of 0.7, 1 or 1.5% of the width, the centre 70, 60 or 50% of
+   each side in greyscale, a turn by 10, 15 or 20 degrees with black corners, one of these with an
+   everyday edit, and two of these at once; they are also reported per family (blur, greycrop, rot,
+   combined). `--width 300` first makes the originals small web pictures (300 pixels wide, JPEG);
+   `--width full,300` runs both.
 2. Categories. Every image whose label has at least one other member is a query; precision@10 is
    the share of its 10 nearest neighbours (itself and byte-identical copies excluded) that share
    its label, next to what random neighbours would give (chance).
@@ -38,6 +43,16 @@ model's ``feature_map`` output and exact search, spelled as dash-separated parts
     bicubic        bicubic instead of the model's interpolation
     trim           cut plain-coloured margins (letterbox bars, a plain background, the white page
                    around clip-art) off every image before resizing
+    rmac3          R-MAC regions (levels 1-3) of the feature map, each pooled and normalised, summed
+    creg60         the centre 60% of the feature map pooled and summed with the whole map
+    regmax3        index: R-MAC regions (levels 1-3) stored as separate vectors; an image scores by its best
+    dbcentre60     index vectors: the mean of the whole image's and its centre 60%'s (queries unchanged);
+                   dbgrey: of its greyscale copy; bothcentre60, bothgrey: queries too
+    qmirror        query vectors: the mean of the query's and its mirror's (index unchanged)
+    qunrot15       queries: the best score of the query as is and un-rotated by +-15 degrees
+    qe2            query expansion: re-search with the mean of the query and its top 2 (category queries
+                   leave themselves out)
+    dba1           database-side augmentation: index vectors are the mean of themselves and their top 1
 
 Timings are per image on this machine: decode + preprocess + inference for indexing (index ms) and
 for one query (query ms); for ``imgsim`` the indexing figure is `SyncReport` seconds / image.
@@ -68,6 +83,10 @@ from imgsim import Index
 from imgsim import images as imgs
 from imgsim.errors import ImageError
 from imgsim.models import BUNDLED_MODEL, Model, available_cpus
+from imgsim.models import regions as model_regions
+
+PRODUCT_CONFIGS = {"imgsim": (), "imgsim-centre60": ("centre60",)}
+"""The product itself, through `Index`: as it indexes by default, and with `imgsim index --centre-view`."""
 
 DEFAULT_CONFIGS = [
     "imgsim",
@@ -287,6 +306,85 @@ ALTERATIONS: dict[str, Callable[[Image.Image, np.random.Generator], Altered]] = 
     "caption": caption, "letterbox": letterbox, "stretch": stretch, "paste-small": paste_small,
     "exif": exif_rotated, "combo": combo,
 }
+"""The everyday alterations: `--per-image` of them per image."""
+
+
+# -- hard alterations: the three families that defeat a global descriptor on small pictures ----------
+
+def _strong_blur(share: float) -> Callable[[Image.Image, np.random.Generator], Altered]:
+    """Gaussian blur of radius `share` of the image's width (+-10 %)."""
+    def strong_blur(img: Image.Image, rng: np.random.Generator) -> Altered:
+        radius = share * _uniform(rng, 0.9, 1.1) * img.width
+        return Altered(img.filter(ImageFilter.GaussianBlur(radius)), f"radius {radius:.1f}")
+    return strong_blur
+
+
+def _centre_crop(share: float, img: Image.Image) -> Image.Image:
+    cw, ch = max(1, round(img.width * share)), max(1, round(img.height * share))
+    left, top = (img.width - cw) // 2, (img.height - ch) // 2
+    return img.crop((left, top, left + cw, top + ch))
+
+
+def _grey_crop(share: float) -> Callable[[Image.Image, np.random.Generator], Altered]:
+    """The centre `share` of each side, in greyscale."""
+    def grey_crop(img: Image.Image, rng: np.random.Generator) -> Altered:
+        return Altered(ImageOps.grayscale(_centre_crop(share, img)).convert("RGB"), f"centre {share:.2f}")
+    return grey_crop
+
+
+def _black_rotation(degrees: float) -> Callable[[Image.Image, np.random.Generator], Altered]:
+    """Rotated by `degrees` either way, the canvas grown to hold it all, black in the corners."""
+    def black_rotation(img: Image.Image, rng: np.random.Generator) -> Altered:
+        angle = degrees * (1 if rng.random() < 0.5 else -1)
+        return Altered(img.rotate(angle, Image.Resampling.BICUBIC, expand=True, fillcolor=(0, 0, 0)),
+                       f"{angle:+.0f} deg")
+    return black_rotation
+
+
+_HARD_MIDDLE = {"blur": _strong_blur(0.01), "greycrop": _grey_crop(0.6), "rot": _black_rotation(15)}
+
+
+def hard_plus_everyday(img: Image.Image, rng: np.random.Generator) -> Altered:
+    """One hard alteration (middle strength) and one everyday edit, in random order, then a middling JPEG."""
+    hard = str(rng.choice(sorted(_HARD_MIDDLE)))
+    everyday = {"resize": resize, "crop": _crop(0.8, 0.95), "mirror": mirror, "brightness": brightness,
+                "caption": caption, "letterbox": letterbox, "stretch": stretch}
+    edit = str(rng.choice(sorted(everyday)))
+    steps = [(hard, _HARD_MIDDLE[hard]), (edit, everyday[edit])]
+    if rng.random() < 0.5:
+        steps.reverse()
+    for _, step in steps:
+        img = step(img, rng).image
+    quality = int(rng.integers(40, 81))
+    return Altered(img, "+".join(name for name, _ in steps) + f" q{quality}", quality)
+
+
+def hard_pair(img: Image.Image, rng: np.random.Generator) -> Altered:
+    """Two of the hard alterations (middle strength), then a middling JPEG."""
+    names = sorted(str(n) for n in rng.choice(sorted(_HARD_MIDDLE), 2, replace=False))
+    for name in names:
+        img = _HARD_MIDDLE[name](img, rng).image
+    quality = int(rng.integers(40, 81))
+    return Altered(img, "+".join(names) + f" q{quality}", quality)
+
+
+HARD_ALTERATIONS: dict[str, Callable[[Image.Image, np.random.Generator], Altered]] = {
+    "blur-0.7": _strong_blur(0.007), "blur-1.0": _strong_blur(0.01), "blur-1.5": _strong_blur(0.015),
+    "greycrop-70": _grey_crop(0.7), "greycrop-60": _grey_crop(0.6), "greycrop-50": _grey_crop(0.5),
+    "rot-10": _black_rotation(10), "rot-15": _black_rotation(15), "rot-20": _black_rotation(20),
+    "hard+everyday": hard_plus_everyday, "hard+hard": hard_pair,
+}
+"""The hard alterations at several strengths (blur radius as a share of the width, the share of each side
+kept, degrees): every one on every image (`--hard`). Families are the part before the dash."""
+
+ALL_ALTERATIONS = {**ALTERATIONS, **HARD_ALTERATIONS}
+
+
+def family(kind: str) -> str:
+    """A hard alteration's family (blur, greycrop, rot, combined), or the everyday kind itself."""
+    if kind.startswith("hard+"):
+        return "combined"
+    return kind.split("-")[0] if kind in HARD_ALTERATIONS else kind
 
 
 @dataclass(frozen=True)
@@ -298,8 +396,10 @@ class Query:
 
 
 def make_queries(items: Sequence[Item], out: Path, *, per_image: int | None, seed: int,
-                 kinds: Sequence[str] | None = None, log: Callable[[str], None] = lambda s: None) -> list[Query]:
-    """Write the altered copies of every item to `out` as JPEG files. `per_image` None means every kind.
+                 kinds: Sequence[str] | None = None, hard: Sequence[str] = (),
+                 log: Callable[[str], None] = lambda s: None) -> list[Query]:
+    """Write the altered copies of every item to `out` as JPEG files: `per_image` of the everyday
+    `kinds` (None: every one), and every one of the `hard` kinds.
 
     The kinds and their parameters depend only on the seed and the item's relative path, so a
     smaller run (--limit, --per-class) alters each image exactly as the full run does."""
@@ -315,13 +415,28 @@ def make_queries(items: Sequence[Item], out: Path, *, per_image: int | None, see
         h = _stable_hash(item.key)
         chosen = kinds if per_image is None else list(
             np.random.default_rng([seed, h]).choice(kinds, min(per_image, len(kinds)), replace=False))
-        for kind in chosen:
+        for kind in list(chosen) + list(hard):
             rng = np.random.default_rng([seed, h, _stable_hash(kind)])
-            altered = ALTERATIONS[kind](original, rng)
+            altered = ALL_ALTERATIONS[kind](original, rng)
             path = out / f"{i:05d}-{kind}.jpg"
             save_jpeg(altered, path)
             queries.append(Query(path, i, kind, altered.detail))
     return queries
+
+
+def shrink_originals(items: Sequence[Item], width: int, out: Path) -> list[Item]:
+    """The originals as small web pictures: `width` pixels wide (Lanczos, never enlarged), JPEG quality 90,
+    in the same label folders. Keys keep the original's name, so alterations stay seeded alike."""
+    small = []
+    for it in items:
+        img = imgs.decode(it.path).image
+        if img.width > width:
+            img = img.resize((width, max(1, round(img.height * width / img.width))), Image.Resampling.LANCZOS)
+        path = out / Path(it.key).with_suffix(".jpg")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, "JPEG", quality=90)
+        small.append(Item(path, it.key, it.label, it.group))
+    return small
 
 
 def save_jpeg(altered: Altered, path: Path) -> None:
@@ -427,7 +542,7 @@ def score_rankings(config: str, items: Sequence[Item], queries: Sequence[Query],
     for i, ranking in zip(cat_queries, cat_rankings):
         top = ranking[:10]
         precisions.append(sum(labels[j] == labels[i] for j in top) / 10)
-    kinds = [k for k in ALTERATIONS if k in per_kind] + sorted(set(per_kind) - set(ALTERATIONS))
+    kinds = [k for k in ALL_ALTERATIONS if k in per_kind] + sorted(set(per_kind) - set(ALL_ALTERATIONS))
     return Result(config, float(np.mean(hits)) if hits else math.nan, float(np.mean(aps)) if aps else math.nan,
                   float(np.mean(precisions)) if precisions else float("nan"), chance, index_ms, query_ms,
                   {k: float(np.mean(per_kind[k])) for k in kinds}, note, misses,
@@ -438,8 +553,10 @@ def score_rankings(config: str, items: Sequence[Item], queries: Sequence[Query],
 # -- imgsim itself -----------------------------------------------------------------------------------
 
 def evaluate_product(folder: Path, items: Sequence[Item], queries: Sequence[Query], cat_queries: Sequence[int],
-                     chance: float, *, model: str, index_path: Path, log: Callable[[str], None]) -> Result:
-    """The real product: an `Index` built over `folder`, searched one query file at a time."""
+                     chance: float, *, model: str, index_path: Path, log: Callable[[str], None],
+                     name: str = "imgsim") -> Result:
+    """The real product: an `Index` built over `folder` (with the index views of `name`, see
+    PRODUCT_CONFIGS), searched one query file at a time."""
     by_path = {it.path.resolve(): i for i, it in enumerate(items)}
     exists = index_path.with_name(index_path.name + ".sqlite").exists()
     note = ""
@@ -448,7 +565,7 @@ def evaluate_product(folder: Path, items: Sequence[Item], queries: Sequence[Quer
         note = f"existing index {index_path}"
         index_ms = float("nan")
     else:
-        index = Index.create(index_path, model=model, root=folder)
+        index = Index.create(index_path, model=model, root=folder, index_views=PRODUCT_CONFIGS[name])
         report = index.add([it.path for it in items])
         index_ms = 1000 * report.seconds / max(1, report.embedded)
         if report.failed:
@@ -474,7 +591,7 @@ def evaluate_product(folder: Path, items: Sequence[Item], queries: Sequence[Quer
         prep = index.info()["preprocess"]
     shown = ", ".join(f"{key} {value}" for key, value in prep.items() if key not in ("mean", "std"))
     note = note or f"{shown}; HNSW, top {k}"
-    return score_rankings("imgsim", items, queries, nd, cat_queries, cat, chance, index_ms, query_ms, note,
+    return score_rankings(name, items, queries, nd, cat_queries, cat, chance, index_ms, query_ms, note,
                           nd_scores)
 
 
@@ -484,13 +601,31 @@ _RESIZE_MODES = ("crop", "full", "squash", "pad", "aspect")
 
 
 class Pass(NamedTuple):
-    """One run of the model over a set of images: how they are prepared."""
+    """One run of the model over a set of images: how they are prepared. `transform` is "" (as is),
+    "mirror", or "unrot+D" / "unrot-D" (undo a rotation by +-D degrees: see `unrotate`)."""
 
     resize: str
     size: int
-    mirrored: bool
+    transform: str
     interpolation: str | None
     trim: bool
+
+
+def unrotate(img: Image.Image, degrees: float) -> Image.Image:
+    """Undo `img.rotate(degrees, expand=True)`: turn back and cut out the upright picture's rectangle.
+
+    The guess is wrong for most queries; `qmaxD` therefore keeps the best score of the query as is and
+    of both guesses."""
+    rad = math.radians(abs(degrees))
+    c, s = math.cos(rad), math.sin(rad)
+    det = c * c - s * s
+    w = (c * img.width - s * img.height) / det
+    h = (c * img.height - s * img.width) / det
+    back = img.rotate(-degrees, Image.Resampling.BICUBIC, expand=True, fillcolor=(0, 0, 0))
+    if w < 8 or h < 8:
+        return img.rotate(-degrees, Image.Resampling.BICUBIC, expand=False, fillcolor=(0, 0, 0))
+    left, top = (back.width - w) / 2, (back.height - h) / 2
+    return back.crop((round(left), round(top), round(left + w), round(top + h)))
 
 
 @dataclass(frozen=True)
@@ -505,6 +640,14 @@ class Config:
     whiten: float | None = None  # shrinkage; inf: only subtract the mean
     interpolation: str | None = None  # None: the model's
     trim: bool = False
+    regions: int = 0  # R-MAC levels summed into the vector (0: the whole map only)
+    centre_region: int = 0  # percent of each side of the map: that centre region's vector summed in too
+    region_max: int = 0  # R-MAC levels stored as separate index vectors, best one scores (0: none)
+    query_mirror: bool = False  # queries: the mean of the query's and its mirror's vectors
+    query_unrotate: float = 0.0  # queries: the best of as-is and un-rotated by +-this many degrees
+    query_expansion: int = 0  # queries: re-searched with the mean of themselves and their top k
+    db_augmentation: int = 0  # index vectors: the mean of themselves and their top k neighbours
+    extra: tuple[tuple[str, str], ...] = ()  # (side "db" or "both", transform) averaged in too
 
     @classmethod
     def parse(cls, name: str) -> Config:
@@ -532,15 +675,51 @@ class Config:
                 kwargs["interpolation"] = part
             elif part == "trim":
                 kwargs["trim"] = True
+            elif r := re.fullmatch(r"creg(\d\d)", part):
+                kwargs["centre_region"] = int(r.group(1))
+            elif r := re.fullmatch(r"rmac(\d)", part):
+                kwargs["regions"] = int(r.group(1))
+            elif r := re.fullmatch(r"regmax(\d)", part):
+                kwargs["region_max"] = int(r.group(1))
+            elif part == "qmirror":
+                kwargs["query_mirror"] = True
+            elif r := re.fullmatch(r"qunrot(\d+)", part):
+                kwargs["query_unrotate"] = float(r.group(1))
+            elif r := re.fullmatch(r"qe(\d+)", part):
+                kwargs["query_expansion"] = int(r.group(1))
+            elif r := re.fullmatch(r"dba(\d+)", part):
+                kwargs["db_augmentation"] = int(r.group(1))
+            elif r := re.fullmatch(r"(db|both)(grey|centre\d\d)", part):
+                kwargs["extra"] = kwargs.get("extra", ()) + ((r.group(1), r.group(2)),)
             else:
                 raise ValueError(f"{name}: unknown part {part!r}")
         return cls(name, **kwargs)
 
+    def groups(self, side: str) -> list[list[str]]:
+        """The transforms of `side` ("db", "learn" or "q"): each group's vectors are averaged into one
+        vector; several groups (`qunrot`) are scored by the best of them."""
+        if side != "q":
+            return [(["", "mirror"] if self.mirror else [""]) + [t for _, t in self.extra]]
+        first = [""] + (["mirror"] if self.mirror == "both" or self.query_mirror else [])
+        first += [t for where, t in self.extra if where == "both"]
+        if not self.query_unrotate:
+            return [first]
+        d = f"{self.query_unrotate:g}"
+        return [first, [f"unrot+{d}"], [f"unrot-{d}"]]
+
     def passes(self, side: str) -> list[Pass]:
-        """The model runs that `side` needs: "db" (the collection, and "learn") or "q" (the queries)."""
-        mirrored = self.mirror == "both" or (self.mirror == "index" and side != "q")
-        return [Pass(self.resize, s, f, self.interpolation, self.trim)
-                for s in self.sizes for f in ([False, True] if mirrored else [False])]
+        """The model runs that `side` needs."""
+        return [Pass(self.resize, s, t, self.interpolation, self.trim)
+                for s in self.sizes for g in self.groups(side) for t in g]
+
+    @property
+    def pool_key(self) -> tuple[float, int, int]:
+        return self.pool, self.regions, self.centre_region
+
+
+def rmac_regions(h: int, w: int, levels: int) -> list[tuple[int, int, int, int]]:
+    """The whole map and R-MAC regions at levels 2..`levels`: the product's own `imgsim.models.regions`."""
+    return model_regions(h, w, levels)
 
 
 class FeatureModel:
@@ -567,10 +746,16 @@ class FeatureModel:
 
     def to_array(self, img: Image.Image, p: Pass) -> np.ndarray:
         prep = self.preprocess(p)
+        if p.transform == "mirror":
+            img = ImageOps.mirror(img)
+        elif p.transform == "grey":
+            img = ImageOps.grayscale(img).convert("RGB")
+        elif p.transform.startswith("centre"):
+            img = _centre_crop(int(p.transform[6:]) / 100, img)
+        elif p.transform.startswith("unrot"):
+            img = unrotate(img, float(p.transform[5:]))
         if p.trim:
             img = imgs.trim_plain_borders(img)
-        if p.mirrored:
-            img = ImageOps.mirror(img)
         if p.resize in ("crop", "full", "squash"):
             return imgs.to_array(img, prep)
         resample = imgs._RESAMPLE[prep.interpolation]
@@ -588,22 +773,38 @@ class FeatureModel:
         pixels = (pixels - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
-    def pooled(self, batch: np.ndarray, pools: set[float]) -> dict[float, np.ndarray]:
+    def pooled(self, batch: np.ndarray, keys: set[tuple[float, int]],
+               region_levels: int = 0) -> tuple[dict[tuple[float, int], np.ndarray], dict[float, np.ndarray]]:
+        """{(pool, R-MAC levels, centre region %): (N, C)} vectors, and for `region_levels` {pool: (N, R, C)} region vectors."""
         if not self.has_feature_map:
-            if pools - {1.0}:
+            if {k for k in keys if k != (1.0, 0, 0)} or region_levels:
                 raise SystemExit(f"{self.model.name} has no feature_map output: only avg pooling can be evaluated")
             (emb,) = self.session.run(["embedding"], {"input": batch})
-            return {1.0: emb.reshape(len(batch), -1)}
+            return {(1.0, 0, 0): emb.reshape(len(batch), -1)}, {}
         (fmap,) = self.session.run(["feature_map"], {"input": batch})
-        out = {}
-        for p in pools:
+
+        def pool(x: np.ndarray, p: float) -> np.ndarray:
             if p == 1.0:
-                out[p] = fmap.mean(axis=(2, 3))
-            elif math.isinf(p):
-                out[p] = fmap.max(axis=(2, 3))
-            else:
-                out[p] = np.power(np.power(np.maximum(fmap, 1e-6), p).mean(axis=(2, 3)), 1.0 / p)
-        return out
+                return x.mean(axis=(2, 3))
+            if math.isinf(p):
+                return x.max(axis=(2, 3))
+            return np.power(np.power(np.maximum(x, 1e-6), p).mean(axis=(2, 3)), 1.0 / p)
+
+        h, w = fmap.shape[2:]
+        out = {}
+        for p, levels, centre in keys:
+            if not levels and not centre:
+                out[(p, levels, centre)] = pool(fmap, p)
+                continue
+            boxes = model_regions(h, w, levels, centre)
+            regions = [normalize(pool(fmap[:, :, t:t + rh, lf:lf + rw], p)) for t, lf, rh, rw in boxes]
+            out[(p, levels, centre)] = np.sum(regions, axis=0)
+        stored = {}
+        if region_levels:
+            for p in {k[0] for k in keys}:
+                stored[p] = np.stack([pool(fmap[:, :, t:t + rh, lf:lf + rw], p)
+                                      for t, lf, rh, rw in rmac_regions(h, w, region_levels)], axis=1)
+        return out, stored
 
 
 def normalize(v: np.ndarray) -> np.ndarray:
@@ -643,13 +844,18 @@ def evaluate_variants(configs: Sequence[Config], items: Sequence[Item], queries:
     Sides: "db" (the collection), "q" (the altered copies) and "learn" (`learn_from`, the images
     the centring and whitening are learned from when not the collection itself)."""
     fm = FeatureModel(model)
-    needs: dict[Pass, dict[str, set[float]]] = defaultdict(lambda: {"db": set(), "q": set(), "learn": set()})
+    needs: dict[Pass, dict[str, set]] = defaultdict(lambda: {"db": set(), "q": set(), "learn": set()})
+    region_levels: dict[Pass, int] = defaultdict(int)
     for c in configs:
         for side in ("db", "q") + (("learn",) if learn_from and c.whiten is not None else ()):
             for p in c.passes(side):
-                needs[p][side].add(c.pool)
+                needs[p][side].add(c.pool_key)
+                if side == "db" and c.region_max:
+                    needs[p][side].add((c.pool, 0, 0))
+                    region_levels[p] = max(region_levels[p], c.region_max)
     files = {"db": [it.path for it in items], "q": [q.path for q in queries], "learn": list(learn_from)}
-    pooled: dict[Pass, dict[str, dict[float, np.ndarray]]] = defaultdict(dict)
+    pooled: dict[Pass, dict[str, dict]] = defaultdict(dict)
+    stored: dict[Pass, dict[float, np.ndarray]] = {}
     ms: dict[Pass, dict[str, float]] = defaultdict(dict)
     decode_ms: dict[int, dict[str, float]] = defaultdict(dict)
     by_decode = defaultdict(list)
@@ -664,27 +870,41 @@ def evaluate_variants(configs: Sequence[Config], items: Sequence[Item], queries:
             decoded = [imgs.decode(path, min_side).image for path in files[side]]
             decode_ms[min_side][side] = 1000 * (time.perf_counter() - started) / len(decoded)
             for p in wanted:
-                log(f"  {side}: {p.resize}{p.size}{' mirrored' if p.mirrored else ''}{' trimmed' if p.trim else ''}"
+                log(f"  {side}: {p.resize}{p.size} {p.transform}{' trimmed' if p.trim else ''}"
                     f"{' ' + p.interpolation if p.interpolation else ''} ({len(decoded)} images)")
                 started = time.perf_counter()
-                chunks: dict[float, list[np.ndarray]] = defaultdict(list)
+                chunks: dict = defaultdict(list)
+                region_chunks: dict = defaultdict(list)
                 step = 1 if p.resize == "aspect" else batch_size
+                levels = region_levels[p] if side == "db" else 0
                 for start in range(0, len(decoded), step):
                     arrays = np.stack([fm.to_array(im, p) for im in decoded[start:start + step]])
-                    for pool, v in fm.pooled(arrays, needs[p][side]).items():
-                        chunks[pool].append(v)
-                pooled[p][side] = {pool: np.concatenate(v) for pool, v in chunks.items()}
+                    vecs, regions = fm.pooled(arrays, needs[p][side], levels)
+                    for key, v in vecs.items():
+                        chunks[key].append(v)
+                    for key, v in regions.items():
+                        region_chunks[key].append(v)
+                pooled[p][side] = {key: np.concatenate(v) for key, v in chunks.items()}
+                if region_chunks:
+                    stored[p] = {key: np.concatenate(v) for key, v in region_chunks.items()}
                 ms[p][side] = 1000 * (time.perf_counter() - started) / len(decoded)
             del decoded
 
-    def vectors(c: Config, side: str) -> np.ndarray:
-        if not files[side]:
-            return np.empty((0, 1), np.float32)
+    def vectors(c: Config, side: str, group: Sequence[str]) -> np.ndarray:
         per_scale = []
         for size in c.sizes:
-            runs = [p for p in c.passes(side) if p.size == size]
-            per_scale.append(normalize(np.sum([normalize(pooled[p][side][c.pool]) for p in runs], axis=0)))
+            runs = [Pass(c.resize, size, t, c.interpolation, c.trim) for t in group]
+            per_scale.append(normalize(np.sum([normalize(pooled[p][side][c.pool_key]) for p in runs], axis=0)))
         return normalize(np.sum(per_scale, axis=0))
+
+    def region_vectors(c: Config) -> np.ndarray:
+        """(N, R, C): the stored regions of every index image, averaged over scales like `vectors`."""
+        per_scale = []
+        for size in c.sizes:
+            p = Pass(c.resize, size, "", c.interpolation, c.trim)
+            per_scale.append(stored[p][c.pool][:, :len(rmac_regions(7, 7, c.region_max))])
+        x = np.sum([v / np.maximum(np.linalg.norm(v, axis=2, keepdims=True), 1e-12) for v in per_scale], axis=0)
+        return x / np.maximum(np.linalg.norm(x, axis=2, keepdims=True), 1e-12)
 
     def cost(c: Config, side: str) -> float:
         if not files[side]:
@@ -695,23 +915,41 @@ def evaluate_variants(configs: Sequence[Config], items: Sequence[Item], queries:
     groups = np.array([it.group for it in items])
     results = []
     for c in configs:
-        vecs = {side: vectors(c, side) for side in ("db", "q")}
-        if not len(vecs["q"]):
-            vecs["q"] = np.empty((0, vecs["db"].shape[1]), np.float32)
+        db = vectors(c, "db", c.groups("db")[0])
+        qs = [vectors(c, "q", g) if files["q"] else np.empty((0, db.shape[1]), np.float32) for g in c.groups("q")]
+        regions = region_vectors(c) if c.region_max else None
         note = ""
         if c.whiten is not None:
-            source = vectors(c, "learn") if learn_from else vecs["db"]
+            source = vectors(c, "learn", [""]) if learn_from else db
             if len(source) >= whiten_min:
                 apply = learn_whitening(source, c.whiten)
-                vecs = {side: apply(v) for side, v in vecs.items()}
+                db, qs = apply(db), [apply(q) for q in qs]
+                if regions is not None:
+                    regions = apply(regions.reshape(-1, regions.shape[2])).reshape(regions.shape)
                 note = f"learned from {len(source)} images of --learn-from" if learn_from else ""
             else:
                 note = f"not centred or whitened: {len(source)} images < --whiten-min {whiten_min}"
-        nd_scores = vecs["q"] @ vecs["db"].T
+        db_plain = db
+        if c.db_augmentation:
+            db = augment(db, db, c.db_augmentation)
+
+        def score(q: np.ndarray) -> np.ndarray:
+            if regions is None:
+                return q @ db.T
+            return np.max(np.einsum("qc,nrc->qnr", q, regions), axis=2)
+
+        nd_scores = np.max([score(q) for q in qs], axis=0) if len(qs[0]) else np.empty((0, len(db)))
+        if c.query_expansion and len(nd_scores):
+            nd_scores = expand_queries(qs[0], nd_scores, db, c.query_expansion) @ db.T
         nd = [np.argsort(-row, kind="stable") for row in nd_scores]
         ranked_scores = [row[order] for row, order in zip(nd_scores, nd)]
         cat = []
-        for i, row in zip(cat_queries, vecs["db"][list(cat_queries)] @ vecs["db"].T):
+        cat_scores = score(db_plain[list(cat_queries)]) if cat_queries else np.empty((0, len(db)))
+        if c.query_expansion and len(cat_scores):
+            own = np.array([[groups[j] == items[i].group for j in range(len(items))] for i in cat_queries])
+            cat_scores = expand_queries(db_plain[list(cat_queries)], np.where(own, -np.inf, cat_scores), db,
+                                        c.query_expansion) @ db.T
+        for i, row in zip(cat_queries, cat_scores):
             order = np.argsort(-row, kind="stable")
             cat.append(order[groups[order] != items[i].group])
         results.append(score_rankings(c.name, items, queries, nd, cat_queries, cat, chance,
@@ -719,16 +957,35 @@ def evaluate_variants(configs: Sequence[Config], items: Sequence[Item], queries:
     return results
 
 
+def expand_queries(q: np.ndarray, scores: np.ndarray, db: np.ndarray, k: int) -> np.ndarray:
+    """Average query expansion (Chum et al., 2007): each query plus its `k` best index vectors."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return normalize(q + db[top].sum(axis=1))
+
+
+def augment(db: np.ndarray, source: np.ndarray, k: int) -> np.ndarray:
+    """Database-side augmentation (Arandjelovic & Zisserman, 2012): every vector plus its `k` nearest
+    other vectors of `source` (the collection)."""
+    sims = db @ source.T
+    np.fill_diagonal(sims, -np.inf)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return normalize(db + source[top].sum(axis=1))
+
+
 # -- running and reporting ---------------------------------------------------------------------------
 
 def run(folder: str | os.PathLike, *, configs: Sequence[str] = DEFAULT_CONFIGS, model: str = BUNDLED_MODEL,
         index_path: str | os.PathLike | None = None, per_image: int | None = 2, per_class: int | None = None,
         limit: int | None = None, seed: int = 0, whiten_min: int = 200, batch_size: int = 16,
-        work: str | os.PathLike | None = None, kinds: Sequence[str] | None = None,
-        learn_from: str | os.PathLike | None = None, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-    """Run the whole evaluation; return the report as plain data (what --json prints)."""
+        work: str | os.PathLike | None = None, kinds: Sequence[str] | None = None, hard: Sequence[str] = (),
+        width: int | None = None, learn_from: str | os.PathLike | None = None,
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+    """Run the whole evaluation; return the report as plain data (what --json prints).
+
+    `hard`: the HARD_ALTERATIONS made of every image besides its `per_image` everyday ones.
+    `width`: the originals are first made small web pictures that wide (`shrink_originals`)."""
     folder = Path(folder).resolve()
-    parsed = [None if name == "imgsim" else Config.parse(name) for name in configs]
+    parsed = [None if name in PRODUCT_CONFIGS else Config.parse(name) for name in configs]
     started = time.perf_counter()
     items = load_dataset(folder, per_class=per_class, limit=limit, seed=seed, log=log)
     if len(items) < 2:
@@ -736,15 +993,20 @@ def run(folder: str | os.PathLike, *, configs: Sequence[str] = DEFAULT_CONFIGS, 
     own_work = work is None
     work_dir = Path(tempfile.mkdtemp(prefix="imgsim-eval-")) if own_work else Path(work)
     try:
+        if width:
+            folder = (work_dir / f"originals-{width}").resolve()
+            items = shrink_originals(items, width, folder)
+            log(f"originals made {width} pixels wide in {folder}")
         log(f"{len(items)} images; writing altered copies to {work_dir / 'queries'}")
-        queries = make_queries(items, work_dir / "queries", per_image=per_image, seed=seed, kinds=kinds, log=log)
+        queries = make_queries(items, work_dir / "queries", per_image=per_image, seed=seed, kinds=kinds,
+                               hard=hard, log=log)
         cat_queries, chance = category_queries(items)
         results: list[Result] = []
-        if "imgsim" in configs:
-            log("imgsim: indexing and searching through Index")
-            target = Path(index_path) if index_path else work_dir / "index"
+        for name in (c for c in configs if c in PRODUCT_CONFIGS):
+            log(f"{name}: indexing and searching through Index")
+            target = Path(index_path) if index_path and name == "imgsim" else work_dir / f"index-{name}"
             results.append(evaluate_product(folder, items, queries, cat_queries, chance, model=model,
-                                            index_path=target, log=log))
+                                            index_path=target, log=log, name=name))
         variants = [c for c in parsed if c is not None]
         if variants:
             log(f"{len(variants)} variants")
@@ -761,6 +1023,7 @@ def run(folder: str | os.PathLike, *, configs: Sequence[str] = DEFAULT_CONFIGS, 
         kind_counts[q.kind] += 1
     return {
         "folder": str(folder),
+        "width": width,
         "model": model,
         "seed": seed,
         "images": len(items),
@@ -776,7 +1039,8 @@ def run(folder: str | os.PathLike, *, configs: Sequence[str] = DEFAULT_CONFIGS, 
 def format_report(report: dict) -> str:
     base = next((r for r in report["results"] if r["config"] == BASELINE), None)
     lines = [
-        (f"{report['folder']}: {report['images']} images, {report['labels']} labels, model {report['model']}, "
+        (f"{report['folder']}{' at ' + str(report['width']) + ' px wide' if report.get('width') else ''}: "
+         f"{report['images']} images, {report['labels']} labels, model {report['model']}, "
          f"seed {report['seed']}; {report['near_duplicate_queries']} near-duplicate queries, "
          f"{report['category_queries']} category queries; {report['seconds']} s"),
         "",
@@ -796,14 +1060,30 @@ def format_report(report: dict) -> str:
     kinds = list(report["queries_per_alteration"])
     if not kinds:
         return "\n".join(lines)
-    kinds = [k for k in ALTERATIONS if k in kinds] + [k for k in kinds if k not in ALTERATIONS]
-    lines += ["", "Near-duplicate recall@1 per alteration (queries: "
-              + ", ".join(f"{k} {report['queries_per_alteration'][k]}" for k in kinds) + ")", "",
-              "| configuration | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-    for r in report["results"]:
-        per = r["per_alteration_recall_at_1"]
-        lines.append(f"| {r['config']} | " + " | ".join(cell(per.get(k), 2) for k in kinds) + " |")
+    kinds = [k for k in ALL_ALTERATIONS if k in kinds] + [k for k in kinds if k not in ALL_ALTERATIONS]
+    counts = report["queries_per_alteration"]
+    for title, subset in (("everyday", [k for k in kinds if k not in HARD_ALTERATIONS]),
+                          ("hard", [k for k in kinds if k in HARD_ALTERATIONS])):
+        if not subset:
+            continue
+        families = list(dict.fromkeys(family(k) for k in subset)) if title == "hard" else []
+        lines += ["", f"Near-duplicate recall@1 per {title} alteration (queries: "
+                  + ", ".join(f"{k} {counts[k]}" for k in subset) + ")", "",
+                  "| configuration | " + " | ".join(families + subset) + " |",
+                  "|---|" + "---|" * (len(families) + len(subset))]
+        for r in report["results"]:
+            per = r["per_alteration_recall_at_1"]
+            fam = [family_recall(per, counts, f) for f in families]
+            lines.append(f"| {r['config']} | " + " | ".join(
+                [f"**{cell(v, 3)}**" for v in fam] + [cell(per.get(k), 2) for k in subset]) + " |")
     return "\n".join(lines)
+
+
+def family_recall(per_kind: dict[str, float | None], counts: dict[str, int], name: str) -> float | None:
+    """Recall@1 over all the queries of one family (kinds weighted by their query counts)."""
+    kinds = [k for k in per_kind if family(k) == name and per_kind[k] is not None]
+    total = sum(counts[k] for k in kinds)
+    return sum(per_kind[k] * counts[k] for k in kinds) / total if total else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -820,6 +1100,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="alterations per image, or 'all' (default 2; 0 measures categories only)")
     parser.add_argument("--alterations", help="comma-separated alteration kinds to draw from (default all: "
                                               + ", ".join(ALTERATIONS) + ")")
+    parser.add_argument("--hard", default="",
+                        help="hard alterations made of every image besides the everyday ones: 'all', or "
+                             "comma-separated kinds or families (" + ", ".join(HARD_ALTERATIONS) + ")")
+    parser.add_argument("--width", default="full",
+                        help="picture sizes to evaluate at, comma-separated: 'full' (the files as they are) "
+                             "and/or widths in pixels that the originals are first shrunk to, e.g. full,300")
     parser.add_argument("--per-class", type=int, help="at most this many images per label (seeded sample)")
     parser.add_argument("--limit", type=int, help="at most this many images in all (seeded sample)")
     parser.add_argument("--seed", type=int, default=0)
@@ -833,7 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for name in configs:
-        if name != "imgsim":
+        if name not in PRODUCT_CONFIGS:
             try:
                 Config.parse(name)
             except ValueError as e:
@@ -847,20 +1133,38 @@ def main(argv: list[str] | None = None) -> int:
         per_image = -1
     if per_image is not None and per_image < 0:
         parser.error("--per-image must be a number (0: category precision only) or 'all'")
-    report = run(args.folder, configs=configs, model=args.model, index_path=args.index, per_image=per_image,
-                 per_class=args.per_class, limit=args.limit, seed=args.seed, whiten_min=args.whiten_min,
-                 work=args.work, kinds=kinds, learn_from=args.learn_from)
+    hard: list[str] = []
+    for name in (n.strip() for n in args.hard.split(",") if n.strip()):
+        matched = [k for k in HARD_ALTERATIONS if name in ("all", k, family(k))]
+        if not matched:
+            parser.error(f"unknown hard alteration {name!r}")
+        hard += [k for k in matched if k not in hard]
+    try:
+        widths = [None if w.strip() == "full" else int(w) for w in args.width.split(",")]
+    except ValueError:
+        parser.error("--width takes 'full' and/or numbers of pixels, e.g. full,300")
+    if args.index and len(widths) > 1:
+        parser.error("--index works with one --width")
+    reports = []
+    for width in widths:
+        work = args.work / (f"w{width}" if width else "full") if args.work and len(widths) > 1 else args.work
+        reports.append(run(args.folder, configs=configs, model=args.model, index_path=args.index,
+                           per_image=per_image, per_class=args.per_class, limit=args.limit, seed=args.seed,
+                           whiten_min=args.whiten_min, work=work, kinds=kinds, hard=hard, width=width,
+                           learn_from=args.learn_from))
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
         return 0
-    print(format_report(report))
-    if args.misses:
-        for r in report["results"]:
-            if r["config"] == args.misses:
-                print(f"\nMisses of {r['config']}:")
-                for m in r["misses"]:
-                    print(f"  {m['kind']:12s} {m['original']} ({m['detail']}) -> {m['top1']}, "
-                          f"original at rank {m['rank_of_original']}")
+    for report in reports:
+        print(format_report(report) + "\n")
+        if args.misses:
+            for r in report["results"]:
+                if r["config"] == args.misses:
+                    print(f"Misses of {r['config']}:")
+                    for m in r["misses"]:
+                        print(f"  {m['kind']:12s} {m['original']} ({m['detail']}) -> {m['top1']}, "
+                              f"original at rank {m['rank_of_original']}")
+                    print()
     return 0
 
 

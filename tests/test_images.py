@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from imgsim.errors import ImageError
-from imgsim.images import Preprocess, decode, discover, to_array
+from imgsim.images import Preprocess, decode, discover, to_array, to_views
 
 from .conftest import exif_rotated
 
@@ -147,3 +147,20 @@ def test_to_array_shapes_and_normalises():
     assert np.allclose(array[0], 1.0) and np.allclose(array[1], -1.0)
     squash = to_array(Image.new("RGB", (1000, 10), "white"), Preprocess(size=32, resize="squash"))
     assert squash.shape == (3, 32, 32)
+
+
+def test_index_views_add_the_centre_of_the_picture_and_are_recorded():
+    prep = Preprocess(size=32, resize_to=32, resize="squash", index_views=("centre60",))
+    img = Image.new("RGB", (100, 50), "black")
+    img.paste((255, 255, 255), (20, 10, 80, 40))  # the centre 60 % of each side is white
+    views = to_views(img, prep)
+    assert views.shape == (2, 3, 32, 32)
+    assert np.array_equal(views[0], to_array(img, prep))
+    assert np.allclose(views[1], to_array(Image.new("RGB", (60, 30), "white"), prep))
+    assert Preprocess.from_dict(prep.to_dict()) == prep
+    old = prep.to_dict()
+    del old["index_views"]  # an index made before index views: its pipeline has none
+    assert Preprocess.from_dict(old).index_views == ()
+    assert "index_views" not in Preprocess(size=32).to_dict()
+    with pytest.raises(ValueError):
+        Preprocess(index_views=("mirror",))

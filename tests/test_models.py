@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from imgsim.models import default_model
+from imgsim.cli import cli
+from imgsim.errors import ModelError
+from imgsim.models import default_model, parse_pooling, pooling_regions, regions
 
 from .conftest import TINY_MODEL, run
 
@@ -137,3 +139,20 @@ def tiny_index_in_subprocess(photos, tiny_model_dir, monkeypatch):
     """The imgsim CLI with the tiny model registered, as a separate process (tests/tiny_model.py)."""
     monkeypatch.setenv("IMGSIM_MODELS", str(tiny_model_dir))
     return [sys.executable, str(Path(__file__).with_name("tiny_model.py"))], photos
+
+
+def test_pooling_names_with_regions():
+    assert parse_pooling("gem3") == 3.0 and pooling_regions("gem3") == (0, 0)
+    assert parse_pooling("gem3-rmac3-creg60") == 3.0 and pooling_regions("gem3-rmac3-creg60") == (3, 60)
+    for bad in ("gem3-wobble", "gem3-rmac9", "gem3-creg5"):
+        with pytest.raises(ModelError):
+            parse_pooling(bad)
+    assert regions(7, 7) == [(0, 0, 7, 7)]
+    assert regions(7, 7, 2) == [(0, 0, 7, 7), (0, 0, 5, 5), (0, 2, 5, 5), (2, 0, 5, 5), (2, 2, 5, 5)]
+    assert regions(7, 7, 1, 60) == [(0, 0, 7, 7), (1, 1, 4, 4)]
+
+
+def test_the_default_model_and_why_are_listed():
+    result = CliRunner().invoke(cli, ["models"])
+    assert result.exit_code == 0
+    assert "default: efficientnet-lite0" in result.output
