@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from imgsim.cli import cli
 from imgsim.errors import ModelError
 from imgsim.models import default_model, parse_pooling, pooling_regions, regions
 
@@ -153,6 +152,6 @@ def test_pooling_names_with_regions():
 
 
 def test_the_default_model_and_why_are_listed():
-    result = CliRunner().invoke(cli, ["models"])
+    result = run("models")
     assert result.exit_code == 0
     assert "default: efficientnet-lite0" in result.output
