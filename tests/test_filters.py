@@ -249,3 +249,18 @@ def test_labelling_the_root_folder_labels_everything(writable, library, monkeypa
     result = run("label", "library", "--add", "all", "--index", writable)
     assert result.exit_code == 0 and result.stdout == f"labelled {sum(1 for p in library.rglob('*') if p.is_file())} images\n"
     assert run("label", ".", "--add", "x", "--index", writable).exit_code == 1  # "." as a stored path is nothing
+
+
+def test_centre_view_is_chosen_when_an_index_is_made_and_kept(tmp_path, photos):
+    made = run("index", photos, "--index", tmp_path / "c", "--model", TINY_MODEL, "--centre-view", "--json")
+    assert made.exit_code == 0, made.output
+    with Index.open(tmp_path / "c", read_only=True) as index:
+        assert index.manifest.preprocess.index_views == ("centre60",)
+        query = photos / "coffee.jpg"
+        top = index.search(query, k=1)[0]
+        assert top.path == "coffee.jpg" and top.score < 0.9999  # the stored vector also holds the centre
+    assert run("index", photos, "--index", tmp_path / "c").exit_code == 0  # kept without saying it again
+    plain = run("index", photos, "--index", tmp_path / "p", "--model", TINY_MODEL)
+    assert plain.exit_code == 0
+    refused = run("index", photos, "--index", tmp_path / "p", "--centre-view")
+    assert refused.exit_code == 1 and "was made with no extra view" in refused.stderr
