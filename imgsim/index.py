@@ -196,7 +196,7 @@ class Index:
         # Built under a temporary name and linked into place whole, so a crash never leaves a half-made index.
         staging = sqlite_path.with_name(f".{sqlite_path.name}.{os.getpid()}.new")
         try:
-            store = Store.create(staging)
+            store = Store.create(staging, dim=loaded.dim)
             with store.transaction():
                 store.set_manifest(**manifest.to_stored())
             store.close()

@@ -291,7 +291,8 @@ def test_large_collections_are_scored_around_their_mean(tmp_path, photos):
         assert index.info()["centred"]
         mean = index.manifest.center
         stored = np.concatenate([vectors for _, vectors in index.store.vectors(48)])
-        assert np.allclose(mean, stored.mean(axis=0), atol=1e-5)
+        # taken from the graph's 8-bit codes: within a fraction of one quantization step of the exact mean
+        assert np.allclose(mean, stored.mean(axis=0), atol=2e-3)
         results = index.search(photos / "rocket.jpg", k=5)
     assert results[0].path == "rocket.jpg" and results[0].score == pytest.approx(1.0, abs=1e-4)
     assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
