@@ -53,7 +53,7 @@ class HnswParams:
 class AnnIndex:
     """An HNSW index whose ids are SQLite row ids."""
 
-    def __init__(self, index: faiss.IndexIDMap2, params: HnswParams):
+    def __init__(self, index: faiss.IndexIDMap, params: HnswParams):
         self._index = index
         self.params = params
         self._dead = np.empty(0, dtype=np.int64)
@@ -64,7 +64,9 @@ class AnnIndex:
         """A new graph; its quantizer is trained by the first `add` (or `train`)."""
         hnsw = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, params.M, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = params.ef_construction
-        return cls(faiss.IndexIDMap2(hnsw), params)
+        # IndexIDMap, not IndexIDMap2: vectors are never looked up by id in FAISS (they come from
+        # SQLite), so the id -> position hash table IndexIDMap2 builds at every load is not needed.
+        return cls(faiss.IndexIDMap(hnsw), params)
 
     @property
     def dim(self) -> int:
@@ -230,7 +232,7 @@ class AnnIndex:
                 raise IndexCorruptError(f"{path} could not be read by FAISS: {str(e).splitlines()[0]}") from None
         finally:
             os.close(fd)
-        if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
+        if type(index) is not faiss.IndexIDMap or index.d != dim:
             raise IndexCorruptError(f"{path} is not an HNSW index of dimension {dim}")
         return cls(index, params)
 

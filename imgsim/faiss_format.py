@@ -5,7 +5,7 @@ leave a graph whose neighbour ids point outside the arrays, so that a later sear
 bounds and the process dies. `validate` parses the whole file with `struct` and `numpy` (no FAISS
 call) and raises `IndexCorruptError` unless every structure FAISS relies on is consistent.
 
-Only the one layout imgsim writes is accepted: an `IndexIDMap2` around an `IndexHNSWSQ` (8-bit
+Only the one layout imgsim writes is accepted: an `IndexIDMap` around an `IndexHNSWSQ` (8-bit
 scalar quantizer, `QT_8bit`) with inner-product metric, as written by `faiss.serialize_index` (checked
 against the bytes faiss 1.15.1 writes). The layout, from faiss/impl/index_read.cpp (`read_index`,
 `read_index_header`, `read_HNSW`, `read_ScalarQuantizer`) and faiss/impl/io_macros.h (`READVECTOR`),
@@ -14,7 +14,7 @@ all little-endian:
     header  = fourcc:4s  d:i32  ntotal:i64  dummy:i64  dummy:i64  is_trained:u8  metric:i32
               (metric_arg:f32 follows only when metric > 1, never for inner product)
     vector  = size:u64  then size elements
-    file    = header("IxM2")  header("IHNs")  hnsw  header("IxSQ")  sq  codes:vector<u8>  id_map:vector<i64>
+    file    = header("IxMp")  header("IHNs")  hnsw  header("IxSQ")  sq  codes:vector<u8>  id_map:vector<i64>
     hnsw    = assign_probas:vector<f64>  cum_nneighbor_per_level:vector<i32>  levels:vector<i32>
               offsets:vector<u64>  neighbors:vector<i32>
               entry_point:i32  max_level:i32  efConstruction:i32  efSearch:i32  dummy:i32
@@ -22,8 +22,8 @@ all little-endian:
               trained:vector<f32> (2*d: each dimension's low end, then its width)
     codes   = ntotal*d bytes, one per dimension
 
-The FAISS file imgsim wrote before format 3 (`IndexHNSWFlat`, "IHNf"/"IxFI") is refused like any
-other layout; opening such an index for writing migrates it and rebuilds its graph.
+The FAISS file imgsim wrote before format 3 (`IndexIDMap2` around `IndexHNSWFlat`: "IxM2", "IHNf",
+"IxFI") is refused like any other layout; opening such an index for writing migrates it and rebuilds its graph.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def layout(data: bytes, dim: int) -> list[tuple[str, int, int]]:
 
 def _parse(data: bytes, dim: int) -> tuple[int, list[tuple[str, int, int]]]:
     r = _Reader(data)
-    ntotal = _index_header(r, "id map", b"IxM2", dim)
+    ntotal = _index_header(r, "id map", b"IxMp", dim)
     if _index_header(r, "hnsw", b"IHNs", dim) != ntotal:
         raise IndexCorruptError("FAISS file is inconsistent: the id map and the HNSW graph differ in size")
     _hnsw(r, ntotal)

@@ -129,14 +129,16 @@ def phase_search(path: str, n: int, dim: int, seed: int, count: int, out: str) -
     found = {}
     timings = {}
     for name, f in (("unfiltered", None), ("folder_1pct", folder)):
-        ms, ids = [], []
+        ms, cpu, ids = [], [], []
         for q in qs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             results = index.search(q, k=10, filter=f)
             ms.append((time.perf_counter() - t0) * 1000)
+            cpu.append((time.process_time() - c0) * 1000)
             ids.append([r.id for r in results] + [-1] * (10 - len(results)))
         found[name] = np.asarray(ids)
-        timings[name] = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+        timings[name] = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+                         "cpu_p50_ms": float(np.percentile(cpu, 50))}
     center = index.manifest.center
     index.close()
     np.savez(out, center=np.zeros(0) if center is None else center, **found)
@@ -181,8 +183,9 @@ def phase_truth(n: int, dim: int, seed: int, count: int, found: str) -> dict:
 
 
 # -- the parent: runs each phase in a child and reads its peak memory -----------------------------
-def timed_child(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
-    """Run `cmd`; return (stdout, wall seconds, its own peak RSS MB), measured with wait4."""
+def timed_child(cmd: list[str], env: dict | None = None) -> tuple[str, float, float, float]:
+    """Run `cmd`; return (stdout, wall seconds, its own peak RSS MB, its CPU seconds), from wait4.
+    CPU time (user + system) says what the work costs when the machine is shared."""
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
@@ -193,12 +196,12 @@ def timed_child(cmd: list[str], env: dict | None = None) -> tuple[str, float, fl
         if proc.returncode != 0:
             err.seek(0)
             sys.exit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
-    return out.decode(), wall, usage.ru_maxrss / 1024
+    return out.decode(), wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
-def phase(name: str, *args) -> tuple[dict, float, float]:
-    out, wall, rss = timed_child([sys.executable, str(HERE), "--phase", name, *map(str, args)])
-    return json.loads(out.strip().splitlines()[-1]), wall, rss
+def phase(name: str, *args) -> tuple[dict, float, float, float]:
+    out, wall, rss, cpu = timed_child([sys.executable, str(HERE), "--phase", name, *map(str, args)])
+    return json.loads(out.strip().splitlines()[-1]), wall, rss, cpu
 
 
 def photo_file(workdir: Path) -> Path:
@@ -218,12 +221,12 @@ def bench(n: int, args) -> None:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = str(folder / "idx")
-    print(f"\n== {n} images, {dim}-d, model {MODEL} ==", flush=True)
+    print(f"\n== {n} images, {dim}-d, model {MODEL} (load average {os.getloadavg()[0]:.1f}) ==", flush=True)
     if not (args.reuse and Path(path + ".sqlite").exists()):
-        build, wall, rss = phase("build", path, n, dim, args.seed)
-        print(f"build: {wall:.1f} s wall ({n / wall:.0f} images/s; SQLite inserts {build['sqlite_insert_s']:.1f} s, "
-              f"graph adds {build['graph_add_s']:.1f} s, save {build['save_s']:.1f} s), peak memory {rss:.0f} MB",
-              flush=True)
+        build, wall, rss, cpu = phase("build", path, n, dim, args.seed)
+        print(f"build: {wall:.1f} s wall, {cpu:.0f} s CPU ({n / wall:.0f} images/s; SQLite inserts "
+              f"{build['sqlite_insert_s']:.1f} s, graph adds {build['graph_add_s']:.1f} s, save {build['save_s']:.1f} s), "
+              f"peak memory {rss:.0f} MB", flush=True)
     faiss_bytes = sum(p.stat().st_size for p in folder.glob("idx.faiss*"))
     sqlite_bytes = Path(path + ".sqlite").stat().st_size
     print(f"disk: {(faiss_bytes + sqlite_bytes) / n:.0f} bytes/image (FAISS {faiss_bytes / 1e6:.0f} MB + SQLite "
@@ -233,20 +236,24 @@ def bench(n: int, args) -> None:
     print(f"open (read-only, best of 3): Index.open {best[0]['open_s'] * 1000:.0f} ms, first search "
           f"{best[0]['first_search_s'] * 1000:.0f} ms; process peak {best[2]:.0f} MB", flush=True)
     found = folder / "found.npz"
-    timings, wall, rss = phase("search", path, n, dim, args.seed, args.queries, found)
-    truth, _, _ = phase("truth", n, dim, args.seed, args.queries, found)
+    timings, wall, rss, _ = phase("search", path, n, dim, args.seed, args.queries, found)
+    truth, _, _, _ = phase("truth", n, dim, args.seed, args.queries, found)
     for name in ("unfiltered", "folder_1pct"):
         t = timings[name]
-        print(f"Index.search k=10 {name:<12} p50 {t['p50_ms']:6.2f} ms  p99 {t['p99_ms']:6.2f} ms  "
+        cpu = f" (CPU p50 {t['cpu_p50_ms']:.2f} ms)" if "cpu_p50_ms" in t else ""
+        print(f"Index.search k=10 {name:<12} p50 {t['p50_ms']:6.2f} ms  p99 {t['p99_ms']:6.2f} ms{cpu}  "
               f"recall@10 {truth['recall_at_10'][name]:.3f}", flush=True)
-    print(f"search process peak memory {rss:.0f} MB ({args.queries} queries of each kind); exact float32 numpy "
-          f"scan {truth['exact_scan_ms_per_query']:.1f} ms/query", flush=True)
+    print(f"search process peak memory {rss:.0f} MB ({args.queries} queries of each kind, load average "
+          f"{os.getloadavg()[0]:.1f}); exact float32 numpy scan {truth['exact_scan_ms_per_query']:.1f} ms/query",
+          flush=True)
     imgsim = shutil.which("imgsim") or str(Path(sys.executable).parent / "imgsim")
     photo = photo_file(Path(args.workdir))
     runs = [timed_child([imgsim, "search", str(photo), "--index", path, "-k", "10", "-q"]) for _ in range(args.cli_runs)]
     walls = sorted(r[1] for r in runs)
-    print(f"cold `imgsim search photo.jpg` ({args.cli_runs} runs): median {statistics.median(walls):.2f} s, "
-          f"min {walls[0]:.2f} s, max {walls[-1]:.2f} s; peak memory {max(r[2] for r in runs):.0f} MB", flush=True)
+    cpus = sorted(r[3] for r in runs)
+    print(f"cold `imgsim search photo.jpg` ({args.cli_runs} runs): median {statistics.median(walls):.2f} s wall "
+          f"(min {walls[0]:.2f}, max {walls[-1]:.2f}), median {statistics.median(cpus):.2f} s CPU; "
+          f"peak memory {max(r[2] for r in runs):.0f} MB", flush=True)
     if not args.keep:
         shutil.rmtree(folder)
 
@@ -283,7 +290,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE.parent).stdout.strip()
     print(f"imgsim {__version__} at {commit}, faiss {faiss.__version__}, {os.cpu_count()} cores, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}", flush=True)
     for n in args.n:
         bench(n, args)
 

@@ -19,14 +19,14 @@ from imgsim.faiss_format import layout, validate
 
 def _make(dim: int, n: int, M: int, seed: int = 0, metric: int = faiss.METRIC_INNER_PRODUCT,
           qtype: int = faiss.ScalarQuantizer.QT_8bit) -> bytes:
-    """A real index as imgsim builds it: IDMap2(HNSWSQ 8-bit), non-contiguous ids, added in two batches."""
+    """A real index as imgsim builds it: IDMap(HNSWSQ 8-bit), non-contiguous ids, added in two batches."""
     rng = np.random.default_rng(seed)
     hnsw = faiss.IndexHNSWSQ(dim, qtype, M, metric)
     x = rng.standard_normal((max(n, 16), dim)).astype(np.float32)
     faiss.normalize_L2(x)
     hnsw.train(x)
     x = x[:n]
-    index = faiss.IndexIDMap2(hnsw)
+    index = faiss.IndexIDMap(hnsw)
     ids = rng.choice(2**40, n, replace=False).astype(np.int64)
     for part in (slice(0, n // 2), slice(n // 2, n)):
         if len(ids[part]):
@@ -62,7 +62,7 @@ def test_imgsim_ann_index_validates():
 # -- files that are not ours -----------------------------------------------------------------------
 def test_empty_and_garbage_are_refused():
     rng = np.random.default_rng(3)
-    for data in (b"", b"IxM2", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), b"\0" * 1000):
+    for data in (b"", b"IxMp", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), b"\0" * 1000):
         with pytest.raises(IndexCorruptError):
             validate(data, 8)
 
@@ -72,11 +72,11 @@ def test_empty_and_garbage_are_refused():
     [
         (lambda: _make(16, 50, 8), "dimensions, expected 32"),
         (lambda: _make(32, 50, 8, metric=faiss.METRIC_L2), "metric"),
-        (lambda: faiss.serialize_index(faiss.IndexHNSWFlat(32, 8, faiss.METRIC_INNER_PRODUCT)).tobytes(), "IxM2"),
-        (lambda: faiss.serialize_index(faiss.IndexIDMap(faiss.IndexHNSWFlat(32, 8, 0))).tobytes(), "IxM2"),
-        (lambda: faiss.serialize_index(faiss.IndexIDMap2(faiss.IndexFlatIP(32))).tobytes(), "IHNs"),
+        (lambda: faiss.serialize_index(faiss.IndexHNSWFlat(32, 8, faiss.METRIC_INNER_PRODUCT)).tobytes(), "IxMp"),
+        (lambda: faiss.serialize_index(faiss.IndexIDMap(faiss.IndexHNSWFlat(32, 8, 0))).tobytes(), "IHNs"),
+        (lambda: faiss.serialize_index(faiss.IndexIDMap(faiss.IndexFlatIP(32))).tobytes(), "IHNs"),
         # the layout imgsim wrote before format 3: float32 vectors in the graph
-        (lambda: faiss.serialize_index(faiss.IndexIDMap2(faiss.IndexHNSWFlat(32, 8, 0))).tobytes(), "IHNs"),
+        (lambda: faiss.serialize_index(faiss.IndexIDMap2(faiss.IndexHNSWFlat(32, 8, 0))).tobytes(), "IxMp"),
         (lambda: _make(32, 50, 8, qtype=faiss.ScalarQuantizer.QT_4bit), "scalar quantizer"),
         (lambda: _make(32, 50, 8, qtype=faiss.ScalarQuantizer.QT_fp16), "scalar quantizer"),
         (lambda: _make(32, 50, 8) + b"\0", "unexpected bytes"),
