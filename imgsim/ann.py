@@ -192,6 +192,39 @@ class AnnIndex:
         finally:
             faiss.omp_set_num_threads(threads)
 
+    def scan(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the `k` best of the `allowed` ids by a brute-force pass over their codes
+        alone (no graph walk): for selective filters, where a walk would skip almost every node.
+        Scores are approximate, like `search`'s."""
+        ids = self.ids()
+        allowed = np.asarray(allowed, dtype=np.int64)
+        if not len(ids) or not len(allowed):
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        if np.all(ids[1:] > ids[:-1]):  # rows are added in id order, so this is the usual case
+            at = np.minimum(np.searchsorted(ids, allowed), len(ids) - 1)
+            positions = at[ids[at] == allowed]
+        else:
+            positions = np.flatnonzero(np.isin(ids, allowed))
+        if len(self._dead):
+            positions = positions[~np.isin(ids[positions], self._dead)]
+        if not len(positions):
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        bitmap = np.zeros((len(ids) + 7) // 8, np.uint8)
+        np.bitwise_or.at(bitmap, positions >> 3, (1 << (positions & 7)).astype(np.uint8))
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        params = faiss.SearchParameters()
+        params.sel = selector
+        k = max(1, min(k, len(positions)))
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            scores, found = self._hnsw.storage.search(np.ascontiguousarray(query[None], dtype=np.float32), k,
+                                                      params=params)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        keep = found[0] >= 0
+        return scores[0][keep], ids[found[0][keep]]
+
     # -- files -----------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self._index).tobytes()

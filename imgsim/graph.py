@@ -51,9 +51,10 @@ RETRAIN_GROWTH = 4
 memory, from SQLite) once the graph holds this many times as many: a collection indexed 16 images
 at a time is retrained at 64, 256, ... 16384 images, a few seconds of building in all."""
 
-EXACT_FILTER_LIMIT = 2000
-"""A filter matching at most this many images is answered by an exact scan of just those images
-(cheaper than a graph walk that must skip almost every node, and never short of results)."""
+EXACT_FILTER_LIMIT = 20_000
+"""A filter matching at most this many images is answered by a scan of just those images' 8-bit
+codes (cheaper than a graph walk that must skip almost every node, and never short of results),
+whose best candidates are then re-scored exactly."""
 
 FILTER_EF_MAX = 1024
 """The deepest graph walk a filtered search makes before falling back to an exact scan."""
@@ -241,9 +242,13 @@ class Graph:
             allowed = np.asarray(allowed, dtype=np.int64)
             if len(allowed) == 0:
                 return np.empty(0, np.float32), np.empty(0, np.int64)
-        if exact or (allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT):
+        if exact:
             return self._exact(query, k, allowed)
         wanted = max(k, RERANK_CANDIDATES if self.centred else RERANK_CANDIDATES_PLAIN)
+        if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
+            _, ids = ann.scan(query, wanted, allowed)
+            scores, ids = self._rescore(query, ids)
+            return scores[:k], ids[:k]
         ef = ef or self._manifest.hnsw.ef_search
         if allowed is not None:  # the walk skips nodes outside the filter: look deeper the fewer match
             ef = min(FILTER_EF_MAX, max(ef, int(ef * len(ann) / len(allowed))))
