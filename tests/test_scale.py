@@ -104,3 +104,17 @@ def test_removed_rows_are_dead_without_comparing_every_id(tmp_path):
         assert index.graph.dead_count == 10
         found = _ids(index.search(_vectors(400, 3)[0], k=20))
         assert not set(found) & set(ids[:10])
+
+
+def test_neighbours_are_exact_rescored_and_leave_the_image_itself_out(big):
+    with Index.open(big, read_only=True) as index:
+        ids = np.array([r.id for r in index.rows()][:50])
+        near, scores = index.graph.neighbours(ids, 5)
+        assert near.shape == scores.shape == (50, 5)
+        assert not np.any(near == ids[:, None])
+        assert np.all(np.diff(scores, axis=1) <= 1e-6)
+        for row in (0, 17, 49):  # the same scores as a search with that image's stored vector
+            _, vector = index.graph.vectors(ids[row:row + 1])
+            want = [r for r in index.search(vector[0], k=6) if r.id != ids[row]][:5]
+            assert near[row].tolist() == [r.id for r in want]
+            assert np.allclose(scores[row], [r.score for r in want], atol=1e-5)
