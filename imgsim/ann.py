@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from . import checked
 from .errors import IndexCorruptError
 from .faiss_format import validate
-from .files import stage
+from .files import discard
 
 TRAIN_MARGIN = 0.1
 """The quantizer's range per dimension is what the training vectors span, widened by this share on
@@ -230,10 +231,24 @@ class AnnIndex:
         return faiss.serialize_index(self._index).tobytes()
 
     def stage(self, path: Path) -> tuple[Path, str]:
-        """Write to a temporary file beside `path` (see `files.publish`); return it and its sha256."""
-        data = faiss.serialize_index(self._index)
-        digest = hashlib.sha256(data).hexdigest()
-        return stage(path, data), digest
+        """Write to a temporary file beside `path` (see `files.publish`); return it and its sha256.
+        FAISS writes the file itself (no second copy of the graph in memory), which is then fsynced
+        and hashed through a read-only mapping."""
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # as files.stage
+        staged = Path(name)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            faiss.write_index(self._index, f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else name)
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            with mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else nullcontext(b"") as data:
+                digest = hashlib.sha256(data).hexdigest()
+        except BaseException:
+            os.close(fd)
+            discard(staged)
+            raise
+        os.close(fd)
+        return staged, digest
 
     @classmethod
     def load(cls, path: Path, expect_sha256: str | tuple[str, ...], dim: int, params: HnswParams, *,
@@ -287,3 +302,9 @@ def _check(fd: int, size: int, path: Path, expected: tuple[str, ...], dim: int) 
     if problem is not None:
         raise IndexCorruptError(problem)
     return digest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
