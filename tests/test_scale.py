@@ -118,3 +118,21 @@ def test_neighbours_are_exact_rescored_and_leave_the_image_itself_out(big):
             want = [r for r in index.search(vector[0], k=6) if r.id != ids[row]][:5]
             assert near[row].tolist() == [r.id for r in want]
             assert np.allclose(scores[row], [r.score for r in want], atol=1e-5)
+
+
+def test_folder_filter_is_a_prefix_of_whole_folder_names(tmp_path):
+    path = tmp_path / "idx"
+    names = ["a/x.jpg", "a/b/y.jpg", "a/b/c/z.jpg", "ab/w.jpg", "a0/v.jpg", "a%/u.jpg", "top.jpg"]
+    x = _vectors(len(names), 4)
+    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+        with index.store.transaction():
+            index.store.insert([NewImage(n, 1, 1, "0" * 64, 64, 64, "JPEG", v) for n, v in zip(names, x)])
+
+        def paths(*folders):
+            return sorted(row["path"] for row in index.images(Filter(folders=folders)))
+
+        assert paths("a") == ["a/b/c/z.jpg", "a/b/y.jpg", "a/x.jpg"]
+        assert paths("a/b") == ["a/b/c/z.jpg", "a/b/y.jpg"]
+        assert paths("a%") == ["a%/u.jpg"]
+        assert paths("a_", "'; DROP TABLE images; --") == []
+        assert paths("") == sorted(names)
