@@ -41,7 +41,7 @@ class HnswParams:
 
     M: int = 32
     ef_construction: int = 40
-    ef_search: int = 128
+    ef_search: int = 64
 
     def to_dict(self) -> dict:
         return {"M": self.M, "ef_construction": self.ef_construction, "ef_search": self.ef_search}

@@ -37,7 +37,7 @@ CENTER_MIN_IMAGES = 200
 (taken from the graph at each save), which scripts/eval_retrieval.py measured as better for both
 near-duplicates and categories. Below it the mean says too little about the collection."""
 
-RERANK_CANDIDATES = 100
+RERANK_CANDIDATES = 64
 """With a mean, the graph (plain cosine) proposes this many candidates, re-scored exactly."""
 
 RERANK_CANDIDATES_PLAIN = 40
