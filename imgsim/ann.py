@@ -1,24 +1,37 @@
 """The FAISS half of an index: an HNSW graph over L2-normalised vectors, keyed by SQLite row ids.
 
+The graph holds each vector as 8-bit scalar-quantized codes (FAISS `IndexHNSWSQ`, `QT_8bit`: one
+byte per dimension, a per-dimension range learned from the vectors), a quarter of float32: it only
+proposes candidates, which `graph.py` re-scores exactly from the vectors stored in SQLite.
 Inner product on normalised vectors is cosine similarity, so scores are in [-1, 1], higher is closer.
 HNSW cannot delete, so ids whose rows are gone stay in the graph as "dead" and are excluded from
 every search with an `IDSelector` until the next rebuild. The file is written atomically (temporary
 file, fsync, rename) and is only handed to FAISS after its checksum and its whole structure
-(`faiss_format.validate`) have been checked: FAISS trusts its input and can crash on a crafted file.
+(`faiss_format.validate`) have been checked, once per file version (`checked.py`): FAISS trusts its
+input and can crash on a crafted file. Read-only opens memory-map the codes instead of reading them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
+import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from . import checked
 from .errors import IndexCorruptError
 from .faiss_format import validate
-from .files import stage
+from .files import discard
+
+TRAIN_MARGIN = 0.1
+"""The quantizer's range per dimension is what the training vectors span, widened by this share on
+each side (values outside it are clamped; the exact re-scoring makes up for small errors)."""
 
 
 @dataclass(frozen=True)
@@ -27,8 +40,8 @@ class HnswParams:
     `ef_construction` candidates while building, `ef_search` candidates while searching."""
 
     M: int = 32
-    ef_construction: int = 64
-    ef_search: int = 128
+    ef_construction: int = 40
+    ef_search: int = 64
 
     def to_dict(self) -> dict:
         return {"M": self.M, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
@@ -41,18 +54,20 @@ class HnswParams:
 class AnnIndex:
     """An HNSW index whose ids are SQLite row ids."""
 
-    def __init__(self, index: faiss.IndexIDMap2, params: HnswParams):
+    def __init__(self, index: faiss.IndexIDMap, params: HnswParams):
         self._index = index
         self.params = params
         self._dead = np.empty(0, dtype=np.int64)
         self._ids: np.ndarray | None = None  # id of each stored vector, by position (cached)
-        self._order: np.ndarray | None = None  # positions sorted by id, for id -> position look-ups
 
     @classmethod
     def empty(cls, dim: int, params: HnswParams) -> AnnIndex:
-        hnsw = faiss.IndexHNSWFlat(dim, params.M, faiss.METRIC_INNER_PRODUCT)
+        """A new graph; its quantizer is trained by the first `add` (or `train`)."""
+        hnsw = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, params.M, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = params.ef_construction
-        return cls(faiss.IndexIDMap2(hnsw), params)
+        # IndexIDMap, not IndexIDMap2: vectors are never looked up by id in FAISS (they come from
+        # SQLite), so the id -> position hash table IndexIDMap2 builds at every load is not needed.
+        return cls(faiss.IndexIDMap(hnsw), params)
 
     @property
     def dim(self) -> int:
@@ -60,6 +75,30 @@ class AnnIndex:
 
     def __len__(self) -> int:
         return self._index.ntotal
+
+    @property
+    def _hnsw(self):
+        return faiss.downcast_index(self._index.index)
+
+    @property
+    def _sq(self):
+        return faiss.downcast_index(self._hnsw.storage)
+
+    @property
+    def trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    def train(self, sample: np.ndarray) -> None:
+        """Learn the quantizer's range per dimension from `sample` (before anything is added)."""
+        sample = np.asarray(sample, dtype=np.float32)
+        low, high = sample.min(axis=0), sample.max(axis=0)
+        margin = TRAIN_MARGIN * (high - low) + 1e-3
+        low, high = np.maximum(low - margin, -1.0), np.minimum(high + margin, 1.0)
+        sq = self._sq
+        faiss.copy_array_to_vector(np.concatenate([low, high - low]).astype(np.float32), sq.sq.trained)
+        sq.is_trained = True
+        self._hnsw.is_trained = True
+        self._index.is_trained = True
 
     def ids(self) -> np.ndarray:
         """The id of each stored vector, by position (read-only, cached until the next `add`)."""
@@ -73,48 +112,47 @@ class AnnIndex:
         return int(ids.max()) if len(ids) else 0
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        if len(ids):
-            self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-            self._ids = self._order = None
+        """Add vectors (the quantizer is trained on the first ones if it is not yet)."""
+        if not len(ids):
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not self.trained:
+            self.train(vectors)
+        if not self._sq.codes.is_owned:
+            # Memory-mapped codes cannot grow (FAISS aborts the process): take an owned copy first.
+            self._index = faiss.deserialize_index(faiss.serialize_index(self._index))
+        self._index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+        self._ids = None
 
-    def _storage(self) -> np.ndarray:
-        """The stored vectors as an (n, dim) array: a view of FAISS's own memory, no copy."""
+    def _codes(self) -> np.ndarray:
+        """The stored codes as an (n, dim) uint8 array: a view of FAISS's memory (or the mapped file)."""
         n = len(self)
         if not n:
-            return np.empty((0, self.dim), np.float32)
-        flat = faiss.downcast_index(faiss.downcast_index(self._index.index).storage)
-        return faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
-
-    def positions(self, ids: np.ndarray) -> np.ndarray:
-        """The storage position of each id, -1 where the graph does not hold it."""
-        stored = self.ids()
-        ids = np.asarray(ids, dtype=np.int64)
-        if not len(stored) or not len(ids):
-            return np.full(len(ids), -1, np.int64)
-        if self._order is None:
-            self._order = np.argsort(stored, kind="stable")
-        sorted_ids = stored[self._order]
-        at = np.minimum(np.searchsorted(sorted_ids, ids), len(stored) - 1)
-        return np.where(sorted_ids[at] == ids, self._order[at], -1)
-
-    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the ids the graph holds, their vectors), in the order given; ids it lacks are left out."""
-        ids = np.asarray(ids, dtype=np.int64)
-        where = self.positions(ids)
-        found = where >= 0
-        return ids[found], self._storage()[where[found]]
+            return np.empty((0, self.dim), np.uint8)
+        return faiss.rev_swig_ptr(self._sq.codes.data(), n * self.dim).reshape(n, self.dim)
 
     def set_dead(self, dead_ids: np.ndarray) -> None:
         """Ids still in the graph whose rows were removed: never returned by `search`."""
         self._dead = np.unique(np.asarray(dead_ids, dtype=np.int64))
 
     def mean(self) -> np.ndarray | None:
-        """The mean of the live vectors, summed in place from the graph's own storage (no copy, no I/O)."""
-        vectors = self._storage()
-        live = ~np.isin(self.ids(), self._dead) if len(self._dead) else slice(None)
-        if not vectors[live].size:
+        """The mean of the live vectors as the graph stores them. Decoding is affine per dimension
+        (low + (code + 0.5) / 255 * width), so this is the decoded mean of the codes' mean: one pass
+        over the codes, nothing read from SQLite."""
+        codes = self._codes()
+        live = ~np.isin(self.ids(), self._dead) if len(self._dead) else None
+        count = int(live.sum()) if live is not None else len(codes)
+        if not count or not self.trained:
             return None
-        return vectors[live].mean(axis=0, dtype=np.float64).astype(np.float32)
+        total = np.zeros(self.dim, np.float64)
+        for start in range(0, len(codes), 8192):
+            part = codes[start:start + 8192]
+            if live is not None:
+                part = part[live[start:start + 8192]]
+            total += part.sum(axis=0, dtype=np.float64)
+        trained = faiss.vector_to_array(self._sq.sq.trained).astype(np.float64)
+        low, width = trained[:self.dim], trained[self.dim:]
+        return (low + (total / count + 0.5) / 255.0 * width).astype(np.float32)
 
     def live_ids(self) -> np.ndarray:
         ids = self.ids()
@@ -126,7 +164,8 @@ class AnnIndex:
 
     def search(self, queries: np.ndarray, k: int, ef_search: int | None = None,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores, ids), each (len(queries), k); missing places have id -1.
+        """Return (scores, ids), each (len(queries), k); missing places have id -1. Scores are
+        approximate (quantized vectors): callers re-score the candidates exactly.
 
         `allowed` restricts the search to those ids (a metadata filter), inside the graph walk;
         otherwise every live id is searched."""
@@ -144,41 +183,128 @@ class AnnIndex:
             batch = faiss.IDSelectorBatch(self._dead)
             params.sel = faiss.IDSelectorNot(batch)
             params._keep = batch  # the selector refers to it; keep it alive as long as params
-        return self._index.search(queries, k, params=params)
+        if len(queries) > 1:
+            return self._index.search(queries, k, params=params)
+        # One query runs on one thread anyway; an OpenMP team around it only costs (a lot, on a busy machine).
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self._index.search(queries, k, params=params)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def scan(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the `k` best of the `allowed` ids by a brute-force pass over their codes
+        alone (no graph walk): for selective filters, where a walk would skip almost every node.
+        Scores are approximate, like `search`'s."""
+        ids = self.ids()
+        allowed = np.asarray(allowed, dtype=np.int64)
+        if not len(ids) or not len(allowed):
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        if np.all(ids[1:] > ids[:-1]):  # rows are added in id order, so this is the usual case
+            at = np.minimum(np.searchsorted(ids, allowed), len(ids) - 1)
+            positions = at[ids[at] == allowed]
+        else:
+            positions = np.flatnonzero(np.isin(ids, allowed))
+        if len(self._dead):
+            positions = positions[~np.isin(ids[positions], self._dead)]
+        if not len(positions):
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        bitmap = np.zeros((len(ids) + 7) // 8, np.uint8)
+        np.bitwise_or.at(bitmap, positions >> 3, (1 << (positions & 7)).astype(np.uint8))
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        params = faiss.SearchParameters()
+        params.sel = selector
+        k = max(1, min(k, len(positions)))
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            scores, found = self._hnsw.storage.search(np.ascontiguousarray(query[None], dtype=np.float32), k,
+                                                      params=params)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        keep = found[0] >= 0
+        return scores[0][keep], ids[found[0][keep]]
 
     # -- files -----------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self._index).tobytes()
 
     def stage(self, path: Path) -> tuple[Path, str]:
-        """Write to a temporary file beside `path` (see `files.publish`); return it and its sha256."""
-        data = self.to_bytes()
-        return stage(path, data), hashlib.sha256(data).hexdigest()
+        """Write to a temporary file beside `path` (see `files.publish`); return it and its sha256.
+        FAISS writes the file itself (no second copy of the graph in memory), which is then fsynced
+        and hashed through a read-only mapping."""
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # as files.stage
+        staged = Path(name)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            faiss.write_index(self._index, f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else name)
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            with mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else nullcontext(b"") as data:
+                digest = hashlib.sha256(data).hexdigest()
+        except BaseException:
+            os.close(fd)
+            discard(staged)
+            raise
+        os.close(fd)
+        return staged, digest
 
     @classmethod
-    def load(cls, path: Path, expect_sha256: str | tuple[str, ...], dim: int, params: HnswParams) -> AnnIndex:
+    def load(cls, path: Path, expect_sha256: str | tuple[str, ...], dim: int, params: HnswParams, *,
+             mapped: bool = False) -> AnnIndex:
         """Read a FAISS file after checking it is one the manifest describes.
 
+        The sha256 and the structure are checked the first time this file version is opened; a
+        record of that, kept in the user's cache (`checked.py`), lets later opens skip both. With
+        `mapped`, the codes are memory-mapped rather than read (nothing can then be added in place).
         Raises `IndexCorruptError` if it is missing, its sha256 is not among `expect_sha256`, or it is
-        not an ID-mapped HNSW index of dimension `dim`; the caller can then rebuild it from SQLite.
+        not an imgsim graph of dimension `dim`; the caller can then rebuild it from SQLite.
         """
-        expected = (expect_sha256,) if isinstance(expect_sha256, str) else expect_sha256
+        expected = (expect_sha256,) if isinstance(expect_sha256, str) else tuple(expect_sha256)
         try:
-            data = path.read_bytes()
+            fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             raise IndexCorruptError(f"cannot read {path}: {e.strerror or e}") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest not in expected:
-            raise IndexCorruptError(f"{path} does not match its manifest (sha256 {digest[:12]}...)")
         try:
-            validate(data, dim)  # FAISS trusts its input: prove the structure before it parses it
-        except IndexCorruptError as e:
-            raise IndexCorruptError(f"{path}: {e}") from None
-        try:
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        except RuntimeError as e:
-            raise IndexCorruptError(f"{path} could not be read by FAISS: {str(e).splitlines()[0]}") from None
-        if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
+            st = os.fstat(fd)
+            known = checked.lookup(path, st, dim)
+            if known is None or known not in expected:
+                digest = _check(fd, st.st_size, path, expected, dim)
+                checked.remember(path, st, dim, digest)
+            # FAISS reads the very file (inode) that was checked, through its descriptor.
+            source = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else str(path)
+            try:
+                index = faiss.read_index(source, faiss.IO_FLAG_MMAP_IFC if mapped else 0)
+            except RuntimeError as e:
+                raise IndexCorruptError(f"{path} could not be read by FAISS: {str(e).splitlines()[0]}") from None
+        finally:
+            os.close(fd)
+        if type(index) is not faiss.IndexIDMap or index.d != dim:
             raise IndexCorruptError(f"{path} is not an HNSW index of dimension {dim}")
         return cls(index, params)
 
+
+def _check(fd: int, size: int, path: Path, expected: tuple[str, ...], dim: int) -> str:
+    """The file's sha256 once it is proven to be among `expected` and structurally sound. The file
+    is mapped, not read into memory; the problem is raised only after the mapping is closed (numpy
+    views of it must be gone by then)."""
+    problem = None
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else nullcontext(b"") as data:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest not in expected:
+            problem = f"{path} does not match its manifest (sha256 {digest[:12]}...)"
+        else:
+            try:
+                validate(data, dim)  # FAISS trusts its input: prove the structure before it parses it
+            except IndexCorruptError as e:
+                problem = f"{path}: {e}"
+    if problem is not None:
+        raise IndexCorruptError(problem)
+    return digest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -30,7 +30,7 @@ see "Duplicates" in README.md for the precision and recall of pairs at each thre
 NEIGHBOURS = 8
 """How many nearest neighbours of each image are looked at."""
 
-BATCH = 1024
+BATCH = 256
 """Images whose neighbours are looked up in one graph walk (bounded memory: ~BATCH x NEIGHBOURS vectors)."""
 
 DUPES_EF = 48

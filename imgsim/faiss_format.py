@@ -5,19 +5,25 @@ leave a graph whose neighbour ids point outside the arrays, so that a later sear
 bounds and the process dies. `validate` parses the whole file with `struct` and `numpy` (no FAISS
 call) and raises `IndexCorruptError` unless every structure FAISS relies on is consistent.
 
-Only the one layout imgsim writes is accepted: an `IndexIDMap2` around an `IndexHNSWFlat` with
-inner-product metric, as written by `faiss.serialize_index` (faiss 1.8 to 1.15; checked against the
-bytes 1.15.1 writes). The layout, from faiss/impl/index_read.cpp (`read_index`, `read_index_header`,
-`read_HNSW`) and faiss/impl/io_macros.h (`READVECTOR`, `READXBVECTOR`), all little-endian:
+Only the one layout imgsim writes is accepted: an `IndexIDMap` around an `IndexHNSWSQ` (8-bit
+scalar quantizer, `QT_8bit`) with inner-product metric, as written by `faiss.serialize_index` (checked
+against the bytes faiss 1.15.1 writes). The layout, from faiss/impl/index_read.cpp (`read_index`,
+`read_index_header`, `read_HNSW`, `read_ScalarQuantizer`) and faiss/impl/io_macros.h (`READVECTOR`),
+all little-endian:
 
     header  = fourcc:4s  d:i32  ntotal:i64  dummy:i64  dummy:i64  is_trained:u8  metric:i32
               (metric_arg:f32 follows only when metric > 1, never for inner product)
     vector  = size:u64  then size elements
-    file    = header("IxM2")  header("IHNf")  hnsw  header("IxFI")  codes  id_map:vector<i64>
+    file    = header("IxMp")  header("IHNs")  hnsw  header("IxSQ")  sq  codes:vector<u8>  id_map:vector<i64>
     hnsw    = assign_probas:vector<f64>  cum_nneighbor_per_level:vector<i32>  levels:vector<i32>
               offsets:vector<u64>  neighbors:vector<i32>
               entry_point:i32  max_level:i32  efConstruction:i32  efSearch:i32  dummy:i32
-    codes   = size:u64 counted in 4-byte units (READXBVECTOR), then size*4 bytes of float32
+    sq      = qtype:i32 (0, QT_8bit)  rangestat:i32  rangestat_arg:f32  d:u64  code_size:u64 (= d)
+              trained:vector<f32> (2*d: each dimension's low end, then its width)
+    codes   = ntotal*d bytes, one per dimension
+
+The FAISS file imgsim wrote before format 3 (`IndexIDMap2` around `IndexHNSWFlat`: "IxM2", "IHNf",
+"IxFI") is refused like any other layout; opening such an index for writing migrates it and rebuilds its graph.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ MAX_LINKS = 2**16  # per node, all levels together
 MAX_EF = 2**20
 _HEADER = struct.Struct("<4siqqqBi")
 _HNSW_TAIL = struct.Struct("<iiiii")
+_SQ = struct.Struct("<iifQQ")
+QT_8BIT = 0
 
 
 def validate(data: bytes, dim: int) -> int:
@@ -49,13 +57,13 @@ def layout(data: bytes, dim: int) -> list[tuple[str, int, int]]:
 
 def _parse(data: bytes, dim: int) -> tuple[int, list[tuple[str, int, int]]]:
     r = _Reader(data)
-    ntotal = _index_header(r, "id map", b"IxM2", dim)
-    if _index_header(r, "hnsw", b"IHNf", dim) != ntotal:
+    ntotal = _index_header(r, "id map", b"IxMp", dim)
+    if _index_header(r, "hnsw", b"IHNs", dim) != ntotal:
         raise IndexCorruptError("FAISS file is inconsistent: the id map and the HNSW graph differ in size")
     _hnsw(r, ntotal)
-    if _index_header(r, "storage", b"IxFI", dim) != ntotal:
+    if _index_header(r, "storage", b"IxSQ", dim) != ntotal:
         raise IndexCorruptError("FAISS file is inconsistent: the HNSW graph and its vectors differ in size")
-    _flat_codes(r, ntotal, dim)
+    _sq_codes(r, ntotal, dim)
     _id_map(r, ntotal)
     if r.pos != len(r.data):
         raise IndexCorruptError(f"FAISS file has {len(r.data) - r.pos} unexpected bytes after byte {r.pos}")
@@ -69,6 +77,7 @@ class _Reader:
         self.data = data
         self.pos = 0
         self.fields: list[tuple[str, int, int]] = []
+        self.trained_flags: list[int] = []
 
     def _advance(self, what: str, nbytes: int) -> int:
         start = self.pos
@@ -104,8 +113,9 @@ def _index_header(r: _Reader, what: str, fourcc: bytes, dim: int) -> int:
         raise IndexCorruptError(f"FAISS {what} has {d} dimensions, expected {dim}")
     if metric != METRIC_INNER_PRODUCT:
         raise IndexCorruptError(f"FAISS {what} uses metric {metric}, expected inner product ({METRIC_INNER_PRODUCT})")
-    if is_trained != 1:
-        raise IndexCorruptError(f"FAISS {what} is marked untrained ({is_trained})")
+    if is_trained not in (0, 1) or (is_trained == 0 and ntotal != 0):
+        raise IndexCorruptError(f"FAISS {what} is marked untrained ({is_trained}) but holds vectors")
+    r.trained_flags.append(is_trained)
     if not 0 <= ntotal <= MAX_VECTORS:
         raise IndexCorruptError(f"FAISS {what} claims {ntotal} vectors")
     return ntotal
@@ -159,12 +169,26 @@ def _check_upper_links(levels: np.ndarray, offsets: np.ndarray, cum: np.ndarray,
         raise IndexCorruptError("FAISS HNSW links a node on a level the node does not reach")
 
 
-def _flat_codes(r: _Reader, ntotal: int, dim: int) -> None:
-    """The IndexFlat vectors, written by READXBVECTOR: the size counts 4-byte units."""
+def _sq_codes(r: _Reader, ntotal: int, dim: int) -> None:
+    """The scalar quantizer (8 bits per dimension, finite ranges) and its codes, one byte per dimension."""
+    qtype, rangestat, rangestat_arg, d, code_size = r.unpack("storage.sq", _SQ)
+    if qtype != QT_8BIT or d != dim or code_size != dim:
+        raise IndexCorruptError(f"FAISS scalar quantizer is type {qtype} with {d} dimensions and {code_size}-byte "
+                                f"codes, expected type {QT_8BIT} (8-bit) with {dim} and {dim}")
+    if not 0 <= rangestat <= 3 or not np.isfinite(rangestat_arg):
+        raise IndexCorruptError(f"FAISS scalar quantizer has range statistic {rangestat} ({rangestat_arg})")
+    trained = r.vector("storage.sq.trained", "<f4")
+    # A new, empty graph learns its ranges from its first vectors: untrained means no ranges, everywhere.
+    untrained = ntotal == 0 and len(trained) == 0
+    if set(r.trained_flags) != {0 if untrained else 1}:
+        raise IndexCorruptError(f"FAISS file says trained {r.trained_flags} with {len(trained)} quantizer ranges")
+    if not untrained and (len(trained) != 2 * dim or not np.isfinite(trained).all() or np.any(trained[dim:] < 0)):
+        raise IndexCorruptError(f"FAISS scalar quantizer has {len(trained)} range values, not {2 * dim} finite "
+                                f"ones with non-negative widths")
     (size,) = r.unpack("storage.codes.size", struct.Struct("<Q"))
     if size != ntotal * dim:
-        raise IndexCorruptError(f"FAISS storage has {size} floats for {ntotal} vectors of {dim} dimensions")
-    r._advance("storage.codes", size * 4)
+        raise IndexCorruptError(f"FAISS storage has {size} code bytes for {ntotal} vectors of {dim} dimensions")
+    r._advance("storage.codes", size)
 
 
 def _id_map(r: _Reader, ntotal: int) -> None:

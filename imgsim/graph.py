@@ -6,8 +6,10 @@ lags behind SQLite (ids only grow, so it lacks exactly the ids above its largest
 removed rows that HNSW cannot delete, learns the collection's mean, and writes the file back staged,
 recorded in the manifest, then renamed, so a crash at any point leaves a file the manifest knows.
 
-Scores are cosine similarity; from `CENTER_MIN_IMAGES` images on, cosine around the collection's mean
-(the graph proposes `RERANK_CANDIDATES` by plain cosine, re-scored exactly from its stored vectors).
+Scores are cosine similarity; from `CENTER_MIN_IMAGES` images on, cosine around the collection's mean.
+The graph holds 8-bit codes, not the vectors (see `ann.py`): it proposes candidates (at least
+`RERANK_CANDIDATES` with a mean) by approximate cosine, and they are re-scored exactly from the
+float16 vectors in SQLite, fetched in one query. Each vector is stored once; the graph is derived.
 """
 
 from __future__ import annotations
@@ -35,12 +37,25 @@ CENTER_MIN_IMAGES = 200
 (taken from the graph at each save), which scripts/eval_retrieval.py measured as better for both
 near-duplicates and categories. Below it the mean says too little about the collection."""
 
-RERANK_CANDIDATES = 100
+RERANK_CANDIDATES = 64
 """With a mean, the graph (plain cosine) proposes this many candidates, re-scored exactly."""
 
-EXACT_FILTER_LIMIT = 2000
-"""A filter matching at most this many images is answered by an exact scan of just those images
-(cheaper than a graph walk that must skip almost every node, and never short of results)."""
+RERANK_CANDIDATES_PLAIN = 40
+"""Without a mean, at least this many candidates (the graph's scores are approximate)."""
+
+TRAIN_SAMPLE = 10_000
+"""The graph's quantizer learns each dimension's range from up to this many vectors."""
+
+RETRAIN_GROWTH = 4
+"""A quantizer trained on fewer than `TRAIN_SAMPLE` vectors is retrained (the graph rebuilt, in
+memory, from SQLite) once the graph holds this many times as many: a collection indexed 16 images
+at a time is retrained at 64, 256, ... 16384 images, about 22,000 vectors of graph building in all
+(tens of seconds here), next to the hours it takes to embed that many photos."""
+
+EXACT_FILTER_LIMIT = 20_000
+"""A filter matching at most this many images is answered by a scan of just those images' 8-bit
+codes (cheaper than a graph walk that must skip almost every node, and never short of results),
+whose best candidates are then re-scored exactly."""
 
 FILTER_EF_MAX = 1024
 """The deepest graph walk a filtered search makes before falling back to an exact scan."""
@@ -66,6 +81,7 @@ class Graph:
         self.path = faiss_path
         self._ann: AnnIndex | None = None
         self._dirty = False
+        self._trained_on: int | None = manifest.graph_trained_on
 
     # -- the graph, loaded on first use -----------------------------------------------------------
     @property
@@ -98,9 +114,13 @@ class Graph:
             return AnnIndex.empty(m.dim, m.hnsw)
         if m.faiss_checksums and self.path.exists():
             try:
-                return AnnIndex.load(self.path, m.faiss_checksums, m.dim, m.hnsw)
+                # A reader maps the file (nothing is added to it); a writer reads it into memory.
+                return AnnIndex.load(self.path, m.faiss_checksums, m.dim, m.hnsw, mapped=self._store.read_only)
             except IndexCorruptError as e:
                 log.warning("%s; rebuilding it from %s", e, self._store.path.name)
+        elif self.path.exists():
+            log.warning("%s is from an older format (or not recorded); rebuilding it from %s", self.path.name,
+                        self._store.path.name)
         else:
             log.warning("%s is missing; rebuilding it from %s", self.path.name, self._store.path.name)
         if self._store.read_only:
@@ -109,9 +129,26 @@ class Graph:
         return self._build()
 
     def _build(self) -> AnnIndex:
+        """A new graph of every stored vector, its quantizer trained on the first `TRAIN_SAMPLE`."""
         ann = AnnIndex.empty(self._manifest.dim, self._manifest.hnsw)
-        for ids, vectors in self._store.vectors(self._manifest.dim):
-            ann.add(ids, vectors)
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+        held = 0
+        for ids, vectors in self._store.vectors(self._manifest.dim, chunk=8192):
+            if ann.trained:
+                ann.add(ids, vectors)
+                continue
+            pending.append((ids, vectors))
+            held += len(ids)
+            if held >= TRAIN_SAMPLE:
+                ann.train(np.concatenate([v for _, v in pending])[:TRAIN_SAMPLE])
+                for ids_, vectors_ in pending:
+                    ann.add(ids_, vectors_)
+                pending = []
+        if pending:
+            ann.train(np.concatenate([v for _, v in pending]))
+            for ids_, vectors_ in pending:
+                ann.add(ids_, vectors_)
+        self._trained_on = min(held, TRAIN_SAMPLE)
         self._dirty = True
         return ann
 
@@ -128,21 +165,29 @@ class Graph:
 
     # -- changes ----------------------------------------------------------------------------------
     def add(self, ids, vectors: np.ndarray) -> None:
-        """Add vectors whose rows were just committed to the store. Ids the graph already holds (it
-        loaded them from the store when first used) are not added twice."""
-        ids = np.asarray(ids, dtype=np.int64)
+        """Add vectors whose rows were just committed to the store."""
         if not len(ids):
             return
-        ann = self.ann
-        fresh = ids > ann.max_id()  # ids only grow: anything at or below the largest is already in
-        if fresh.any():
-            ann.add(ids[fresh], np.asarray(vectors)[fresh])
-            self._dirty = True
+        ann = self.ann  # loading catches up with the store, which may already hold these very rows
+        ids = np.asarray(ids, dtype=np.int64)
+        new = ids > ann.max_id()  # ids only grow
+        if not new.any():
+            return
+        if not ann.trained:
+            self._trained_on = int(new.sum())
+        ann.add(ids[new], np.asarray(vectors)[new])
+        self._dirty = True
+        trained_on = self._trained_on
+        if trained_on is not None and trained_on < TRAIN_SAMPLE and len(ann) >= RETRAIN_GROWTH * trained_on:
+            self._ann = self._build()
+            self.forget_removed()
 
     def forget_removed(self) -> None:
-        """Exclude from every search the ids whose rows are gone from the store."""
+        """Exclude from every search the ids whose rows are gone from the store (the store keeps
+        the ids it removed, a short list: no comparison of every id)."""
         ann = self.ann
-        dead = np.setdiff1d(ann.ids(), self._store.ids(), assume_unique=True)
+        removed = self._store.removed_ids()
+        dead = removed[_holds(ann.ids(), removed)] if len(removed) else removed
         if len(dead) != ann.dead_count:
             self._dirty = True
         ann.set_dead(dead)
@@ -153,18 +198,20 @@ class Graph:
         if ann.dead_count > REBUILD_DEAD_FRACTION * max(1, len(ann)):
             self._ann = ann = self._build()
         staged, digest = ann.stage(self.path)
-        mean = ann.mean() if len(self._store) >= CENTER_MIN_IMAGES else None
+        mean = ann.mean() if len(ann) - ann.dead_count >= CENTER_MIN_IMAGES else None
         previous = self._manifest.faiss_sha256
         try:
             with self._store.transaction():
                 self._store.set_manifest(faiss_sha256=digest, faiss_previous_sha256=previous,
-                                         center=None if mean is None else [float(v) for v in mean])
+                                         center=None if mean is None else [float(v) for v in mean],
+                                         graph_trained_on=self._trained_on)
             publish(staged, self.path)
         except BaseException:
             discard(staged)
             raise
         self._manifest.faiss_sha256, self._manifest.faiss_previous_sha256 = digest, previous
         self._manifest.center = mean
+        self._manifest.graph_trained_on = self._trained_on
         self._dirty = False
 
     def rebuild(self) -> None:
@@ -174,8 +221,8 @@ class Graph:
 
     # -- reading ----------------------------------------------------------------------------------
     def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) for the given ids that the graph holds, in the order given."""
-        return self.ann.vectors(np.asarray(ids, dtype=np.int64))
+        """(ids, vectors) for the given ids that are stored, in the order given (float32, from SQLite)."""
+        return self._store.vector_matrix(np.asarray(ids, dtype=np.int64), self._manifest.dim)
 
     def search(self, query: np.ndarray, k: int, *, allowed: np.ndarray | None = None, ef: int | None = None,
                exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -196,9 +243,13 @@ class Graph:
             allowed = np.asarray(allowed, dtype=np.int64)
             if len(allowed) == 0:
                 return np.empty(0, np.float32), np.empty(0, np.int64)
-        if exact or (allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT):
-            return self._exact(query, k, ann.live_ids() if allowed is None else allowed)
-        wanted = max(k, RERANK_CANDIDATES) if self.centred else k
+        if exact:
+            return self._exact(query, k, allowed)
+        wanted = max(k, RERANK_CANDIDATES if self.centred else RERANK_CANDIDATES_PLAIN)
+        if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
+            _, ids = ann.scan(query, wanted, allowed)
+            scores, ids = self._rescore(query, ids)
+            return scores[:k], ids[:k]
         ef = ef or self._manifest.hnsw.ef_search
         if allowed is not None:  # the walk skips nodes outside the filter: look deeper the fewer match
             ef = min(FILTER_EF_MAX, max(ef, int(ef * len(ann) / len(allowed))))
@@ -208,8 +259,7 @@ class Graph:
         scores, ids = scores[keep], ids[keep]
         if allowed is not None and len(ids) < min(k, len(allowed)):
             return self._exact(query, k, allowed)
-        if self.centred:
-            scores, ids = self._rescore(query, ids)
+        scores, ids = self._rescore(query, ids)
         return scores[:k], ids[:k]
 
     def neighbours(self, ids: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
@@ -221,14 +271,17 @@ class Graph:
         found, queries = self.vectors(ids)
         if len(found) != len(ids):
             raise ImgsimError("some ids are not in the graph")
-        wanted = k + 1
+        wanted = max(k + 1, RERANK_CANDIDATES_PLAIN)  # approximate scores: re-scored below
         _, near = self.ann.search(queries, wanted, ef_search=max(ef or self._manifest.hnsw.ef_search, wanted),
                                   allowed=allowed)
-        valid = (near >= 0) & (near != ids[:, None])  # an image is not its own neighbour
-        rows, cols = np.nonzero(valid)
-        _, others = self.vectors(near[rows, cols])
+        near = np.where(near == ids[:, None], -1, near)  # an image is not its own neighbour
+        # Every candidate's vector in one pass over SQLite, then all pairs scored at once.
+        cand_ids, cand = self._store.vector_matrix(np.unique(near[near >= 0]), self._manifest.dim)
         scores = np.full(near.shape, -np.inf, np.float32)
-        scores[rows, cols] = self._pair_scores(queries[rows], others)
+        if len(cand_ids):
+            at = np.minimum(np.searchsorted(cand_ids, near), len(cand_ids) - 1)
+            rows, cols = np.nonzero((near >= 0) & (cand_ids[at] == near))
+            scores[rows, cols] = self._pair_scores(queries[rows], cand[at[rows, cols]])
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         out_scores = np.take_along_axis(scores, order, axis=1)
         out_ids = np.where(np.isfinite(out_scores), np.take_along_axis(near, order, axis=1), -1)
@@ -246,29 +299,35 @@ class Graph:
 
     def score_against(self, vector: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         """Scores of each row of `matrix` against `vector`, as `search` scores them."""
-        center = self._manifest.center
-        if center is None:
-            return normalize(matrix) @ normalize(vector[None])[0]
-        return normalize(matrix - center) @ normalize((vector - center)[None])[0]
+        return self._prepare(matrix) @ self._prepare(vector[None])[0]
 
-    def _exact(self, query: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Score `query` against every vector in `ids`, in chunks so memory stays small."""
+    def _exact(self, query: np.ndarray, k: int, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Score `query` against every stored vector in `ids` (all of them if None), in chunks so
+        memory stays small."""
         best_scores, best_ids = np.empty(0, np.float32), np.empty(0, np.int64)
-        for start in range(0, len(ids), 8192):
-            scores, found = self._rescore(query, ids[start:start + 8192], sort=False)
+        if ids is None:
+            chunks = self._store.vectors(self._manifest.dim, chunk=8192)
+        else:
+            chunks = (self.vectors(ids[start:start + 8192]) for start in range(0, len(ids), 8192))
+        prepared = self._prepare(query[None])[0]
+        for found, matrix in chunks:
+            scores = self._prepare(matrix) @ prepared
             scores, found = np.concatenate([best_scores, scores]), np.concatenate([best_ids, found])
             top = np.argsort(-scores, kind="stable")[:k] if len(scores) > k else np.argsort(-scores, kind="stable")
             best_scores, best_ids = scores[top], found[top]
         return best_scores, best_ids
 
-    def _rescore(self, query: np.ndarray, ids: np.ndarray, sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of `query` against the graph's stored vectors of `ids` (centred if the index is)."""
-        found, matrix = self.ann.vectors(ids)
+    def _prepare(self, matrix: np.ndarray) -> np.ndarray:
+        """Rows ready for scoring by inner product: centred if the index is, and unit length."""
+        center = self._manifest.center
+        return normalize(matrix - center) if center is not None else normalize(matrix)
+
+    def _rescore(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of `query` against the stored vectors of `ids` (one SQLite query), best first."""
+        found, matrix = self.vectors(ids)
         if not len(found):
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        scores = self.score_against(query, matrix)
-        if not sort:
-            return scores, found
+        scores = self._prepare(matrix) @ self._prepare(query[None])[0]
         order = np.argsort(-scores, kind="stable")
         return scores[order], found[order]
 
@@ -279,9 +338,20 @@ class Graph:
         if not self.path.exists():
             return FileCheck(missing=len(self._store) > 0)
         try:
-            ann = AnnIndex.load(self.path, m.faiss_checksums, m.dim, m.hnsw)
+            ann = AnnIndex.load(self.path, m.faiss_checksums, m.dim, m.hnsw, mapped=True)
         except IndexCorruptError as e:
             return FileCheck(problem=str(e))
         graph_ids, live = ann.ids(), self._store.ids()
         return FileCheck(lagging=len(np.setdiff1d(live, graph_ids)), dead=len(np.setdiff1d(graph_ids, live)),
                          duplicate_ids=len(np.unique(graph_ids)) != len(graph_ids))
+
+
+def _holds(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """For each of `wanted`, whether `ids` holds it. The graph's ids are ascending (rows are added
+    in id order), which makes this a binary search; otherwise a sort."""
+    if not len(ids):
+        return np.zeros(len(wanted), bool)
+    if not np.all(ids[1:] > ids[:-1]):
+        ids = np.sort(ids)
+    at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+    return ids[at] == wanted

@@ -233,7 +233,7 @@ class Index:
         # Built under a temporary name and linked into place whole, so a crash never leaves a half-made index.
         staging = sqlite_path.with_name(f".{sqlite_path.name}.{os.getpid()}.new")
         try:
-            store = Store.create(staging)
+            store = Store.create(staging, dim=loaded.dim)
             with store.transaction():
                 store.set_manifest(**manifest.to_stored())
             store.close()
@@ -349,7 +349,12 @@ class Index:
             return self._root_override
         if self._manifest.root is None:
             return None
-        return (self.sqlite_path.parent / self._manifest.root).resolve()
+        # Resolved once per root value: resolving (a syscall per folder) for every search result cost ms.
+        cached = getattr(self, "_root_resolved", None)
+        if cached is None or cached[0] != self._manifest.root:
+            cached = self._root_resolved = (self._manifest.root,
+                                            (self.sqlite_path.parent / self._manifest.root).resolve())
+        return cached[1]
 
     @_guard_database
     def __len__(self) -> int:

@@ -17,8 +17,9 @@ from .errors import ImgsimError, IndexCorruptError, ModelError
 from .images import Preprocess
 from .models import parse_pooling, spec_for
 
-FORMAT_VERSION = 2
-"""1: the first format. 2: metadata columns (folder, name, EXIF capture time, camera) and labels."""
+FORMAT_VERSION = 3
+"""1: the first format. 2: metadata columns (folder, name, EXIF capture time, camera) and labels.
+3: vectors stored as float16, an 8-bit quantized graph, and a table of removed ids."""
 
 _REQUIRED = ("format_version", "model", "model_sha256", "dim", "preprocess", "hnsw")
 
@@ -41,6 +42,9 @@ class Manifest:
     """The checksum before the last save: a crash between the rename and the commit leaves that file."""
     center: np.ndarray | None = field(default=None, repr=False)
     """The collection's mean vector, learned at each save from 200 images on (centred scores)."""
+    graph_trained_on: int | None = None
+    """How many vectors the graph's quantizer learned its ranges from (it is retrained as the
+    collection grows; see `graph.py`)."""
 
     @classmethod
     def from_stored(cls, data: dict, source: Path) -> Manifest:
@@ -63,6 +67,7 @@ class Manifest:
                 faiss_sha256=data.get("faiss_sha256"),
                 faiss_previous_sha256=data.get("faiss_previous_sha256"),
                 center=None if data.get("center") is None else np.asarray(data["center"], np.float32),
+                graph_trained_on=data.get("graph_trained_on"),
             )
             sane = manifest._sane()
         except (KeyError, TypeError, ValueError, ModelError):
@@ -95,6 +100,9 @@ class Manifest:
             all(isinstance(v, (str, type(None))) for v in (self.faiss_sha256, self.faiss_previous_sha256)),
             isinstance(self.created, (int, float, type(None))),
             self.center is None or (self.center.shape == (self.dim,) and bool(np.isfinite(self.center).all())),
+            self.graph_trained_on is None or (isinstance(self.graph_trained_on, int)
+                                              and not isinstance(self.graph_trained_on, bool)
+                                              and self.graph_trained_on >= 0),
         )
         return all(checks)
 

@@ -153,6 +153,33 @@ def _export_state(db: sqlite_utils.Database) -> None:
         ) WITHOUT ROWID""")
 
 
+@MIGRATIONS(name="005_float16_vectors_and_removed_ids")
+def _float16(db: sqlite_utils.Database) -> None:
+    """Vectors are kept once, as float16 (half the bytes of float32; cosine scores move by about
+    1e-4, far below any difference that matters, see README "How fast is it"): the FAISS graph
+    holds only 8-bit codes and re-scores its candidates from these. The graph is rebuilt in that
+    layout (its checksums are cleared). Ids of removed rows are kept in `removed` by triggers, so
+    the graph's dead ids are known at open without comparing every id."""
+    dim_row = db.execute("SELECT value FROM manifest WHERE key = 'dim'").fetchone()
+    dim = json.loads(dim_row[0]) if dim_row else None
+    if isinstance(dim, int) and dim > 0:
+        last = 0
+        while True:
+            rows = db.execute("SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT 4096", (last,)).fetchall()
+            if not rows:
+                break
+            db.conn.executemany("UPDATE vectors SET vector = ? WHERE id = ?",
+                                [(_to_blob(np.frombuffer(blob, "<f4")), row_id) for row_id, blob in rows
+                                 if isinstance(blob, bytes) and len(blob) == 4 * dim])
+            last = rows[-1][0]
+    db.execute("CREATE TABLE removed (id INTEGER PRIMARY KEY)")
+    for table in ("images", "vectors"):
+        db.execute(f"CREATE TRIGGER {table}_removed AFTER DELETE ON {table} "
+                   f"BEGIN INSERT OR IGNORE INTO removed (id) VALUES (old.id); END")
+    db.execute("DELETE FROM manifest WHERE key IN ('faiss_sha256', 'faiss_previous_sha256')")
+    db.execute("UPDATE manifest SET value = '3' WHERE key = 'format_version'")
+
+
 WRITER_ONLY_MIGRATIONS = frozenset({"003_error_file_stat", "004_export_state"})
 """Migrations that only writers need: a read-only open of a file without them is not refused."""
 
@@ -168,9 +195,12 @@ class Store:
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path) -> Store:
+    def create(cls, path: Path, dim: int | None = None) -> Store:
+        """A new, empty index file; `dim` (the model's) chooses a page size that packs its vectors well."""
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         store = cls(conn, path, read_only=False)
+        if dim:
+            store.db.execute(f"PRAGMA page_size = {page_size_for(dim)}")  # before the first table
         store.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         store._configure()
         store.migrate()
@@ -370,21 +400,37 @@ class Store:
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            bad = next((r[0] for r in rows if not isinstance(r[1], bytes) or len(r[1]) != 4 * dim), None)
+            bad = next((r[0] for r in rows if not isinstance(r[1], bytes) or len(r[1]) != VECTOR_BYTES * dim), None)
             if bad is not None:
-                raise IndexCorruptError(f"{self.path}: the vector of image {bad} is not {dim} float32 values")
-            yield ids, np.stack([_from_blob(r[1]) for r in rows])
+                raise IndexCorruptError(f"{self.path}: the vector of image {bad} is not {dim} float16 values")
+            yield ids, np.frombuffer(b"".join(r[1] for r in rows), "<f2").reshape(len(rows), dim).astype(np.float32)
             last = int(ids[-1])
 
     def vectors_by_id(self, ids: list[int], dim: int) -> dict[int, np.ndarray]:
-        found: dict[int, np.ndarray] = {}
-        for start in range(0, len(ids), 500):
-            chunk = [int(i) for i in ids[start:start + 500]]
+        found, matrix = self.vector_matrix(ids, dim)
+        return dict(zip(found.tolist(), matrix))
+
+    def vector_matrix(self, ids, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the ids that have a `dim`-d vector, their vectors as float32 rows), in the order given:
+        one query per 4096 ids (the re-scoring of a search's candidates is one query)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        found: dict[int, bytes] = {}
+        for start in range(0, len(ids), 4096):
+            chunk = ids[start:start + 4096].tolist()
             marks = ",".join("?" * len(chunk))
             for row_id, blob in self.db.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk):
-                if isinstance(blob, bytes) and len(blob) == 4 * dim:
-                    found[row_id] = _from_blob(blob)
-        return found
+                if isinstance(blob, bytes) and len(blob) == VECTOR_BYTES * dim:
+                    found[row_id] = blob
+        keep = [i for i in ids.tolist() if i in found]
+        if not keep:
+            return np.empty(0, np.int64), np.empty((0, dim), np.float32)
+        matrix = np.frombuffer(b"".join(found[i] for i in keep), "<f2").reshape(len(keep), dim).astype(np.float32)
+        return np.asarray(keep, np.int64), matrix
+
+    def removed_ids(self) -> np.ndarray:
+        """Ids of every row ever removed (ids are never reused): the graph may still hold some."""
+        rows = self.db.execute("SELECT id FROM removed ORDER BY id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     # -- consistency -----------------------------------------------------------------------------
     def integrity_problems(self) -> list[str]:
@@ -440,6 +486,7 @@ _SCHEMA = {
     "errors": {"path", "reason", "seen"},
     "manifest": {"key", "value"},
     "labels": {"image_id", "label"},
+    "removed": {"id"},
 }
 
 
@@ -472,12 +519,29 @@ def _from_db(value: str | bytes) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
+def page_size_for(dim: int) -> int:
+    """The smallest SQLite page size at which a page of vector rows wastes at most 15% of itself.
+    A row (about 12 bytes of header and the blob) must fit whole in a page; at the default 4096 bytes
+    one 1280-d float16 vector (2560 bytes) takes a page alone, 60% more than it needs."""
+    row = VECTOR_BYTES * dim + 12
+    for size in (4096, 8192, 16384, 32768, 65536):
+        usable = size - 8 - 2  # page header, and each row's 2-byte cell pointer is counted below
+        per_page = usable // (row + 2)
+        if per_page and size / per_page <= 1.15 * row:
+            return size
+    return 65536
+
+
+VECTOR_BYTES = 2
+"""Bytes per dimension of a stored vector: float16, little-endian (format 3 on)."""
+
+
 def _to_blob(vector: np.ndarray) -> bytes:
-    return np.asarray(vector, dtype="<f4").tobytes()
+    return np.asarray(vector, dtype="<f2").tobytes()
 
 
 def _from_blob(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype="<f4")
+    return np.frombuffer(blob, dtype="<f2").astype(np.float32)
 
 
 def _writable_dir(path: Path) -> bool:

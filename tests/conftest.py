@@ -22,6 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from sample_photos import PHOTOS, photo  # noqa: E402  (skimage's photos, one place for tests and the demo)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def checked_cache(tmp_path_factory):
+    """Records of checked FAISS files (imgsim/checked.py) go to a temporary folder, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("checked-cache")
+    previous = os.environ.get("IMGSIM_CACHE")
+    os.environ["IMGSIM_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("IMGSIM_CACHE", None)
+    else:
+        os.environ["IMGSIM_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def photo_images() -> dict[str, Image.Image]:
     found = {name: img for name in PHOTOS if (img := photo(name)) is not None}

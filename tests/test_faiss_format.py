@@ -17,12 +17,16 @@ from imgsim.errors import IndexCorruptError
 from imgsim.faiss_format import layout, validate
 
 
-def _make(dim: int, n: int, M: int, seed: int = 0, metric: int = faiss.METRIC_INNER_PRODUCT) -> bytes:
-    """A real index as imgsim builds it: IDMap2(HNSWFlat), non-contiguous ids, added in two batches."""
+def _make(dim: int, n: int, M: int, seed: int = 0, metric: int = faiss.METRIC_INNER_PRODUCT,
+          qtype: int = faiss.ScalarQuantizer.QT_8bit) -> bytes:
+    """A real index as imgsim builds it: IDMap(HNSWSQ 8-bit), non-contiguous ids, added in two batches."""
     rng = np.random.default_rng(seed)
-    index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, M, metric))
-    x = rng.standard_normal((n, dim)).astype(np.float32)
+    hnsw = faiss.IndexHNSWSQ(dim, qtype, M, metric)
+    x = rng.standard_normal((max(n, 16), dim)).astype(np.float32)
     faiss.normalize_L2(x)
+    hnsw.train(x)
+    x = x[:n]
+    index = faiss.IndexIDMap(hnsw)
     ids = rng.choice(2**40, n, replace=False).astype(np.int64)
     for part in (slice(0, n // 2), slice(n // 2, n)):
         if len(ids[part]):
@@ -58,7 +62,7 @@ def test_imgsim_ann_index_validates():
 # -- files that are not ours -----------------------------------------------------------------------
 def test_empty_and_garbage_are_refused():
     rng = np.random.default_rng(3)
-    for data in (b"", b"IxM2", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), b"\0" * 1000):
+    for data in (b"", b"IxMp", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), b"\0" * 1000):
         with pytest.raises(IndexCorruptError):
             validate(data, 8)
 
@@ -68,9 +72,13 @@ def test_empty_and_garbage_are_refused():
     [
         (lambda: _make(16, 50, 8), "dimensions, expected 32"),
         (lambda: _make(32, 50, 8, metric=faiss.METRIC_L2), "metric"),
-        (lambda: faiss.serialize_index(faiss.IndexHNSWFlat(32, 8, faiss.METRIC_INNER_PRODUCT)).tobytes(), "IxM2"),
-        (lambda: faiss.serialize_index(faiss.IndexIDMap(faiss.IndexHNSWFlat(32, 8, 0))).tobytes(), "IxM2"),
-        (lambda: faiss.serialize_index(faiss.IndexIDMap2(faiss.IndexFlatIP(32))).tobytes(), "IHNf"),
+        (lambda: faiss.serialize_index(faiss.IndexHNSWFlat(32, 8, faiss.METRIC_INNER_PRODUCT)).tobytes(), "IxMp"),
+        (lambda: faiss.serialize_index(faiss.IndexIDMap(faiss.IndexHNSWFlat(32, 8, 0))).tobytes(), "IHNs"),
+        (lambda: faiss.serialize_index(faiss.IndexIDMap(faiss.IndexFlatIP(32))).tobytes(), "IHNs"),
+        # the layout imgsim wrote before format 3: float32 vectors in the graph
+        (lambda: faiss.serialize_index(faiss.IndexIDMap2(faiss.IndexHNSWFlat(32, 8, 0))).tobytes(), "IxMp"),
+        (lambda: _make(32, 50, 8, qtype=faiss.ScalarQuantizer.QT_4bit), "scalar quantizer"),
+        (lambda: _make(32, 50, 8, qtype=faiss.ScalarQuantizer.QT_fp16), "scalar quantizer"),
         (lambda: _make(32, 50, 8) + b"\0", "unexpected bytes"),
         (lambda: _make(32, 50, 8)[:-1], "truncated"),
     ],
@@ -153,7 +161,7 @@ def _mutations(data: bytes, dim: int, n: int, rng: np.random.Generator):
             for value in {0, 1, max(orig - 1, 0), orig + 1, 2 * orig, n, n + 1, 2**31, 2**40, 2**63, 2**64 - 1}:
                 yield f"{name} = {value}", put("<Q", start, value)
         elif name.endswith("header"):
-            for fourcc in (b"IxM2", b"IxMp", b"IHNf", b"IHNp", b"IHNs", b"IHNc", b"IxFI", b"IxF2", b"null", b"\0" * 4):
+            for fourcc in (b"IxM2", b"IxMp", b"IHNf", b"IHNp", b"IHNs", b"IHNc", b"IxFI", b"IxF2", b"IxSQ", b"null", b"\0" * 4):
                 yield f"{name} fourcc {fourcc!r}", data[:start] + fourcc + data[start + 4 :]
             for value in (0, -1, dim - 1, dim + 1, 2**31 - 1):
                 yield f"{name} d = {value}", put("<i", start + 4, value)
@@ -163,6 +171,13 @@ def _mutations(data: bytes, dim: int, n: int, rng: np.random.Generator):
                 yield f"{name} is_trained = {value}", put("<B", start + 32, value)
             for value in (1, 2, 23, -1, 2**31 - 1):
                 yield f"{name} metric = {value}", put("<i", start + 33, value)
+        elif name == "storage.sq":  # qtype, rangestat, rangestat_arg, d, code_size
+            for offset, fmt, values in ((0, "<i", (1, 2, 3, 4, 5, 6, -1, 2**31 - 1)), (4, "<i", (-1, 4, 2**31 - 1)),
+                                        (8, "<f", (float("nan"), float("inf"))),
+                                        (12, "<Q", (0, dim - 1, dim + 1, 2**63)),
+                                        (20, "<Q", (0, 1, dim - 1, dim + 1, 2 * dim, 2**63))):
+                for value in values:
+                    yield f"{name}+{offset} = {value}", put(fmt, start + offset, value)
         elif name == "hnsw parameters":
             for slot, label in enumerate(("entry_point", "max_level", "efConstruction", "efSearch", "dummy")):
                 (orig,) = struct.unpack_from("<i", data, start + 4 * slot)
@@ -176,6 +191,7 @@ def _mutations(data: bytes, dim: int, n: int, rng: np.random.Generator):
             for value in values:
                 yield f"{name}[{i}] = {value}", put(fmt, start + int(i) * size, value)
 
+    yield from elements("storage.sq.trained", "<f", (float("nan"), float("inf"), -float("inf"), -1.0, 1e30, 0.0), 5)
     yield from elements("hnsw.assign_probas", "<d", (float("nan"), float("inf"), -1.0, 2.0, 0.0, 1.0, 0.5), 3)
     yield from elements("hnsw.cum_nneighbor_per_level", "<i", (-1, 0, 1, 7, 1000, 2**20, 2**31 - 1), 4)
     yield from elements("hnsw.levels", "<i", (-1, 0, 1, 2, 3, 100, 2**31 - 1), 10)

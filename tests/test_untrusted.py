@@ -8,6 +8,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +80,10 @@ def test_vector_of_the_wrong_size_is_reported(made):
     conn.close()
     made.with_suffix(".faiss").unlink()  # force a rebuild, which reads every vector
     with Index.open(made, read_only=True) as index:
-        with pytest.raises(IndexCorruptError, match="is not 48 float32 values"):
+        with pytest.raises(IndexCorruptError, match="is not 48 float16 values"):
             index.search(np.ones(48, "f4"))
         report = index.verify()
-    assert not report.ok and any("is not 48 float32 values" in p for p in report.problems)
+    assert not report.ok and any("is not 48 float16 values" in p for p in report.problems)
 
 
 def test_crafted_faiss_file_with_a_matching_checksum(made, tiny_model_dir):
@@ -122,3 +123,30 @@ def test_missing_table_is_refused(made):
     conn.close()
     with pytest.raises(IndexCorruptError, match="table errors is missing"):
         Index.open(made, read_only=True)
+
+
+def test_a_checked_file_is_not_checked_again_until_it_changes(made, tiny_model_dir, monkeypatch):
+    """The record of a passed check (in the user's cache, not in the index) spares the next opens the
+    full read; any change to the file, even with its checksum put into the manifest, means a new check."""
+    from imgsim import ann, checked
+
+    monkeypatch.setattr(checked, "SETTLED_SECONDS", 0.0)
+    calls = []
+    real = ann.validate
+    monkeypatch.setattr(ann, "validate", lambda data, dim: calls.append(dim) or real(data, dim))
+    for _ in range(3):
+        with Index.open(made, read_only=True) as index:
+            assert len(index.graph) == len(index)
+    assert calls == [48]  # checked once, then trusted from the record
+    time.sleep(0.05)  # past the clock tick of the last change
+    faiss_file = made.with_suffix(".faiss")
+    data = bytearray(faiss_file.read_bytes())
+    fields = {name: (start, end) for name, start, end in layout(bytes(data), 48)}
+    start, _ = fields["hnsw parameters"]
+    entry_point, max_level = struct.unpack_from("<ii", data, start)
+    struct.pack_into("<ii", data, start, entry_point, max_level + 3)
+    faiss_file.write_bytes(bytes(data))
+    set_manifest(made, faiss_sha256=hashlib.sha256(bytes(data)).hexdigest())
+    child = open_in_child(made, tiny_model_dir)
+    assert child.returncode == 0, child.stderr
+    assert "rebuilding it from idx.sqlite" in child.stderr

@@ -1,0 +1,309 @@
+"""Scale figures: real imgsim indexes of 100k and 1M images, built and searched through the library.
+
+    python scripts/bench_scale.py --n 100000 1000000 --workdir /tmp/imgsim-scale [--keep]
+
+Synthetic vectors shaped like efficientnet-lite0's GeM features (1280-d, clustered, non-negative as
+after ReLU, unit norm) are stored under that model with `Store.insert` and `Graph.add`, exactly as
+`Index.add` stores embeddings, so the files are real imgsim indexes and the real CLI can search
+them with the real bundled model. Each phase runs in its own process, so that its peak memory
+(ru_maxrss, from wait4) is its own. Printed for each size, in one run:
+
+  - size on disk per image (FAISS + SQLite files),
+  - build: wall time and peak memory (insert into SQLite in batches, add to the graph, save),
+  - open: `Index.open` read-only, then the first search (which loads the graph),
+  - `Index.search` with a vector, k=10: p50/p99 unfiltered and with a 1% folder filter, the
+    process's peak memory, and recall@10 against an exact float32 scan (same centred cosine the
+    index scores with) computed in the same run,
+  - `imgsim search photo.jpg` from a cold process (real model, real photo): wall time and peak memory.
+
+Figures are noisy on a shared machine: compare sizes within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+MODEL = "efficientnet-lite0"
+FOLDERS = 100  # image i lives in folder f{i % 100}: a one-folder filter keeps 1%
+CHUNK = 10_000
+CLUSTER_SIZE = 50
+
+
+# -- synthetic embeddings ------------------------------------------------------------------------
+def centres(n: int, dim: int, seed: int) -> np.ndarray:
+    """Cluster centres: sparse, non-negative, heavy-tailed (as post-ReLU GeM features are)."""
+    rng = np.random.default_rng([seed, 0])
+    c = rng.standard_normal((max(1, n // CLUSTER_SIZE), dim), dtype=np.float32)
+    return np.maximum(c, 0) ** 1.5
+
+
+def vectors(start: int, count: int, n: int, dim: int, seed: int, c: np.ndarray) -> np.ndarray:
+    """Vectors start..start+count of a collection of n: a centre plus noise, clipped at 0, unit norm.
+    Chunks are generated independently (seeded by their start), so any part can be made again."""
+    rng = np.random.default_rng([seed, 1, start])
+    which = rng.integers(0, len(c), count)
+    x = np.maximum(c[which] + 0.7 * rng.standard_normal((count, dim), dtype=np.float32), 0)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def queries(n: int, dim: int, seed: int, count: int, c: np.ndarray) -> np.ndarray:
+    """Perturbed members of the collection (a re-encoded or edited copy of an indexed photo)."""
+    rng = np.random.default_rng([seed, 2])
+    picks = np.sort(rng.choice(n, count, replace=False))
+    base = np.empty((count, dim), np.float32)
+    for first in np.unique(picks // CHUNK * CHUNK):
+        inside = picks // CHUNK * CHUNK == first
+        base[inside] = vectors(int(first), min(CHUNK, n - int(first)), n, dim, seed, c)[picks[inside] - first]
+    q = np.maximum(base + 0.01 * rng.standard_normal(base.shape, dtype=np.float32), 0)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+# -- phases, each run in a child process -------------------------------------------------------
+def phase_build(path: str, n: int, dim: int, seed: int) -> dict:
+    from imgsim import Index
+    from imgsim.store import NewImage
+
+    root = Path(path).parent / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    c = centres(n, dim, seed)
+    start = time.perf_counter()
+    t_sql = t_graph = 0.0
+    with Index.create(path, model=MODEL, root=root) as index:
+        assert index.manifest.dim == dim, f"{MODEL} has {index.manifest.dim} dimensions, not {dim}"
+        store, graph = index.store, index.graph
+        graph.ann  # loaded before rows exist, as `Index.add` does, so that no row is added twice
+        for first in range(0, n, CHUNK):
+            count = min(CHUNK, n - first)
+            x = vectors(first, count, n, dim, seed, c)
+            t0 = time.perf_counter()
+            images = [NewImage(f"f{i % FOLDERS:02d}/img{i:07d}.jpg", 150_000 + i % 5000, 1_700_000_000_000_000_000 + i,
+                               hashlib.sha256(i.to_bytes(8, "little")).hexdigest(), 1024, 768, "JPEG", x[j])
+                      for j, i in enumerate(range(first, first + count))]
+            with store.transaction():
+                ids = store.insert(images)
+            assert ids[0] == first + 1 and ids[-1] == first + count  # row id = position + 1
+            t1 = time.perf_counter()
+            graph.add(ids, x)
+            t_graph += time.perf_counter() - t1
+            t_sql += t1 - t0
+        t0 = time.perf_counter()
+    t_save = time.perf_counter() - t0
+    return {"build_s": time.perf_counter() - start, "sqlite_insert_s": t_sql, "graph_add_s": t_graph,
+            "save_s": t_save}
+
+
+def phase_open(path: str, n: int, dim: int, seed: int) -> dict:
+    from imgsim import Index
+
+    q = queries(n, dim, seed, 1, centres(n, dim, seed))[0]
+    t0 = time.perf_counter()
+    index = Index.open(path, read_only=True)
+    t1 = time.perf_counter()
+    index.search(q, k=10)
+    t2 = time.perf_counter()
+    index.close()
+    return {"open_s": t1 - t0, "first_search_s": t2 - t1}
+
+
+def phase_search(path: str, n: int, dim: int, seed: int, count: int, out: str) -> dict:
+    from imgsim import Index
+    from imgsim.filters import Filter
+
+    qs = queries(n, dim, seed, count, centres(n, dim, seed))
+    index = Index.open(path, read_only=True)
+    index.search(qs[0], k=10)  # load the graph
+    folder = Filter(folders=("f07",))
+    found = {}
+    timings = {}
+    for name, f, ef in (("unfiltered", None, None), ("folder_1pct", folder, None), ("unfiltered_ef64", None, 64)):
+        ms, cpu, ids = [], [], []
+        for q in qs:
+            t0, c0 = time.perf_counter(), time.process_time()
+            results = index.search(q, k=10, filter=f, ef=ef)
+            ms.append((time.perf_counter() - t0) * 1000)
+            cpu.append((time.process_time() - c0) * 1000)
+            ids.append([r.id for r in results] + [-1] * (10 - len(results)))
+        found[name] = np.asarray(ids)
+        timings[name] = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+                         "cpu_p50_ms": float(np.percentile(cpu, 50))}
+    center = index.manifest.center
+    index.close()
+    np.savez(out, center=np.zeros(0) if center is None else center, **found)
+    return timings
+
+
+def phase_truth(n: int, dim: int, seed: int, count: int, found: str) -> dict:
+    """Exact float32 scan with the index's own scoring (cosine, centred around the index's mean),
+    over every vector and over folder f07 only; recall@10 of what `Index.search` returned."""
+    saved = np.load(found)
+    center = saved["center"] if saved["center"].size else None
+    c = centres(n, dim, seed)
+    qs = queries(n, dim, seed, count, c)
+
+    def prep(m: np.ndarray) -> np.ndarray:
+        if center is not None:
+            m = m - center
+        return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+    qp = prep(qs)
+    best = {name: (np.full((count, 0), -np.inf, np.float32), np.zeros((count, 0), np.int64))
+            for name in ("unfiltered", "folder_1pct")}
+    t_exact = 0.0
+    for first in range(0, n, CHUNK):
+        x = vectors(first, min(CHUNK, n - first), n, dim, seed, c)
+        t0 = time.perf_counter()
+        scores = qp @ prep(x).T
+        t_exact += time.perf_counter() - t0
+        ids = np.arange(first, first + len(x)) + 1
+        in_folder = (ids - 1) % FOLDERS == 7
+        for name, keep in (("unfiltered", slice(None)), ("folder_1pct", in_folder)):
+            s, i = best[name]
+            s = np.concatenate([s, scores[:, keep]], axis=1)
+            i = np.concatenate([i, np.broadcast_to(ids[keep], (count, len(ids[keep])))], axis=1)
+            top = np.argsort(-s, axis=1)[:, :10]
+            best[name] = (np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1))
+    recall = {}
+    for name in saved.files:
+        if name == "center":
+            continue
+        truth = best["folder_1pct" if name.startswith("folder") else "unfiltered"][1]
+        recall[name] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(saved[name], truth)]))
+    return {"recall_at_10": recall, "exact_scan_ms_per_query": t_exact / count * 1000}
+
+
+# -- the parent: runs each phase in a child and reads its peak memory -----------------------------
+def timed_child(cmd: list[str], env: dict | None = None) -> tuple[str, float, float, float]:
+    """Run `cmd`; return (stdout, wall seconds, its own peak RSS MB, its CPU seconds), from wait4.
+    CPU time (user + system) says what the work costs when the machine is shared."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.exit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
+    return out.decode(), wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+
+
+def phase(name: str, *args) -> tuple[dict, float, float, float]:
+    out, wall, rss, cpu = timed_child([sys.executable, str(HERE), "--phase", name, *map(str, args)])
+    return json.loads(out.strip().splitlines()[-1]), wall, rss, cpu
+
+
+def photo_file(workdir: Path) -> Path:
+    sys.path.insert(0, str(HERE.parent))
+    from sample_photos import photo
+
+    path = workdir / "coffee.jpg"
+    if not path.exists():
+        photo("coffee").save(path, quality=90)
+    return path
+
+
+def bench(n: int, args) -> None:
+    dim = args.dim
+    folder = Path(args.workdir) / f"n{n}"
+    if folder.exists() and not args.reuse:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = str(folder / "idx")
+    print(f"\n== {n} images, {dim}-d, model {MODEL} (load average {os.getloadavg()[0]:.1f}) ==", flush=True)
+    if not (args.reuse and Path(path + ".sqlite").exists()):
+        build, wall, rss, cpu = phase("build", path, n, dim, args.seed)
+        print(f"build: {wall:.1f} s wall, {cpu:.0f} s CPU ({n / wall:.0f} images/s; SQLite inserts "
+              f"{build['sqlite_insert_s']:.1f} s, graph adds {build['graph_add_s']:.1f} s, save {build['save_s']:.1f} s), "
+              f"peak memory {rss:.0f} MB", flush=True)
+    faiss_bytes = sum(p.stat().st_size for p in folder.glob("idx.faiss*"))
+    sqlite_bytes = Path(path + ".sqlite").stat().st_size
+    print(f"disk: {(faiss_bytes + sqlite_bytes) / n:.0f} bytes/image (FAISS {faiss_bytes / 1e6:.0f} MB + SQLite "
+          f"{sqlite_bytes / 1e6:.0f} MB = {(faiss_bytes + sqlite_bytes) / 1e6:.0f} MB)", flush=True)
+    # The first open checks the FAISS file in full (checksum and structure) and records that in the
+    # user's cache (imgsim/checked.py), which is emptied here; later opens find the record.
+    shutil.rmtree(os.environ["IMGSIM_CACHE"], ignore_errors=True)
+    age = time.time() - max(Path(path + ".faiss").stat().st_mtime, Path(path + ".sqlite").stat().st_mtime)
+    time.sleep(max(0.0, 3.5 - age))  # a file changed in the last 3 s gets no record yet
+    opens = [phase("open", path, n, dim, args.seed) for _ in range(4)]
+    first, best = opens[0], min(opens[1:], key=lambda o: o[0]["open_s"] + o[0]["first_search_s"])
+    for label, o in (("first open (file checked)", first), ("later opens (best of 3)", best)):
+        print(f"{label}: Index.open {o[0]['open_s'] * 1000:.0f} ms, then first search (loads the graph) "
+              f"{o[0]['first_search_s'] * 1000:.0f} ms; {o[1]:.2f} s wall, {o[3]:.2f} s CPU for the whole process; "
+              f"peak memory {o[2]:.0f} MB", flush=True)
+    found = folder / "found.npz"
+    timings, wall, rss, _ = phase("search", path, n, dim, args.seed, args.queries, found)
+    truth, _, _, _ = phase("truth", n, dim, args.seed, args.queries, found)
+    for name in timings:
+        t = timings[name]
+        cpu = f" (CPU p50 {t['cpu_p50_ms']:.2f} ms)" if "cpu_p50_ms" in t else ""
+        print(f"Index.search k=10 {name:<15} p50 {t['p50_ms']:6.2f} ms  p99 {t['p99_ms']:6.2f} ms{cpu}  "
+              f"recall@10 {truth['recall_at_10'][name]:.3f}", flush=True)
+    print(f"search process peak memory {rss:.0f} MB ({args.queries} queries of each kind, load average "
+          f"{os.getloadavg()[0]:.1f}); exact float32 numpy scan {truth['exact_scan_ms_per_query']:.1f} ms/query",
+          flush=True)
+    imgsim = shutil.which("imgsim") or str(Path(sys.executable).parent / "imgsim")
+    photo = photo_file(Path(args.workdir))
+    runs = [timed_child([imgsim, "search", str(photo), "--index", path, "-k", "10", "-q"]) for _ in range(args.cli_runs)]
+    walls = sorted(r[1] for r in runs)
+    cpus = sorted(r[3] for r in runs)
+    print(f"cold `imgsim search photo.jpg` ({args.cli_runs} runs): median {statistics.median(walls):.2f} s wall "
+          f"(min {walls[0]:.2f}, max {walls[-1]:.2f}), median {statistics.median(cpus):.2f} s CPU; "
+          f"peak memory {max(r[2] for r in runs):.0f} MB", flush=True)
+    if not args.keep:
+        shutil.rmtree(folder)
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--phase":
+        name, rest = sys.argv[2], sys.argv[3:]
+        if name == "build":
+            result = phase_build(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        elif name == "open":
+            result = phase_open(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        elif name == "search":
+            result = phase_search(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), rest[5])
+        elif name == "truth":
+            result = phase_truth(int(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), rest[4])
+        else:
+            sys.exit(f"unknown phase {name}")
+        print(json.dumps(result))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--cli-runs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="/tmp/imgsim-scale")
+    parser.add_argument("--keep", action="store_true", help="Keep the indexes afterwards.")
+    parser.add_argument("--reuse", action="store_true", help="Reuse an index kept by an earlier run.")
+    args = parser.parse_args()
+    os.environ["IMGSIM_CACHE"] = str(Path(args.workdir) / "checked-cache")  # see the open phase
+    import faiss
+
+    from imgsim import __version__
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE.parent).stdout.strip()
+    print(f"imgsim {__version__} at {commit}, faiss {faiss.__version__}, {os.cpu_count()} cores, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    for n in args.n:
+        bench(n, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The compact layout at a few thousand synthetic vectors: the 8-bit graph re-scored from float16
+vectors agrees with an exact search, filters of every selectivity agree with filtering an exact
+search, and a memory-mapped graph that must catch up is copied before it grows (FAISS would abort)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from imgsim import Index, models
+from imgsim.filters import Filter
+from imgsim.store import NewImage
+
+from .conftest import TINY_MODEL
+from .tiny_model import tiny_spec
+
+DIM = 48
+
+
+def _vectors(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.maximum(rng.standard_normal((max(1, n // 20), DIM)), 0) ** 1.5
+    x = np.maximum(centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, DIM)), 0)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _store(index: Index, x: np.ndarray, first: int = 0) -> list[int]:
+    """Rows in folders f0..f9 by position, except every 500th image, alone in folder 'rare'."""
+    images = [NewImage(("rare" if i % 500 == 0 else f"f{i % 10}") + f"/img{i:05d}.jpg", 1000, i,
+                       hashlib.sha256(str(i).encode()).hexdigest(), 64, 64, "JPEG", v)
+              for i, v in enumerate(x, start=first)]
+    index.graph.ann  # loaded before the rows exist, as Index.add does
+    with index.store.transaction():
+        ids = index.store.insert(images)
+    index.graph.add(ids, x)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory, tiny_model_dir):
+    path = tmp_path_factory.mktemp("scale") / "idx"
+    with pytest.MonkeyPatch.context() as mp:  # the tiny model, as the per-test fixture registers it
+        mp.setenv(models.MODELS_ENV, str(tiny_model_dir))
+        mp.setitem(models.CATALOGUE, TINY_MODEL, tiny_spec())
+        with Index.create(path, model=TINY_MODEL, root=path.parent) as index:
+            _store(index, _vectors(3000, 0))
+    return path
+
+
+def _ids(results) -> list[int]:
+    return [r.id for r in results]
+
+
+def test_quantized_graph_agrees_with_exact_search(big):
+    queries = _vectors(3000, 0)[::100] + 0.01
+    with Index.open(big, read_only=True) as index:
+        assert index.info()["centred"]
+        recall = np.mean([len(set(_ids(index.search(q, k=10))) & set(_ids(index.search(q, k=10, exact=True)))) / 10
+                          for q in queries])
+        scores = [r.score for r in index.search(queries[0], k=10)]
+    assert recall >= 0.98
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("folder", ["rare", "f3", ""])
+def test_filters_of_every_selectivity_agree_with_filtering_an_exact_search(big, folder):
+    queries = _vectors(3000, 0)[5::300] + 0.01
+    with Index.open(big, read_only=True) as index:
+        f = Filter(folders=(folder,))
+        matching = {row["id"] for row in index.images(f)}
+        for q in queries:
+            got = index.search(q, k=10, filter=f)
+            want = index.search(q, k=10, filter=f, exact=True)
+            assert {r.id for r in got} <= matching
+            assert len(got) == min(10, len(matching))
+            assert len(set(_ids(got)) & set(_ids(want))) >= min(9, len(matching))
+
+
+def test_a_mapped_graph_that_lags_is_copied_before_it_grows(tmp_path):
+    path = tmp_path / "idx"
+    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+        _store(index, _vectors(600, 1))
+    with Index.open(path) as index:  # rows the graph file does not have yet
+        with index.store.transaction():
+            index.store.insert([NewImage("late/one.jpg", 1, 1, "0" * 64, 64, 64, "JPEG", _vectors(1, 2)[0])])
+        index.graph._dirty = False  # left unsaved, as after a crash
+    with Index.open(path, read_only=True) as index:  # mapped, then caught up: a copy is taken first
+        assert len(index.graph) == 601
+        assert index.search(_vectors(1, 2)[0], k=1)[0].path == "late/one.jpg"
+
+
+def test_removed_rows_are_dead_without_comparing_every_id(tmp_path):
+    path = tmp_path / "idx"
+    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+        ids = _store(index, _vectors(400, 3))
+    with Index.open(path) as index:
+        with index.store.transaction():
+            index.store.delete(ids[:10])
+        index.graph.forget_removed()
+    with Index.open(path, read_only=True) as index:
+        assert index.store.removed_ids().tolist() == ids[:10]
+        assert index.graph.dead_count == 10
+        found = _ids(index.search(_vectors(400, 3)[0], k=20))
+        assert not set(found) & set(ids[:10])
+
+
+def test_neighbours_are_exact_rescored_and_leave_the_image_itself_out(big):
+    with Index.open(big, read_only=True) as index:
+        ids = np.array([r.id for r in index.rows()][:50])
+        near, scores = index.graph.neighbours(ids, 5)
+        assert near.shape == scores.shape == (50, 5)
+        assert not np.any(near == ids[:, None])
+        assert np.all(np.diff(scores, axis=1) <= 1e-6)
+        for row in (0, 17, 49):  # the same scores as a search with that image's stored vector
+            _, vector = index.graph.vectors(ids[row:row + 1])
+            want = [r for r in index.search(vector[0], k=6) if r.id != ids[row]][:5]
+            assert near[row].tolist() == [r.id for r in want]
+            assert np.allclose(scores[row], [r.score for r in want], atol=1e-5)
+
+
+def test_folder_filter_is_a_prefix_of_whole_folder_names(tmp_path):
+    path = tmp_path / "idx"
+    names = ["a/x.jpg", "a/b/y.jpg", "a/b/c/z.jpg", "ab/w.jpg", "a0/v.jpg", "a%/u.jpg", "top.jpg"]
+    x = _vectors(len(names), 4)
+    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+        with index.store.transaction():
+            index.store.insert([NewImage(n, 1, 1, "0" * 64, 64, 64, "JPEG", v) for n, v in zip(names, x)])
+
+        def paths(*folders):
+            return sorted(row["path"] for row in index.images(Filter(folders=folders)))
+
+        assert paths("a") == ["a/b/c/z.jpg", "a/b/y.jpg", "a/x.jpg"]
+        assert paths("a/b") == ["a/b/c/z.jpg", "a/b/y.jpg"]
+        assert paths("a%") == ["a%/u.jpg"]
+        assert paths("a_", "'; DROP TABLE images; --") == []
+        assert paths("") == sorted(names)
