@@ -536,12 +536,29 @@ VECTOR_BYTES = 2
 """Bytes per dimension of a stored vector: float16, little-endian (format 3 on)."""
 
 
-def _to_blob(vector: np.ndarray) -> bytes:
-    return np.asarray(vector, dtype="<f2").tobytes()
+VECTOR_DTYPE = "<f2"
+"""How a vector is stored: little-endian float16, `dim` values per blob (format 3)."""
+
+
+def vector_blob(vector: np.ndarray) -> bytes:
+    """A vector as the store keeps it."""
+    return np.asarray(vector, dtype=VECTOR_DTYPE).tobytes()
+
+
+def blobs_to_matrix(blobs: list[bytes], dim: int) -> np.ndarray:
+    """Stored vector blobs (each already checked to be `blob_size(dim)` bytes) as float32 rows."""
+    return np.frombuffer(b"".join(blobs), VECTOR_DTYPE).reshape(len(blobs), dim).astype(np.float32)
+
+
+def blob_size(dim: int) -> int:
+    return np.dtype(VECTOR_DTYPE).itemsize * dim
+
+
+_to_blob = vector_blob
 
 
 def _from_blob(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype="<f2").astype(np.float32)
+    return np.frombuffer(blob, dtype=VECTOR_DTYPE).astype(np.float32)
 
 
 def _writable_dir(path: Path) -> bool:

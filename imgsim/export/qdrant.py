@@ -117,7 +117,10 @@ class Retrying:
 
 def classify(e: Exception) -> tuple[bool, str]:
     """(is it worth retrying, a one-line description)."""
-    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+    from qdrant_client.http.exceptions import (
+        ResponseHandlingException,
+        UnexpectedResponse,
+    )
 
     if isinstance(e, UnexpectedResponse):
         status = e.status_code

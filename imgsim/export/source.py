@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import IndexCorruptError
-from ..store import Store
+from ..store import Store, blob_size, blobs_to_matrix
 
 SKIPPED_COLUMNS = ("id",)
 """Columns of `images` that are not metadata (the id travels separately)."""
@@ -153,11 +153,11 @@ class Source:
         batch.labels = self._labels(ids)
         if with_vectors:
             blobs = [r[-1] for r in rows]
-            bad = next((int(i) for i, b in zip(ids, blobs) if not isinstance(b, bytes) or len(b) != 4 * self.dim),
-                       None)
+            size = blob_size(self.dim)
+            bad = next((int(i) for i, b in zip(ids, blobs) if not isinstance(b, bytes) or len(b) != size), None)
             if bad is not None:
-                raise IndexCorruptError(f"{self.store.path}: the vector of image {bad} is not {self.dim} float32 values")
-            batch.vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(rows), self.dim)
+                raise IndexCorruptError(f"{self.store.path}: the vector of image {bad} is not {self.dim} values")
+            batch.vectors = blobs_to_matrix(blobs, self.dim)
         yield batch
 
     def _labels(self, ids: np.ndarray) -> list[list[str]]:
