@@ -18,7 +18,7 @@ def test_image_and_vector_by_id(tmp_path, photos):
         assert (row.id, row.path, row.width, row.height, row.format) == (hit.id, "coffee.jpg", 600, 400, "JPEG")
         vector = index.vector(hit.id)
         assert vector.dtype == np.float32 and vector.shape == (48,)
-        np.testing.assert_allclose(vector, index.embed(photos / "coffee.jpg"), atol=1e-6)
+        np.testing.assert_allclose(vector, index.embed(photos / "coffee.jpg"), atol=1e-3)  # stored as float16
         assert index.search(vector, k=1)[0].id == hit.id
         assert index.image(999_999) is None and index.vector(999_999) is None
         (photos / "coffee.jpg").unlink()
