@@ -175,6 +175,7 @@ def phase_truth(n: int, dim: int, seed: int, count: int, found: str) -> dict:
             i = np.concatenate([i, np.broadcast_to(ids[keep], (count, len(ids[keep])))], axis=1)
             top = np.argsort(-s, axis=1)[:, :10]
             best[name] = (np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1))
+    np.savez(str(found).replace(".npz", "") + "-truth.npz", **{name: ids for name, (_, ids) in best.items()})
     recall = {}
     for name in saved.files:
         if name == "center":
