@@ -271,7 +271,7 @@ class Graph:
         found, queries = self.vectors(ids)
         if len(found) != len(ids):
             raise ImgsimError("some ids are not in the graph")
-        wanted = max(k + 1, RERANK_CANDIDATES_PLAIN)  # approximate scores: re-scored below
+        wanted = 2 * (k + 1)  # approximate scores: twice as many candidates, re-scored exactly below
         _, near = self.ann.search(queries, wanted, ef_search=max(ef or self._manifest.hnsw.ef_search, wanted),
                                   allowed=allowed)
         near = np.where(near == ids[:, None], -1, near)  # an image is not its own neighbour
