@@ -40,7 +40,7 @@ class HnswParams:
     `ef_construction` candidates while building, `ef_search` candidates while searching."""
 
     M: int = 32
-    ef_construction: int = 40
+    ef_construction: int = 80
     ef_search: int = 64
 
     def to_dict(self) -> dict:
