@@ -15,6 +15,9 @@ float16 vectors in SQLite, fetched in one query. Each vector is stored once; the
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,24 @@ whose best candidates are then re-scored exactly."""
 
 FILTER_EF_MAX = 1024
 """The deepest graph walk a filtered search makes before falling back to an exact scan."""
+
+
+@contextmanager
+def _ctrl_c_deferred():
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise it: FAISS checks for signals inside long
+    calls and abandons them halfway, which would leave the graph and its id map out of step."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 @dataclass(frozen=True)
@@ -175,7 +196,8 @@ class Graph:
             return
         if not ann.trained:
             self._trained_on = int(new.sum())
-        ann.add(ids[new], np.asarray(vectors)[new])
+        with _ctrl_c_deferred():  # FAISS stops an add at Ctrl-C halfway: graph and id map would disagree
+            ann.add(ids[new], np.asarray(vectors)[new])
         self._dirty = True
         trained_on = self._trained_on
         if trained_on is not None and trained_on < TRAIN_SAMPLE and len(ann) >= RETRAIN_GROWTH * trained_on:
