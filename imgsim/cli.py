@@ -248,8 +248,7 @@ def similar(image, index_path, k, min_score, exact, ef, root, html_file, fmt, **
     """Find the images most like one that is already indexed (its path or id), without embedding it again."""
     filter = make_filter(filters)
     with Index.open(index_path, read_only=True, root=root) as index:
-        target = int(image) if image.isdigit() and not Path(image).exists() else image
-        results = index.similar(target, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef)
+        results = index.similar(image, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef)
         print_results(Printer(fmt, line=result_line), image, results, many=False)
         if html_file:
             from .report import search_page

@@ -36,7 +36,7 @@ from .filters import Filter
 from .graph import Graph
 from .lock import WriterLock
 from .manifest import FORMAT_VERSION, Manifest
-from .models import Model, default_model
+from .models import Model, available_cpus, default_model
 from .pipeline import bounded_map, embed_files
 from .store import ImageRow, NewImage, Store
 from .sync import Plan, file_stat, is_under, plan_sync
@@ -576,6 +576,8 @@ class Index:
         text = os.fspath(item)
         if isinstance(item, str) and text.isdigit() and not Path(text).exists():
             rows = self._store.rows_by_id([int(text)])
+            if not rows and self._store.row_by_path(text) is None:
+                raise ImgsimError(f"no image with id {text} in this index")
             if rows:
                 return list(rows.values())
         path = Path(os.path.expanduser(text))
@@ -650,7 +652,7 @@ class Index:
                                                                       query=str(path)))
             pending.clear()
 
-        for item in bounded_map(decode, files, workers=2, window=2 * batch_size):
+        for item in bounded_map(decode, files, workers=available_cpus(), window=2 * batch_size):
             pending.append(item)
             if len(pending) >= batch_size:
                 yield from flush()
