@@ -3,6 +3,10 @@
 The graph holds each vector as 8-bit scalar-quantized codes (FAISS `IndexHNSWSQ`, `QT_8bit`: one
 byte per dimension, a per-dimension range learned from the vectors), a quarter of float32: it only
 proposes candidates, which `graph.py` re-scores exactly from the vectors stored in SQLite.
+A *reduced* graph (for large collections) first projects each vector onto its collection's main
+directions (PCA learned from a sample, kept in the file as a FAISS `LinearTransform`: centre, then
+project to `code_dim` dimensions), normalises the result and stores codes of that: a fifth of the
+bytes per image and of the work per comparison, for candidates that are re-scored exactly anyway.
 Inner product on normalised vectors is cosine similarity, so scores are in [-1, 1], higher is closer.
 HNSW cannot delete, so ids whose rows are gone stay in the graph as "dead" and are excluded from
 every search with an `IDSelector` until the next rebuild. The file is written atomically (temporary
@@ -28,6 +32,9 @@ from . import checked
 from .errors import IndexCorruptError
 from .faiss_format import validate
 from .files import discard
+
+PCA_SAMPLE = 10_000
+"""A reduced graph's projection is learned from at most this many of its training vectors."""
 
 TRAIN_MARGIN = 0.1
 """The quantizer's range per dimension is what the training vectors span, widened by this share on
@@ -59,38 +66,91 @@ class AnnIndex:
         self.params = params
         self._dead = np.empty(0, dtype=np.int64)
         self._ids: np.ndarray | None = None  # id of each stored vector, by position (cached)
+        self._projection: tuple[np.ndarray, np.ndarray] | None = None  # (A, b) of a reduced graph (cached)
 
     @classmethod
-    def empty(cls, dim: int, params: HnswParams) -> AnnIndex:
-        """A new graph; its quantizer is trained by the first `add` (or `train`)."""
-        hnsw = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, params.M, faiss.METRIC_INNER_PRODUCT)
+    def empty(cls, dim: int, params: HnswParams, reduce_to: int = 0) -> AnnIndex:
+        """A new graph; its quantizer (and, with `reduce_to` < dim, its projection onto that many
+        dimensions) is trained by the first `add` (or `train`)."""
+        code_dim = reduce_to if 0 < reduce_to < dim else dim
+        hnsw = faiss.IndexHNSWSQ(code_dim, faiss.ScalarQuantizer.QT_8bit, params.M, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = params.ef_construction
+        inner = hnsw
+        if code_dim < dim:
+            inner = faiss.IndexPreTransform(hnsw)
+            inner.prepend_transform(faiss.NormalizationTransform(code_dim, 2.0))
+            inner.prepend_transform(faiss.LinearTransform(dim, code_dim, True))
+            inner.is_trained = False
         # IndexIDMap, not IndexIDMap2: vectors are never looked up by id in FAISS (they come from
         # SQLite), so the id -> position hash table IndexIDMap2 builds at every load is not needed.
-        return cls(faiss.IndexIDMap(hnsw), params)
+        return cls(faiss.IndexIDMap(inner), params)
 
     @property
     def dim(self) -> int:
+        """The dimension of the vectors added and searched with."""
         return self._index.d
+
+    @property
+    def code_dim(self) -> int:
+        """The dimension the graph stores and compares (smaller than `dim` in a reduced graph)."""
+        return self._hnsw.d
+
+    @property
+    def reduced(self) -> bool:
+        return self.code_dim < self.dim
 
     def __len__(self) -> int:
         return self._index.ntotal
 
     @property
-    def _hnsw(self):
+    def _inner(self):
         return faiss.downcast_index(self._index.index)
+
+    @property
+    def _hnsw(self):
+        inner = self._inner
+        return faiss.downcast_index(inner.index) if isinstance(inner, faiss.IndexPreTransform) else inner
 
     @property
     def _sq(self):
         return faiss.downcast_index(self._hnsw.storage)
+
+    def _linear(self):
+        return faiss.downcast_VectorTransform(self._inner.chain.at(0))
+
+    def project(self, vectors: np.ndarray) -> np.ndarray:
+        """Vectors as the graph compares them: for a reduced graph, centred, projected and normalised."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if not self.reduced:
+            return vectors
+        if self._projection is None:
+            lt = self._linear()
+            self._projection = (faiss.vector_to_array(lt.A).reshape(self.code_dim, self.dim),
+                                faiss.vector_to_array(lt.b))
+        a, b = self._projection
+        y = vectors @ a.T + b
+        return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
 
     @property
     def trained(self) -> bool:
         return bool(self._index.is_trained)
 
     def train(self, sample: np.ndarray) -> None:
-        """Learn the quantizer's range per dimension from `sample` (before anything is added)."""
+        """Learn the quantizer's range per dimension from `sample` (before anything is added); for
+        a reduced graph, first its projection: the sample's mean and main directions (PCA)."""
         sample = np.asarray(sample, dtype=np.float32)
+        if self.reduced:
+            learn = sample if len(sample) <= PCA_SAMPLE else sample[np.linspace(0, len(sample) - 1, PCA_SAMPLE).astype(int)]
+            mean = learn.mean(axis=0, dtype=np.float64)
+            centred = learn - mean.astype(np.float32)
+            _, vectors = np.linalg.eigh((centred.T @ centred).astype(np.float64))  # ascending eigenvalues
+            a = np.ascontiguousarray(vectors[:, ::-1][:, :self.code_dim].T, dtype=np.float32)
+            lt = self._linear()
+            faiss.copy_array_to_vector(a.ravel(), lt.A)
+            faiss.copy_array_to_vector((-(a.astype(np.float64) @ mean)).astype(np.float32), lt.b)
+            lt.is_trained = True
+            self._projection = None
+            sample = self.project(sample)
         low, high = sample.min(axis=0), sample.max(axis=0)
         margin = TRAIN_MARGIN * (high - low) + 1e-3
         low, high = np.maximum(low - margin, -1.0), np.minimum(high + margin, 1.0)
@@ -98,6 +158,7 @@ class AnnIndex:
         faiss.copy_array_to_vector(np.concatenate([low, high - low]).astype(np.float32), sq.sq.trained)
         sq.is_trained = True
         self._hnsw.is_trained = True
+        self._inner.is_trained = True
         self._index.is_trained = True
 
     def ids(self) -> np.ndarray:
@@ -126,10 +187,10 @@ class AnnIndex:
 
     def _codes(self) -> np.ndarray:
         """The stored codes as an (n, dim) uint8 array: a view of FAISS's memory (or the mapped file)."""
-        n = len(self)
+        n, d = len(self), self.code_dim
         if not n:
-            return np.empty((0, self.dim), np.uint8)
-        return faiss.rev_swig_ptr(self._sq.codes.data(), n * self.dim).reshape(n, self.dim)
+            return np.empty((0, d), np.uint8)
+        return faiss.rev_swig_ptr(self._sq.codes.data(), n * d).reshape(n, d)
 
     def set_dead(self, dead_ids: np.ndarray) -> None:
         """Ids still in the graph whose rows were removed: never returned by `search`."""
@@ -138,7 +199,9 @@ class AnnIndex:
     def mean(self) -> np.ndarray | None:
         """The mean of the live vectors as the graph stores them. Decoding is affine per dimension
         (low + (code + 0.5) / 255 * width), so this is the decoded mean of the codes' mean: one pass
-        over the codes, nothing read from SQLite."""
+        over the codes, nothing read from SQLite. None for a reduced graph (its codes are not the vectors)."""
+        if self.reduced:
+            return None
         codes = self._codes()
         live = ~np.isin(self.ids(), self._dead) if len(self._dead) else None
         count = int(live.sum()) if live is not None else len(codes)
@@ -219,7 +282,7 @@ class AnnIndex:
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            scores, found = self._hnsw.storage.search(np.ascontiguousarray(query[None], dtype=np.float32), k,
+            scores, found = self._hnsw.storage.search(np.ascontiguousarray(self.project(query[None])), k,
                                                       params=params)
         finally:
             faiss.omp_set_num_threads(threads)

@@ -5,16 +5,21 @@ leave a graph whose neighbour ids point outside the arrays, so that a later sear
 bounds and the process dies. `validate` parses the whole file with `struct` and `numpy` (no FAISS
 call) and raises `IndexCorruptError` unless every structure FAISS relies on is consistent.
 
-Only the one layout imgsim writes is accepted: an `IndexIDMap` around an `IndexHNSWSQ` (8-bit
-scalar quantizer, `QT_8bit`) with inner-product metric, as written by `faiss.serialize_index` (checked
-against the bytes faiss 1.15.1 writes). The layout, from faiss/impl/index_read.cpp (`read_index`,
+Only the two layouts imgsim writes are accepted: an `IndexIDMap` around an `IndexHNSWSQ` (8-bit
+scalar quantizer, `QT_8bit`) with inner-product metric, and the reduced graph of large collections,
+where an `IndexPreTransform` (a `LinearTransform` with bias, then a `NormalizationTransform`) sits
+between the two, as written by `faiss.serialize_index` (checked against the bytes faiss 1.15.1 writes). The layout, from faiss/impl/index_read.cpp (`read_index`,
 `read_index_header`, `read_HNSW`, `read_ScalarQuantizer`) and faiss/impl/io_macros.h (`READVECTOR`),
 all little-endian:
 
     header  = fourcc:4s  d:i32  ntotal:i64  dummy:i64  dummy:i64  is_trained:u8  metric:i32
               (metric_arg:f32 follows only when metric > 1, never for inner product)
     vector  = size:u64  then size elements
-    file    = header("IxMp")  header("IHNs")  hnsw  header("IxSQ")  sq  codes:vector<u8>  id_map:vector<i64>
+    file    = header("IxMp")  [reduced]  header("IHNs")  hnsw  header("IxSQ")  sq  codes:vector<u8>  id_map:vector<i64>
+    reduced = header("IxPT")  nt:i32 (2)
+              "LTra"  have_bias:u8 (1)  A:vector<f32> (r*d)  b:vector<f32> (r)  d_in:i32 (d)  d_out:i32 (r)  is_trained:u8
+              "VNrm"  norm:f32 (2)  d_in:i32 (r)  d_out:i32 (r)  is_trained:u8
+              (the graph, its quantizer and codes then have r dimensions, 0 < r < d)
     hnsw    = assign_probas:vector<f64>  cum_nneighbor_per_level:vector<i32>  levels:vector<i32>
               offsets:vector<u64>  neighbors:vector<i32>
               entry_point:i32  max_level:i32  efConstruction:i32  efSearch:i32  dummy:i32
@@ -50,24 +55,34 @@ def validate(data: bytes, dim: int) -> int:
     return _parse(data, dim)[0]
 
 
+def code_dim(data: bytes, dim: int) -> int:
+    """Validate `data`; return the dimension its graph compares (`dim`, or less for a reduced graph)."""
+    return _parse(data, dim)[2]
+
+
 def layout(data: bytes, dim: int) -> list[tuple[str, int, int]]:
     """Validate `data`; return (field name, start byte, end byte) for every field, in file order."""
     return _parse(data, dim)[1]
 
 
-def _parse(data: bytes, dim: int) -> tuple[int, list[tuple[str, int, int]]]:
+def _parse(data: bytes, dim: int) -> tuple[int, list[tuple[str, int, int]], int]:
     r = _Reader(data)
     ntotal = _index_header(r, "id map", b"IxMp", dim)
-    if _index_header(r, "hnsw", b"IHNs", dim) != ntotal:
+    graph_dim = dim
+    if data[r.pos:r.pos + 4] == b"IxPT":
+        if _index_header(r, "pre-transform", b"IxPT", dim) != ntotal:
+            raise IndexCorruptError("FAISS file is inconsistent: the id map and its pre-transform differ in size")
+        graph_dim = _projection(r, dim)
+    if _index_header(r, "hnsw", b"IHNs", graph_dim) != ntotal:
         raise IndexCorruptError("FAISS file is inconsistent: the id map and the HNSW graph differ in size")
     _hnsw(r, ntotal)
-    if _index_header(r, "storage", b"IxSQ", dim) != ntotal:
+    if _index_header(r, "storage", b"IxSQ", graph_dim) != ntotal:
         raise IndexCorruptError("FAISS file is inconsistent: the HNSW graph and its vectors differ in size")
-    _sq_codes(r, ntotal, dim)
+    _sq_codes(r, ntotal, graph_dim)
     _id_map(r, ntotal)
     if r.pos != len(r.data):
         raise IndexCorruptError(f"FAISS file has {len(r.data) - r.pos} unexpected bytes after byte {r.pos}")
-    return ntotal, r.fields
+    return ntotal, r.fields, graph_dim
 
 
 class _Reader:
@@ -119,6 +134,36 @@ def _index_header(r: _Reader, what: str, fourcc: bytes, dim: int) -> int:
     if not 0 <= ntotal <= MAX_VECTORS:
         raise IndexCorruptError(f"FAISS {what} claims {ntotal} vectors")
     return ntotal
+
+
+_I32 = struct.Struct("<i")
+_LTRA_TAIL = struct.Struct("<iiB")
+_VNRM = struct.Struct("<4sfiiB")
+
+
+def _projection(r: _Reader, dim: int) -> int:
+    """A reduced graph's transforms: centre-and-project (finite, trained), then normalise; return
+    the projected dimension."""
+    (nt,) = r.unpack("pre-transform.chain.size", _I32)
+    if nt != 2:
+        raise IndexCorruptError(f"FAISS pre-transform has {nt} transforms, expected 2")
+    fourcc, have_bias = r.unpack("projection header", struct.Struct("<4sB"))
+    if fourcc != b"LTra" or have_bias != 1:
+        raise IndexCorruptError(f"FAISS pre-transform starts with {fourcc!r} (bias {have_bias}), expected a "
+                                f"linear transform with bias")
+    a = r.vector("projection.A", "<f4")
+    b = r.vector("projection.b", "<f4")
+    d_in, d_out, trained = r.unpack("projection dimensions", _LTRA_TAIL)
+    if d_in != dim or not 0 < d_out < dim or len(a) != d_in * d_out or len(b) != d_out or trained != 1:
+        raise IndexCorruptError(f"FAISS projection maps {d_in} to {d_out} dimensions with {len(a)} + {len(b)} "
+                                f"values (trained {trained}), expected {dim} to fewer, trained")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise IndexCorruptError("FAISS projection has values that are not finite")
+    fourcc, norm, n_in, n_out, trained = r.unpack("normalisation", _VNRM)
+    if fourcc != b"VNrm" or norm != 2.0 or n_in != d_out or n_out != d_out or trained != 1:
+        raise IndexCorruptError(f"FAISS pre-transform ends with {fourcc!r} ({norm}, {n_in} to {n_out}), expected "
+                                f"an L2 normalisation of {d_out} dimensions")
+    return d_out
 
 
 def _hnsw(r: _Reader, ntotal: int) -> None:

@@ -697,13 +697,15 @@ class Index:
     def _results(self, scores: np.ndarray, ids: np.ndarray, query: str | None) -> list[SearchResult]:
         rows = self._store.rows_by_id(ids.tolist())
         labels = self._store.labels_by_id(ids.tolist())
+        root = os.fspath(self.root) if self.root is not None else None  # as `resolve`, without a Path per result
         results = []
         for score, row_id in zip(scores.tolist(), ids.tolist()):
             row = rows.get(row_id)
             if row is None:
                 continue  # removed since the graph was loaded
+            abspath = row.path if root is None or os.path.isabs(row.path) else os.path.join(root, row.path)
             results.append(SearchResult(len(results) + 1, row.id, row.path, round(float(score), 6), row.width,
-                                        row.height, row.format, row.size, query, str(self.resolve(row.path)),
+                                        row.height, row.format, row.size, query, abspath,
                                         row.date, tuple(labels.get(row_id, ()))))
         return results
 
@@ -783,6 +785,7 @@ class Index:
             "hnsw": m.hnsw.to_dict(),
             "graph_size": len(self.graph),
             "graph_dead": self.graph.dead_count,
+            "graph_dim": self.graph.code_dim,
             "centred": self.graph.centred,
             "root": str(self.root) if self.root else None,
             "faiss_file": str(self.faiss_path),

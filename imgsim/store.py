@@ -245,6 +245,9 @@ class Store:
     def _configure(self) -> None:
         self.db.execute("PRAGMA busy_timeout = 10000")
         self.db.execute("PRAGMA foreign_keys = ON")
+        # Read pages through a memory map rather than a read() call each: a search reads ~64 vectors
+        # from pages all over the file (0.1 ms instead of 0.5-1 ms). SQLite caps the size it maps.
+        self.db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         if not self.read_only:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
@@ -413,6 +416,11 @@ class Store:
     def vector_matrix(self, ids, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(the ids that have a `dim`-d vector, their vectors as float32 rows), in the order given:
         one query per 4096 ids (the re-scoring of a search's candidates is one query)."""
+        found, blobs = self.vector_bytes(ids, dim)
+        return found, np.frombuffer(blobs, VECTOR_DTYPE).reshape(len(found), dim).astype(np.float32)
+
+    def vector_bytes(self, ids, dim: int) -> tuple[np.ndarray, bytes]:
+        """(the ids that have a `dim`-d vector, their float16 blobs joined), in the order given."""
         ids = np.asarray(ids, dtype=np.int64)
         found: dict[int, bytes] = {}
         for start in range(0, len(ids), 4096):
@@ -422,10 +430,7 @@ class Store:
                 if isinstance(blob, bytes) and len(blob) == VECTOR_BYTES * dim:
                     found[row_id] = blob
         keep = [i for i in ids.tolist() if i in found]
-        if not keep:
-            return np.empty(0, np.int64), np.empty((0, dim), np.float32)
-        matrix = np.frombuffer(b"".join(found[i] for i in keep), "<f2").reshape(len(keep), dim).astype(np.float32)
-        return np.asarray(keep, np.int64), matrix
+        return np.asarray(keep, np.int64), b"".join(found[i] for i in keep)
 
     def removed_ids(self) -> np.ndarray:
         """Ids of every row ever removed (ids are never reused): the graph may still hold some."""
@@ -531,6 +536,9 @@ def page_size_for(dim: int) -> int:
             return size
     return 65536
 
+
+MMAP_BYTES = 1 << 40
+"""How much of the file SQLite may memory-map (it caps this at its compile-time limit, 2 GB by default)."""
 
 VECTOR_BYTES = 2
 """Bytes per dimension of a stored vector: float16, little-endian (format 3 on)."""

@@ -14,7 +14,7 @@ import pytest
 
 from imgsim.ann import AnnIndex, HnswParams
 from imgsim.errors import IndexCorruptError
-from imgsim.faiss_format import layout, validate
+from imgsim.faiss_format import code_dim, layout, validate
 
 
 def _make(dim: int, n: int, M: int, seed: int = 0, metric: int = faiss.METRIC_INNER_PRODUCT,
@@ -34,6 +34,19 @@ def _make(dim: int, n: int, M: int, seed: int = 0, metric: int = faiss.METRIC_IN
     return faiss.serialize_index(index).tobytes()
 
 
+def _make_reduced(dim: int, reduce_to: int, n: int, M: int, seed: int = 0) -> bytes:
+    """A real reduced graph, as imgsim builds it for large collections (projection learned from the vectors)."""
+    rng = np.random.default_rng(seed)
+    ann = AnnIndex.empty(dim, HnswParams(M=M, ef_construction=40), reduce_to=reduce_to)
+    x = np.abs(rng.standard_normal((max(n, 2 * reduce_to), dim))).astype(np.float32)
+    ann.train(x / np.linalg.norm(x, axis=1, keepdims=True))
+    ids = rng.choice(2**40, n, replace=False).astype(np.int64)
+    for part in (slice(0, n // 2), slice(n // 2, n)):
+        if len(ids[part]):
+            ann.add(ids[part], x[part])
+    return ann.to_bytes()
+
+
 # -- real files ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "dim,n,M",
@@ -42,6 +55,14 @@ def _make(dim: int, n: int, M: int, seed: int = 0, metric: int = faiss.METRIC_IN
 )
 def test_real_indexes_validate(dim, n, M):
     assert validate(_make(dim, n, M), dim) == n
+
+
+@pytest.mark.parametrize("dim,reduce_to,n,M", [(8, 4, 0, 4), (8, 4, 1, 4), (64, 16, 500, 8), (1280, 256, 300, 32)])
+def test_reduced_graphs_validate(dim, reduce_to, n, M):
+    data = _make_reduced(dim, reduce_to, n, M)
+    assert validate(data, dim) == n
+    assert code_dim(data, dim) == reduce_to
+    assert code_dim(_make(dim, max(n, 1), M), dim) == dim
 
 
 def test_reloaded_and_extended_index_validates():
@@ -105,6 +126,32 @@ def test_crafted_fields_are_refused_with_a_clear_message():
         (patched("hnsw.levels", "<i", 0, 5), "level outside"),
         (patched("hnsw parameters", "<i", 100), "entry point"),
         (patched("id_map", "<q", struct.unpack_from("<q", data, fields["id_map"][0] + 8)[0]), "repeated id"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(IndexCorruptError, match=message):
+            validate(bad, 8)
+
+
+def test_crafted_reduced_graphs_are_refused_with_a_clear_message():
+    data = _make_reduced(8, 4, 100, 4)
+    fields = {name: (start, end) for name, start, end in layout(data, 8)}
+
+    def patched(name: str, fmt: str, value, offset: int = 0) -> bytes:
+        out = bytearray(data)
+        struct.pack_into(fmt, out, fields[name][0] + offset, value)
+        return bytes(out)
+
+    cases = [
+        (patched("pre-transform.chain.size", "<i", 3), "3 transforms"),
+        (patched("projection header", "<4s", b"PcAm"), "linear transform"),
+        (patched("projection header", "<B", 0, 4), "linear transform"),
+        (patched("projection.A", "<f", float("nan"), 8), "not finite"),
+        (patched("projection.b", "<f", float("inf")), "not finite"),
+        (patched("projection dimensions", "<i", 8, 4), "expected 8 to fewer"),  # d_out == d_in
+        (patched("projection dimensions", "<B", 0, 8), "trained 0"),
+        (patched("normalisation", "<f", 1.0, 4), "L2 normalisation"),
+        (patched("normalisation", "<i", 5, 12), "L2 normalisation"),
+        (patched("hnsw header", "<i", 8, 4), "8 dimensions, expected 4"),
     ]
     for bad, message in cases:
         with pytest.raises(IndexCorruptError, match=message):
@@ -192,6 +239,9 @@ def _mutations(data: bytes, dim: int, n: int, rng: np.random.Generator):
                 yield f"{name}[{i}] = {value}", put(fmt, start + int(i) * size, value)
 
     yield from elements("storage.sq.trained", "<f", (float("nan"), float("inf"), -float("inf"), -1.0, 1e30, 0.0), 5)
+    if any(name == "projection.A" for name, _, _ in fields):
+        yield from elements("projection.A", "<f", (float("nan"), float("inf"), 1e30, 0.0), 5)
+        yield from elements("projection.b", "<f", (float("nan"), -float("inf"), 1e30), 3)
     yield from elements("hnsw.assign_probas", "<d", (float("nan"), float("inf"), -1.0, 2.0, 0.0, 1.0, 0.5), 3)
     yield from elements("hnsw.cum_nneighbor_per_level", "<i", (-1, 0, 1, 7, 1000, 2**20, 2**31 - 1), 4)
     yield from elements("hnsw.levels", "<i", (-1, 0, 1, 2, 3, 100, 2**31 - 1), 10)
@@ -227,9 +277,10 @@ def _mutations(data: bytes, dim: int, n: int, rng: np.random.Generator):
         yield f"flip bytes at {sorted(int(p) for p in where)}", bytes(out)
 
 
-def test_fuzzed_files_are_refused_or_harmless(tmp_path):
+@pytest.mark.parametrize("reduced", [False, True], ids=["full", "reduced"])
+def test_fuzzed_files_are_refused_or_harmless(tmp_path, reduced):
     dim, n = 8, 200
-    data = _make(dim, n, 4, seed=7)
+    data = _make_reduced(dim, 4, n, 4, seed=7) if reduced else _make(dim, n, 4, seed=7)
     rng = np.random.default_rng(1234)
     accepted, refused = [], 0
     for description, mutated in _mutations(data, dim, n, rng):

@@ -1,6 +1,8 @@
 """The compact layout at a few thousand synthetic vectors: the 8-bit graph re-scored from float16
 vectors agrees with an exact search, filters of every selectivity agree with filtering an exact
-search, and a memory-mapped graph that must catch up is copied before it grows (FAISS would abort)."""
+search, and a memory-mapped graph that must catch up is copied before it grows (FAISS would abort).
+Each holds for the full graph and for the reduced one of large collections (made here at a small
+size by lowering the threshold)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from imgsim import Index, models
+from imgsim import Index, graph, models
+from imgsim.faiss_format import code_dim
 from imgsim.filters import Filter
 from imgsim.store import NewImage
 
@@ -38,14 +41,23 @@ def _store(index: Index, x: np.ndarray, first: int = 0) -> list[int]:
     return ids
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory, tiny_model_dir):
+def _reduce_from(mp: pytest.MonkeyPatch, count: int, dim: int = 16) -> None:
+    """Reduce graphs of `count` images on, to `dim` dimensions (10,000 and 256 in the product)."""
+    mp.setattr(graph, "REDUCE_FROM", count)
+    mp.setattr(graph, "REDUCED_DIM", dim)
+
+
+@pytest.fixture(scope="module", params=["full", "reduced"])
+def big(request, tmp_path_factory, tiny_model_dir):
     path = tmp_path_factory.mktemp("scale") / "idx"
     with pytest.MonkeyPatch.context() as mp:  # the tiny model, as the per-test fixture registers it
         mp.setenv(models.MODELS_ENV, str(tiny_model_dir))
         mp.setitem(models.CATALOGUE, TINY_MODEL, tiny_spec())
+        if request.param == "reduced":
+            _reduce_from(mp, 1000)
         with Index.create(path, model=TINY_MODEL, root=path.parent) as index:
             _store(index, _vectors(3000, 0))
+            assert index.info()["graph_dim"] == (16 if request.param == "reduced" else DIM)
     return path
 
 
@@ -136,3 +148,38 @@ def test_folder_filter_is_a_prefix_of_whole_folder_names(tmp_path):
         assert paths("a%") == ["a%/u.jpg"]
         assert paths("a_", "'; DROP TABLE images; --") == []
         assert paths("") == sorted(names)
+
+
+def test_a_collection_grown_in_small_batches_gets_a_reduced_graph(tmp_path, monkeypatch):
+    _reduce_from(monkeypatch, 500)
+    path = tmp_path / "idx"
+    x = _vectors(1700, 5)
+    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+        _store(index, x[:100])
+        assert index.info()["graph_dim"] == DIM  # trained on 100: retrained at 400, then reduced at 1,600
+    for first in range(100, 1700, 100):
+        with Index.open(path) as index:
+            _store(index, x[first:first + 100], first=first)
+    with Index.open(path, read_only=True) as index:
+        info = index.info()
+        assert info["graph_dim"] == 16 and info["graph_size"] == 1700 and info["centred"]
+        assert code_dim((path.parent / (path.name + ".faiss")).read_bytes(), DIM) == 16
+        queries = x[::97] + 0.01
+        recall = np.mean([len(set(_ids(index.search(q, k=10))) & set(_ids(index.search(q, k=10, exact=True)))) / 10
+                          for q in queries])
+    assert recall >= 0.95
+
+
+def test_a_reduced_graph_is_rebuilt_full_when_the_collection_shrinks(tmp_path, monkeypatch):
+    _reduce_from(monkeypatch, 500)
+    path = tmp_path / "idx"
+    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+        ids = _store(index, _vectors(600, 6))
+        assert index.info()["graph_dim"] == 16
+    with Index.open(path) as index:
+        with index.store.transaction():
+            index.store.delete(ids[:400])
+        index.graph.forget_removed()
+    with Index.open(path, read_only=True) as index:  # most entries dead: rebuilt at the save, full again
+        assert index.info()["graph_dim"] == DIM and index.info()["graph_size"] == 200
+        assert index.search(_vectors(600, 6)[500], k=1)[0].id == ids[500]

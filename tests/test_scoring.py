@@ -1,0 +1,37 @@
+"""imgsim.scoring: scores straight from stored float16 bytes equal the float32 arithmetic they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgsim import scoring
+from imgsim.store import vector_blob
+
+
+@pytest.mark.parametrize("dim,count", [(8, 2), (48, 64), (1280, 100), (2048, 7)])
+@pytest.mark.parametrize("centred", [False, True])
+def test_scores_from_bytes_match_numpy(dim, count, centred):
+    rng = np.random.default_rng(dim + count)
+    x = np.abs(rng.standard_normal((count, dim))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    blobs = b"".join(vector_blob(v) for v in x)
+    query = x[0] + 0.05 * rng.standard_normal(dim).astype(np.float32)
+    center = x.mean(axis=0) if centred else None
+    stored = np.frombuffer(blobs, "<f2").reshape(count, dim).astype(np.float32)
+    c = center if centred else np.zeros(dim, np.float32)
+    want = (stored - c) @ (query - c) / np.linalg.norm(stored - c, axis=1) / np.linalg.norm(query - c)
+    got = scoring.scores(blobs, count, dim, query, center)
+    assert got.shape == (count,) and got.dtype == np.float32
+    assert np.allclose(got, want, atol=2e-5)
+    assert scoring.scores(b"", 0, dim, query, center).shape == (0,)
+
+
+def test_an_identical_vector_scores_one_and_the_order_is_kept():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    blobs = b"".join(vector_blob(v) for v in x)
+    stored = np.frombuffer(blobs, "<f2").reshape(5, 32).astype(np.float32)
+    got = scoring.scores(blobs, 5, 32, stored[3], x.mean(axis=0))
+    assert int(np.argmax(got)) == 3 and got[3] == pytest.approx(1.0, abs=1e-5)
