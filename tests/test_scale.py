@@ -90,10 +90,14 @@ def test_filters_of_every_selectivity_agree_with_filtering_an_exact_search(big, 
             assert len(set(_ids(got)) & set(_ids(want))) >= min(9, len(matching))
 
 
-def test_a_mapped_graph_that_lags_is_copied_before_it_grows(tmp_path):
+@pytest.mark.parametrize("reduced", [False, True], ids=["full", "reduced"])
+def test_a_mapped_graph_that_lags_is_copied_before_it_grows(tmp_path, monkeypatch, reduced):
+    if reduced:
+        _reduce_from(monkeypatch, 500)
     path = tmp_path / "idx"
     with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
         _store(index, _vectors(600, 1))
+        assert index.info()["graph_dim"] == (16 if reduced else DIM)
     with Index.open(path) as index:  # rows the graph file does not have yet
         with index.store.transaction():
             index.store.insert([NewImage("late/one.jpg", 1, 1, "0" * 64, 64, 64, "JPEG", _vectors(1, 2)[0])])
