@@ -421,16 +421,15 @@ class Store:
 
     def vector_bytes(self, ids, dim: int) -> tuple[np.ndarray, bytes]:
         """(the ids that have a `dim`-d vector, their float16 blobs joined), in the order given."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64).tolist()
+        size = VECTOR_BYTES * dim
         found: dict[int, bytes] = {}
         for start in range(0, len(ids), 4096):
-            chunk = ids[start:start + 4096].tolist()
+            chunk = ids[start:start + 4096]
             marks = ",".join("?" * len(chunk))
-            for row_id, blob in self.db.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk):
-                if isinstance(blob, bytes) and len(blob) == VECTOR_BYTES * dim:
-                    found[row_id] = blob
-        keep = [i for i in ids.tolist() if i in found]
-        return np.asarray(keep, np.int64), b"".join(found[i] for i in keep)
+            found.update(self.db.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk).fetchall())
+        keep = [i for i in ids if isinstance(found.get(i), bytes) and len(found[i]) == size]
+        return np.asarray(keep, np.int64), b"".join([found[i] for i in keep])
 
     def removed_ids(self) -> np.ndarray:
         """Ids of every row ever removed (ids are never reused): the graph may still hold some."""
