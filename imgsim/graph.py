@@ -20,15 +20,18 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .ann import AnnIndex
 from .errors import ImgsimError, IndexCorruptError
 from .files import discard, publish
 from .manifest import Manifest
 from .models import normalize
 from .store import Store
+
+if TYPE_CHECKING:
+    from .ann import AnnIndex
 
 log = logging.getLogger("imgsim")
 
@@ -130,6 +133,8 @@ class Graph:
         return self.ann.dead_count
 
     def _load_or_rebuild(self) -> AnnIndex:
+        from .ann import AnnIndex  # FAISS is loaded by the first command that needs the graph
+
         m = self._manifest
         if not m.faiss_checksums and len(self._store) == 0:
             return AnnIndex.empty(m.dim, m.hnsw)
@@ -151,6 +156,8 @@ class Graph:
 
     def _build(self) -> AnnIndex:
         """A new graph of every stored vector, its quantizer trained on the first `TRAIN_SAMPLE`."""
+        from .ann import AnnIndex
+
         ann = AnnIndex.empty(self._manifest.dim, self._manifest.hnsw)
         pending: list[tuple[np.ndarray, np.ndarray]] = []
         held = 0
@@ -356,6 +363,8 @@ class Graph:
     # -- checking ---------------------------------------------------------------------------------
     def check_file(self) -> FileCheck:
         """Read the FAISS file as it is on disk and compare it with the store; changes nothing."""
+        from .ann import AnnIndex
+
         m = self._manifest
         if not self.path.exists():
             return FileCheck(missing=len(self._store) > 0)
