@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import checked
 from .errors import ModelError
-from .files import file_sha256
 from .images import Preprocess
 
 MODELS_ENV = "IMGSIM_MODELS"
@@ -185,7 +185,7 @@ class Model:
         if path is None:
             dirs = ", ".join(str(d) for d in search_dirs())
             raise ModelError(f"model {name} is not installed (looked in {dirs}): {spec.how_to_get}")
-        digest = file_sha256(path)
+        digest = checked.file_sha256(path, "model")  # read once per version of the file (checked.py)
         if spec.sha256 and digest != spec.sha256:
             raise ModelError(f"model file {path} is damaged (sha256 {digest[:12]}..., expected "
                              f"{spec.sha256[:12]}...): {spec.how_to_get}")

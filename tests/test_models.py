@@ -156,3 +156,39 @@ def test_the_default_model_and_why_are_listed():
     result = run("models")
     assert result.exit_code == 0
     assert "default: efficientnet-lite0" in result.output
+
+
+def test_a_model_file_is_hashed_once_per_version(install_dir, tiny_model_dir, monkeypatch):
+    """Model.load takes the file's sha256 from a record of that very version of it (checked.py);
+    any change to the file, even one that keeps its size and modification time, is hashed again."""
+    from imgsim import checked
+    from imgsim.models import Model
+
+    monkeypatch.setattr(checked, "SETTLED_SECONDS", 0.0)  # record even a file written just now
+    install_dir.mkdir()
+    path = install_dir / "tiny-test.onnx"
+    shutil.copy(tiny_model_dir / "tiny-test.onnx", path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    files_hashed = []
+    real_sha256 = hashlib.sha256
+
+    def sha256(*data):  # a file is hashed from an empty start; record names are hashed from their key
+        if not data:
+            files_hashed.append(1)
+        return real_sha256(*data)
+
+    monkeypatch.setattr(checked.hashlib, "sha256", sha256)
+    assert Model.load(TINY_MODEL, expect_sha256=digest).sha256 == digest
+    assert len(files_hashed) == 1
+    assert Model.load(TINY_MODEL, expect_sha256=digest).sha256 == digest
+    assert len(files_hashed) == 1  # the record stood in for reading the file
+
+    st = path.stat()
+    with open(path, "r+b") as f:  # the same size and modification time, one byte changed
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ModelError, match="different tiny-test file"):
+        Model.load(TINY_MODEL, expect_sha256=digest)
