@@ -192,3 +192,32 @@ def test_a_model_file_is_hashed_once_per_version(install_dir, tiny_model_dir, mo
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(ModelError, match="different tiny-test file"):
         Model.load(TINY_MODEL, expect_sha256=digest)
+
+
+def test_the_optimised_model_is_kept_and_only_a_sound_copy_is_used(tmp_path, monkeypatch):
+    """onnxruntime's optimised graph is kept in the user's cache (models.OptimisedCache) and loaded
+    as is at later starts, with the same embeddings; a copy that was altered is not used but made again."""
+    import numpy as np
+
+    from imgsim.models import Model
+
+    monkeypatch.setenv("IMGSIM_CACHE", str(tmp_path / "cache"))
+    batch = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    first = Model.load(TINY_MODEL)
+    expected = first.embed(batch)
+    assert first._session._model_path == str(first.path)  # optimised here, and the copy kept
+    copies = list((tmp_path / "cache" / "optimised").glob(f"{TINY_MODEL}-*.onnx"))
+    assert len(copies) == 1
+    second = Model.load(TINY_MODEL)
+    assert np.array_equal(second.embed(batch), expected)
+    assert second._session._model_path == str(copies[0])
+
+    sound = copies[0].read_bytes()
+    copies[0].write_bytes(sound[:-1] + bytes([sound[-1] ^ 1]))
+    third = Model.load(TINY_MODEL)
+    assert np.array_equal(third.embed(batch), expected)
+    assert third._session._model_path == str(third.path)  # not the altered copy
+    assert copies[0].read_bytes() == sound  # made again
+
+    monkeypatch.setenv("IMGSIM_OPTIMISED_CACHE", "0")
+    assert Model.load(TINY_MODEL)._session._model_path == str(first.path)
