@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -219,6 +218,8 @@ class AnnIndex:
         """Write to a temporary file beside `path` (see `files.publish`); return it and its sha256.
         FAISS writes the file itself (no second copy of the graph in memory), which is then fsynced
         and hashed through a read-only mapping."""
+        import tempfile  # writers only: it costs a cold search ~5-10 ms (random, shutil)
+
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # as files.stage
         staged = Path(name)
         try:
