@@ -280,10 +280,10 @@ class Model:
 class OptimisedCache:
     """The model as onnxruntime optimises it, kept in the user's cache, so that later starts load it
     without optimising again: graph optimisation (ORT_ENABLE_ALL: fusions, constant folding, the
-    NCHWc layout) and parsing the weights cost ~70 ms of CPU of a ~100 ms session start for the
-    bundled model; the optimised graph, with its weights in a file beside it, loads with
-    optimisation off in ~20 ms and runs the same graph (measured: bit-identical embeddings, the
-    same inference speed; scripts/bench_cold.py for the start).
+    NCHWc layout) and parsing the weights inside the graph took ~65 of the ~80 ms of CPU a session
+    start took for the bundled model; the optimised graph, with its weights in a file beside it,
+    loads with optimisation off in ~10-30 ms and runs the same graph (measured: bit-identical
+    embeddings, the same inference speed; scripts/bench_cold.py for the whole start).
 
     The copy is only good where it was made (onnxruntime says so when it writes one), so its name
     is a digest of the model's sha256, the onnxruntime version and this CPU's feature flags (the
