@@ -17,7 +17,25 @@ from .errors import (
     ReadOnlyIndexError,
 )
 from .filters import Filter
-from .index import Index, QueryOutcome, SearchResult, SyncReport
+
+_FROM_INDEX = frozenset({"Index", "QueryOutcome", "SearchResult", "SyncReport"})
+
+
+def __getattr__(name: str):
+    """`Index` and its result types load on first use (numpy, Pillow, SQLite): `import imgsim.cli`
+    alone, for `imgsim --help`, stays light."""
+    if name in _FROM_INDEX:
+        from . import index
+
+        value = getattr(index, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _FROM_INDEX)
+
 
 __all__ = [
     "Filter",

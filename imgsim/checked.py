@@ -16,6 +16,11 @@ tick of its last check could keep the same times, so ("racily clean", as git cal
 only written for a file whose times are a few seconds in the past. Anything unexpected (no cache
 folder, unreadable or malformed record) means "not checked", never an error. Recording a version
 removes the records of that path's earlier versions, so the folder holds one small file per index.
+
+Model files are recorded the same way (`file_sha256`), with their sha256 alone: hashing a model (13
+MB for the bundled one, ~100 MB for ResNet50) at every start cost more than the rest of a search
+but opening its graph. The record only stands in for reading the file; the sha256 it gives is
+compared with the catalogue's and the index's as before.
 """
 
 from __future__ import annotations
@@ -41,9 +46,12 @@ def cache_dir() -> Path:
     return Path(base) / "imgsim" / "checked"
 
 
-def _key(path: Path, st: os.stat_result, dim: int) -> dict:
-    return {"version": VERSION, "path": os.path.realpath(path), "dev": st.st_dev, "ino": st.st_ino,
-            "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "dim": dim}
+def _key(path: Path, st: os.stat_result, dim: int, kind: str = "faiss") -> dict:
+    key = {"version": VERSION, "path": os.path.realpath(path), "dev": st.st_dev, "ino": st.st_ino,
+           "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "dim": dim}
+    if kind != "faiss":  # FAISS records keep the key they always had
+        key["kind"] = kind
+    return key
 
 
 def _prefix(key: dict) -> str:
@@ -56,9 +64,9 @@ def _record_path(key: dict) -> Path:
     return cache_dir() / f"{_prefix(key)}-{name[:32]}.json"
 
 
-def lookup(path: Path, st: os.stat_result, dim: int) -> str | None:
+def lookup(path: Path, st: os.stat_result, dim: int, kind: str = "faiss") -> str | None:
     """The sha256 recorded when this exact file version passed its check, or None."""
-    key = _key(path, st, dim)
+    key = _key(path, st, dim, kind)
     try:
         record = json.loads(_record_path(key).read_text())
     except (OSError, ValueError):
@@ -68,12 +76,12 @@ def lookup(path: Path, st: os.stat_result, dim: int) -> str | None:
     return record["sha256"]
 
 
-def remember(path: Path, st: os.stat_result, dim: int, sha256: str) -> None:
+def remember(path: Path, st: os.stat_result, dim: int, sha256: str, kind: str = "faiss") -> None:
     """Record that this file version (as `st` describes it) passed its check with this sha256."""
     newest = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
     if time.time() - newest < SETTLED_SECONDS:
         return
-    key = _key(path, st, dim)
+    key = _key(path, st, dim, kind)
     target = _record_path(key)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,3 +93,19 @@ def remember(path: Path, st: os.stat_result, dim: int, sha256: str) -> None:
                 older.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def file_sha256(path: Path, kind: str) -> str:
+    """The sha256 of the file at `path`: recorded for this very version of it, else read (through one
+    descriptor, stat then contents, so a change made meanwhile gives the record a key that no
+    longer matches) and recorded."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        known = lookup(path, st, 0, kind)
+        if known is not None:
+            return known
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    remember(path, st, 0, digest.hexdigest(), kind)
+    return digest.hexdigest()

@@ -7,15 +7,21 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .dupes import DEFAULT_THRESHOLD
+from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_THRESHOLD
 from .errors import ImgsimError
 from .filters import Filter
-from .images import DEFAULT_MAX_PIXELS
-from .index import Index, SearchResult, SyncReport, index_files
 from .output import Printer, format_option, shown
+
+if TYPE_CHECKING:
+    from .index import SearchResult, SyncReport
+
+# Each command imports `Index` (numpy, Pillow, SQLite) when it runs, and FAISS and onnxruntime load
+# only when the graph or the model is first used: `imgsim --help` and `imgsim list` start in a
+# fraction of the time `imgsim search` needs (tests/test_cold_start.py checks what each loads).
 
 DEFAULT_INDEX = "imgsim"
 INDEX_HELP = "Index name: NAME.faiss and NAME.sqlite. Default: $IMGSIM_INDEX, else ./imgsim."
@@ -166,6 +172,8 @@ def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folde
     that are gone from FOLDER (or excluded) are removed unless --keep-missing. Files that failed
     before and are unchanged are counted as known failures, not tried again (see `imgsim errors`).
     """
+    from .index import Index
+
     if not Path(folder).is_dir():
         raise click.ClickException(f"image folder {folder} does not exist")
     views = ("centre60",) if centre_view else None  # None: whatever an existing index was made with
@@ -219,6 +227,8 @@ def search(queries, index_path, k, min_score, exact, ef, root, html_file, fmt, *
     Scores are cosine similarity: 1.0 is the same picture, higher is closer. A query that cannot be
     read is reported on stderr, the others are still searched, and the exit code is 1.
     """
+    from .index import Index
+
     filter = make_filter(filters)
     printer = Printer(fmt, line=result_line)
     failed = False
@@ -246,6 +256,8 @@ def search(queries, index_path, k, min_score, exact, ef, root, html_file, fmt, *
 @result_options
 def similar(image, index_path, k, min_score, exact, ef, root, html_file, fmt, **filters):
     """Find the images most like one that is already indexed (its path or id), without embedding it again."""
+    from .index import Index
+
     filter = make_filter(filters)
     with Index.open(index_path, read_only=True, root=root) as index:
         results = index.similar(image, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef)
@@ -307,6 +319,7 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
     the size of the group, the suggested keeper (reference folder, else most pixels, then largest
     file, then oldest), and every other member with its score against the keeper."""
     from .dupes import move_duplicates, plan_moves
+    from .index import Index
 
     if yes and not move_to:
         raise click.UsageError("--yes goes with --move-to")
@@ -362,6 +375,8 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
 @quiet_option
 def list_cmd(index_path, limit, order, root, fmt, **filters):
     """List the indexed images (optionally filtered) with their metadata and labels."""
+    from .index import Index
+
     filter = make_filter(filters)
     printer = Printer(fmt, ("id", "width", "height", "format", "date", "labels", "path"))
     with Index.open(index_path, read_only=True, root=root) as index:
@@ -377,6 +392,8 @@ def list_cmd(index_path, limit, order, root, fmt, **filters):
 @quiet_option
 def label(images, index_path, add, remove):
     """Add or remove labels on indexed images (files, folders of them, or ids)."""
+    from .index import Index
+
     if not add and not remove:
         raise click.UsageError("give --add NAME and/or --remove NAME")
     with Index.open(index_path) as index:
@@ -390,6 +407,8 @@ def label(images, index_path, add, remove):
 @quiet_option
 def info(index_path, as_json):
     """Describe an index: size, model, parameters, files."""
+    from .index import Index
+
     with Index.open(index_path, read_only=True) as index:
         data = index.info()
     if as_json:
@@ -407,6 +426,8 @@ def info(index_path, as_json):
 @quiet_option
 def errors(index_path, fmt):
     """List the files that could not be indexed, and why."""
+    from .index import Index
+
     printer = Printer(fmt, line=lambda r: f"{shown(r['abspath'])}: {r['reason']}")
     with Index.open(index_path, read_only=True) as index:
         for path, reason, seen in index.errors():
@@ -418,6 +439,8 @@ def errors(index_path, fmt):
 @quiet_option
 def rebuild(index_path):
     """Rebuild the FAISS file from the vectors stored in SQLite (drops removed images from the graph)."""
+    from .index import Index
+
     with Index.open(index_path) as index:
         index.rebuild()
         click.echo(f"rebuilt {index.faiss_path} with {len(index)} images")
@@ -431,6 +454,8 @@ def rebuild(index_path):
 @quiet_option
 def verify(index_path, repair, root, as_json):
     """Check that an index agrees with itself; exit code 1 if a problem remains."""
+    from .index import Index
+
     with Index.open(index_path, read_only=not repair, root=root) as index:
         report = index.verify(repair=repair)
         count = len(index)
@@ -558,6 +583,7 @@ def export_parquet_cmd(file, index_path, row_group_size, compression, **filters)
     manifest in the file's metadata (needs `pip install 'imgsim[export]'`). The filters of `search`
     limit which images go."""
     from .export.parquet import export_parquet
+    from .index import Index
 
     selection = selection_of(make_filter(filters))
     with Index.open(index_path, read_only=True) as index, progress_bar("exporting") as on_progress:
@@ -586,6 +612,7 @@ def export_qdrant_cmd(url, api_key_env, local_path, collection, index_path, batc
     import os
 
     from .export.qdrant import connect, export_qdrant
+    from .index import Index, index_files
 
     if bool(url) == bool(local_path):
         raise click.UsageError("give either --url URL or --path DIR")
@@ -628,6 +655,7 @@ def import_group():
 def import_parquet_cmd(file, index_path, root):
     """Create a new index from a Parquet FILE written by `imgsim export parquet` (no re-embedding)."""
     from .export.parquet import import_parquet
+    from .index import index_files
 
     with progress_bar("importing") as on_progress:
         count = import_parquet(file, index_path, root=root, on_progress=on_progress)
@@ -646,6 +674,7 @@ def embed(files, index_path, raw, as_json):
     import numpy as np
 
     from .export.state import query_centre, query_vector
+    from .index import Index
 
     with Index.open(index_path, read_only=True) as index:
         centred = not raw and query_centre(index.store) is not None

@@ -20,12 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .defaults import DEFAULT_THRESHOLD  # noqa: F401 (shown by the CLI; defined there)
 from .errors import ImgsimError
 from .filters import Filter
 
-DEFAULT_THRESHOLD = 0.80
-"""Pairs scoring at least this are duplicates. Chosen with scripts/eval_dupes.py on real photos:
-see "Duplicates" in README.md for the precision and recall of pairs at each threshold."""
 
 NEIGHBOURS = 8
 """How many nearest neighbours of each image are looked at."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -23,6 +22,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def stage(path: Path, data: bytes) -> Path:
     """Write `data`, fsynced, to a hidden temporary file beside `path`; `publish` puts it in place."""
+    import tempfile  # writers only: it costs a cold search ~5-10 ms (random, shutil)
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions

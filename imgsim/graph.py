@@ -22,16 +22,19 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import scoring
-from .ann import AnnIndex
 from .errors import ImgsimError, IndexCorruptError
 from .files import discard, publish
 from .manifest import Manifest
 from .models import normalize
 from .store import Store
+
+if TYPE_CHECKING:
+    from .ann import AnnIndex
 
 log = logging.getLogger("imgsim")
 
@@ -157,6 +160,8 @@ class Graph:
         return self.ann.code_dim
 
     def _load_or_rebuild(self) -> AnnIndex:
+        from .ann import AnnIndex  # FAISS is loaded by the first command that needs the graph
+
         m = self._manifest
         if not m.faiss_checksums and len(self._store) == 0:
             return AnnIndex.empty(m.dim, m.hnsw)
@@ -178,6 +183,8 @@ class Graph:
 
     def _new(self, count: int) -> AnnIndex:
         """An empty graph for a collection of `count` vectors: reduced from `REDUCE_FROM` on."""
+        from .ann import AnnIndex
+
         return AnnIndex.empty(self._manifest.dim, self._manifest.hnsw,
                               reduce_to=REDUCED_DIM if count >= REDUCE_FROM else 0)
 
@@ -398,6 +405,8 @@ class Graph:
     # -- checking ---------------------------------------------------------------------------------
     def check_file(self) -> FileCheck:
         """Read the FAISS file as it is on disk and compare it with the store; changes nothing."""
+        from .ann import AnnIndex
+
         m = self._manifest
         if not self.path.exists():
             return FileCheck(missing=len(self._store) > 0)

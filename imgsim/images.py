@@ -21,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, features
 
+from .defaults import DEFAULT_MAX_PIXELS  # noqa: F401 (shown by the CLI; defined there)
 from .errors import ImageError
 
 _HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
@@ -57,8 +58,6 @@ _UNSUPPORTED = {
                                                                ".rw2", ".raf")},
     ".psd": "Photoshop files are not supported",
 }
-DEFAULT_MAX_PIXELS = 150_000_000
-"""Images whose header claims more pixels than this are refused before decoding (decompression bombs)."""
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import images as imgs
-from .ann import HnswParams
+from .hnsw import HnswParams
 from .errors import (
     ImageError,
     ImgsimError,

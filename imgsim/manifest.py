@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ann import HnswParams
+from .hnsw import HnswParams
 from .errors import ImgsimError, IndexCorruptError, ModelError
 from .images import Preprocess
 from .models import parse_pooling, spec_for

@@ -7,13 +7,19 @@ L2-normalises them, so inner product is cosine similarity.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
+import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from . import checked
 from .errors import ModelError
 from .files import file_sha256
 from .images import Preprocess
@@ -185,7 +191,7 @@ class Model:
         if path is None:
             dirs = ", ".join(str(d) for d in search_dirs())
             raise ModelError(f"model {name} is not installed (looked in {dirs}): {spec.how_to_get}")
-        digest = file_sha256(path)
+        digest = checked.file_sha256(path, "model")  # read once per version of the file (checked.py)
         if spec.sha256 and digest != spec.sha256:
             raise ModelError(f"model file {path} is damaged (sha256 {digest[:12]}..., expected "
                              f"{spec.sha256[:12]}...): {spec.how_to_get}")
@@ -205,18 +211,47 @@ class Model:
     @cached_property
     def _session(self):
         ort = onnxruntime_module()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = available_cpus()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Spinning threads starve the decoding threads that run beside inference while indexing
-        # (measured with scripts/bench_models.py: 2 spinning threads fell below 1 thread's speed).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+        def options(optimise: bool, save_to: Path | None = None):
+            options = ort.SessionOptions()
+            level = ort.GraphOptimizationLevel
+            options.graph_optimization_level = level.ORT_ENABLE_ALL if optimise else level.ORT_DISABLE_ALL
+            options.intra_op_num_threads = available_cpus()
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            # Spinning threads starve the decoding threads that run beside inference while indexing
+            # (measured with scripts/bench_models.py: 2 spinning threads fell below 1 thread's speed).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if save_to is not None:
+                options.optimized_model_filepath = str(save_to)
+                # Weights in a file of their own beside the graph: loading them from there costs
+                # ~10 ms of CPU where parsing them inside the graph cost ~40 (measured, same embeddings).
+                options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                 save_to.name + ".data")
+                options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                                 "1024")
+            return options
+
+        cache = OptimisedCache(self, ort.__version__)
+        if cache.usable():
+            try:
+                return ort.InferenceSession(str(cache.path), options(False), providers=["CPUExecutionProvider"])
+            except Exception:  # whatever the cached copy holds, the model itself still loads below
+                pass
+        staged = cache.stage()
         try:
-            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(self.path), options(True, staged), providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise ModelError(f"model file {self.path} could not be loaded by onnxruntime: {e}") from None
+            if staged is None:
+                raise ModelError(f"model file {self.path} could not be loaded by onnxruntime: {e}") from None
+            cache.discard(staged)
+            try:
+                session = ort.InferenceSession(str(self.path), options(True), providers=["CPUExecutionProvider"])
+            except Exception as e:
+                raise ModelError(f"model file {self.path} could not be loaded by onnxruntime: {e}") from None
+        else:
+            cache.publish(staged)
+        return session
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """Embed a (N, 3, H, W) float32 batch into (N, dim) L2-normalised float32 vectors."""
@@ -240,6 +275,106 @@ class Model:
         n, views = batch.shape[:2]
         vectors = self.embed(batch.reshape(n * views, *batch.shape[2:])).reshape(n, views, -1)
         return normalize(vectors.sum(axis=1))
+
+
+class OptimisedCache:
+    """The model as onnxruntime optimises it, kept in the user's cache, so that later starts load it
+    without optimising again: graph optimisation (ORT_ENABLE_ALL: fusions, constant folding, the
+    NCHWc layout) and parsing the weights inside the graph took ~65 of the ~80 ms of CPU a session
+    start took for the bundled model; the optimised graph, with its weights in a file beside it,
+    loads with optimisation off in ~10-30 ms and runs the same graph (measured: bit-identical
+    embeddings, the same inference speed; scripts/bench_cold.py for the whole start).
+
+    The copy is only good where it was made (onnxruntime says so when it writes one), so its name
+    is a digest of the model's sha256, the onnxruntime version and this CPU's feature flags (the
+    NCHWc block size follows AVX2 / AVX-512; a home folder may be shared by several machines).
+    Beside it, a JSON note written last records that key and the sha256 of the graph and of its
+    weights; the copy is used only when all match, each sha256 read once per version of the file
+    (`checked.file_sha256`). A missing, foreign, partial or altered copy is simply made again;
+    nothing here can fail a search.
+    """
+
+    KIND = "optimised-model"
+
+    def __init__(self, model: Model, ort_version: str):
+        cpu = _cpu_features()
+        self.key = {"model_sha256": model.sha256, "onnxruntime": ort_version, "cpu": cpu, "level": "all",
+                    "external_weights": True}
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:24]
+        self.folder = checked.cache_dir() / "optimised"
+        self.path = self.folder / f"{model.name}-{digest}.onnx"
+        self.data = self.path.with_name(self.path.name + ".data")  # the name the graph refers to
+        self.note = self.path.with_suffix(".json")
+        self.enabled = cpu is not None and os.environ.get(OPTIMISED_CACHE_ENV, "1") != "0"
+
+    def usable(self) -> bool:
+        if not self.enabled:
+            return False
+        try:
+            note = json.loads(self.note.read_text())
+            if not isinstance(note, dict) or note.get("key") != self.key:
+                return False
+            data_ok = note.get("data_sha256") is None or note["data_sha256"] == checked.file_sha256(self.data, self.KIND)
+            return data_ok and note.get("sha256") == checked.file_sha256(self.path, self.KIND)
+        except (OSError, ValueError):
+            return False
+
+    def stage(self) -> Path | None:
+        """Where onnxruntime should write the optimised graph (in a new folder of its own, its weights
+        beside it under their final name), or None where there is no cache folder."""
+        if not self.enabled:
+            return None
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.folder)) / self.path.name
+        except OSError:
+            return None
+
+    def publish(self, staged: Path | None) -> None:
+        if staged is None:
+            return
+        try:
+            staged_data = staged.with_name(self.data.name)
+            data_sha256 = file_sha256(staged_data) if staged_data.exists() else None
+            graph_sha256 = file_sha256(staged)
+            if data_sha256 is not None:
+                os.replace(staged_data, self.data)
+            os.replace(staged, self.path)
+            note = staged.with_name("note.json")
+            note.write_text(json.dumps({"key": self.key, "sha256": graph_sha256, "data_sha256": data_sha256}))
+            os.replace(note, self.note)
+        except OSError:
+            pass
+        self.discard(staged)
+
+    def discard(self, staged: Path | None) -> None:
+        if staged is not None:
+            shutil.rmtree(staged.parent, ignore_errors=True)
+
+
+OPTIMISED_CACHE_ENV = "IMGSIM_OPTIMISED_CACHE"
+"""Set to 0 to have onnxruntime optimise the model at every start instead of keeping its copy."""
+
+
+def _cpu_features() -> str | None:
+    """What this CPU offers, as finely as can be told cheaply: the `flags` (x86) or `Features` (Arm)
+    line of /proc/cpuinfo where there is one, else the features numpy detected; None if neither."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return f"{platform.machine()}:{' '.join(sorted(set(value.split())))}"
+    except OSError:
+        pass
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return None
+    return f"{platform.machine()}:" + ",".join(sorted(name for name, present in __cpu_features__.items() if present))
 
 
 def onnxruntime_module():

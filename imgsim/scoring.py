@@ -13,7 +13,6 @@ so score(x) = that / (|x - c| |q - c|), with c the collection's mean (0 when sco
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 
@@ -22,6 +21,8 @@ def scores(blobs: bytes, count: int, dim: int, query: np.ndarray, center: np.nda
     both taken around `center` if given, as float32, in the order stored."""
     if not count:
         return np.empty(0, np.float32)
+    import faiss  # loaded by the first search, not by every command (see cli.py)
+
     query = np.asarray(query, dtype=np.float32)
     c = np.zeros(dim, np.float32) if center is None else np.asarray(center, dtype=np.float32)
     flat = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)

@@ -3,10 +3,15 @@
 SQLite is the source of truth; the FAISS file is derived from the `vectors` table. Row ids come from
 AUTOINCREMENT, so an id is never reused: an id that FAISS still holds after its row was removed can be
 recognised as dead. Schema changes are named migrations (sqlite-utils `Migrations`), applied in order and recorded.
+
+Reading needs only the standard `sqlite3` module: sqlite-utils (which takes ~0.1 s to import, and
+scans every installed package for plugins when a `Database` is made) is loaded by writers alone, so
+that a cold `imgsim search` does not pay for it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -14,11 +19,14 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sqlite_utils
 
 from .errors import IndexCorruptError, IndexNotFoundError, ReadOnlyIndexError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 APPLICATION_ID = 0x696D6773  # "imgs": marks the SQLite file as an imgsim index
 
@@ -65,10 +73,23 @@ class NewImage:
     camera: str | None = None
 
 
-MIGRATIONS = sqlite_utils.Migrations("imgsim")
+MIGRATION_SET = "imgsim"
+"""The name sqlite-utils records the migrations under, in its `_sqlite_migrations` table."""
+MIGRATIONS_TABLE = "_sqlite_migrations"
+_MIGRATION_STEPS: list[tuple[str, object]] = []
 
 
-@MIGRATIONS(name="001_initial")
+def _migration(name: str):
+    """Register a migration step, in order (handed to sqlite-utils `Migrations` by `migrations()`)."""
+
+    def register(fn):
+        _MIGRATION_STEPS.append((name, fn))
+        return fn
+
+    return register
+
+
+@_migration("001_initial")
 def _initial(db: sqlite_utils.Database) -> None:
     db.execute("""
         CREATE TABLE images (
@@ -92,7 +113,7 @@ def _initial(db: sqlite_utils.Database) -> None:
     db["manifest"].create({"key": str, "value": str}, pk="key")
 
 
-@MIGRATIONS(name="002_metadata_and_labels")
+@_migration("002_metadata_and_labels")
 def _metadata(db: sqlite_utils.Database) -> None:
     """Columns the filters read (folder, file name, EXIF capture time and camera, a sortable date),
     and labels. Existing rows get folder, name and date from what is stored; EXIF arrives when a file
@@ -115,7 +136,7 @@ def _metadata(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE manifest SET value = '2' WHERE key = 'format_version'")  # older imgsims leave it alone
 
 
-@MIGRATIONS(name="003_error_file_stat")
+@_migration("003_error_file_stat")
 def _error_file_stat(db: sqlite_utils.Database) -> None:
     """The size, mtime and ctime of a file that failed, so that the next run can leave it alone
     while it is unchanged. Older rows have none and are tried once more."""
@@ -123,7 +144,7 @@ def _error_file_stat(db: sqlite_utils.Database) -> None:
         db.execute(f"ALTER TABLE errors ADD COLUMN {column} INTEGER")
 
 
-@MIGRATIONS(name="004_export_state")
+@_migration("004_export_state")
 def _export_state(db: sqlite_utils.Database) -> None:
     """What was last exported where (imgsim.export.state): one row per export target, and per target
     the images it holds with a fingerprint of their metadata (NULL: written, not yet confirmed)."""
@@ -153,7 +174,7 @@ def _export_state(db: sqlite_utils.Database) -> None:
         ) WITHOUT ROWID""")
 
 
-@MIGRATIONS(name="005_float16_vectors_and_removed_ids")
+@_migration("005_float16_vectors_and_removed_ids")
 def _float16(db: sqlite_utils.Database) -> None:
     """Vectors are kept once, as float16 (half the bytes of float32; cosine scores move by about
     1e-4, far below any difference that matters, see README "How fast is it"): the FAISS graph
@@ -183,6 +204,27 @@ def _float16(db: sqlite_utils.Database) -> None:
 WRITER_ONLY_MIGRATIONS = frozenset({"003_error_file_stat", "004_export_state"})
 """Migrations that only writers need: a read-only open of a file without them is not refused."""
 
+MIGRATION_NAMES = tuple(name for name, _ in _MIGRATION_STEPS)
+
+
+@functools.cache
+def migrations() -> sqlite_utils.Migrations:
+    """The migrations as a sqlite-utils `Migrations` set (importing sqlite-utils: writers only)."""
+    import sqlite_utils
+
+    found = sqlite_utils.Migrations(MIGRATION_SET)
+    for name, fn in _MIGRATION_STEPS:
+        found(name=name)(fn)
+    return found
+
+
+def _database(conn: sqlite3.Connection) -> sqlite_utils.Database:
+    """A sqlite-utils view of the connection, for writing. No sqlite-utils plugins are run on it: they
+    could change imgsim's own connection, and finding them means scanning every installed package."""
+    import sqlite_utils
+
+    return sqlite_utils.Database(conn, execute_plugins=False)
+
 
 class Store:
     """An open SQLite index file. Writes go through `transaction()` so each batch is atomic."""
@@ -190,8 +232,15 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path, read_only: bool):
         self.path = path
         self.read_only = read_only
-        self.db = sqlite_utils.Database(conn)
         self.conn = conn
+        self._db = None if read_only else _database(conn)
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The connection through sqlite-utils (made on first use by a reader: reads use `conn`)."""
+        if self._db is None:
+            self._db = _database(self.conn)
+        return self._db
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -200,8 +249,8 @@ class Store:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         store = cls(conn, path, read_only=False)
         if dim:
-            store.db.execute(f"PRAGMA page_size = {page_size_for(dim)}")  # before the first table
-        store.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            store.conn.execute(f"PRAGMA page_size = {page_size_for(dim)}")  # before the first table
+        store.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         store._configure()
         store.migrate()
         return store
@@ -231,33 +280,39 @@ class Store:
             raise IndexCorruptError(f"{path} is not a readable imgsim index ({e})") from None
 
     def _check_identity(self) -> None:
-        app_id = self.db.execute("PRAGMA application_id").fetchone()[0]
+        app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
         if app_id != APPLICATION_ID:
             raise IndexCorruptError(f"{self.path} is not an imgsim index")
 
     def _check_schema(self) -> None:
         """Every table and column imgsim reads must be there: a crafted file may lack some."""
         for table, columns in _SCHEMA.items():
-            found = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            found = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
             if not columns <= found:
                 raise IndexCorruptError(f"{self.path} is damaged: table {table} is missing or incomplete")
 
     def _configure(self) -> None:
-        self.db.execute("PRAGMA busy_timeout = 10000")
-        self.db.execute("PRAGMA foreign_keys = ON")
+        self.conn.execute("PRAGMA busy_timeout = 10000")
+        self.conn.execute("PRAGMA foreign_keys = ON")
         # Read pages through a memory map rather than a read() call each: a search reads ~64 vectors
         # from pages all over the file (0.1 ms instead of 0.5-1 ms). SQLite caps the size it maps.
-        self.db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+        self.conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         if not self.read_only:
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
 
     def _pending_migrations(self) -> list[str]:
-        return [m.name for m in MIGRATIONS.pending(self.db)]
+        """The migrations not yet applied to the file, in order (read with plain SQL, as sqlite-utils
+        `Migrations.pending` does: the names recorded for this set in its table)."""
+        exists = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                   (MIGRATIONS_TABLE,)).fetchone()
+        applied = {row[0] for row in self.conn.execute(
+            f"SELECT name FROM [{MIGRATIONS_TABLE}] WHERE migration_set = ?", (MIGRATION_SET,))} if exists else set()
+        return [name for name in MIGRATION_NAMES if name not in applied]
 
     def migrate(self) -> None:
         if self._pending_migrations():
-            MIGRATIONS.apply(self.db)
+            migrations().apply(self.db)
 
     def close(self) -> None:
         if not self.read_only:
@@ -265,9 +320,9 @@ class Store:
             # dataset, `imgsim search`) never need to create -wal/-shm files beside it. While a
             # reader is open this is refused at once, and the next writer's close tries again.
             try:
-                self.db.execute("PRAGMA busy_timeout = 0")
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self.db.execute("PRAGMA journal_mode = DELETE")
+                self.conn.execute("PRAGMA busy_timeout = 0")
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self.conn.execute("PRAGMA journal_mode = DELETE")
             except sqlite3.DatabaseError:
                 pass
         self.conn.close()
@@ -281,7 +336,7 @@ class Store:
 
     def manifest(self) -> dict:
         try:
-            return {row["key"]: json.loads(row["value"]) for row in self.db["manifest"].rows}
+            return {key: json.loads(value) for key, value in self.conn.execute("SELECT key, value FROM manifest")}
         except (ValueError, TypeError):
             raise IndexCorruptError(f"{self.path} has an invalid manifest") from None
 
@@ -292,13 +347,13 @@ class Store:
 
     # -- images ----------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return self.db.execute("SELECT count(*) FROM images").fetchone()[0]
+        return self.conn.execute("SELECT count(*) FROM images").fetchone()[0]
 
     def max_id(self) -> int:
-        return self.db.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]
+        return self.conn.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]
 
     def all_rows(self) -> Iterator[ImageRow]:
-        for row in self.db.execute(f"SELECT {_COLUMNS} FROM images ORDER BY id"):
+        for row in self.conn.execute(f"SELECT {_COLUMNS} FROM images ORDER BY id"):
             yield _image_row(row)
 
     def rows_by_id(self, ids: Iterable[int]) -> dict[int, ImageRow]:
@@ -307,12 +362,12 @@ class Store:
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.db.execute(f"SELECT {_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
+            for row in self.conn.execute(f"SELECT {_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
                 found[row[0]] = _image_row(row)
         return found
 
     def ids(self) -> np.ndarray:
-        rows = self.db.execute("SELECT id FROM images ORDER BY id").fetchall()
+        rows = self.conn.execute("SELECT id FROM images ORDER BY id").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def insert(self, images: list[NewImage], labels: Iterable[str] = ()) -> list[int]:
@@ -323,15 +378,15 @@ class Store:
         labels = list(labels)
         for image in images:
             folder, name = _split(image.path)
-            cursor = self.db.execute(
+            cursor = self.conn.execute(
                 "INSERT INTO images (path, size, mtime_ns, sha256, width, height, format, added, folder, name, "
                 "taken, camera, date) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (_to_db(image.path), image.size, image.mtime_ns, image.sha256, image.width, image.height, image.format,
                  now, folder, name, image.taken, image.camera, image.taken or local_date(image.mtime_ns)),
             )
             ids.append(cursor.lastrowid)
-            self.db.execute("INSERT INTO vectors (id, vector) VALUES (?, ?)", (cursor.lastrowid, _to_blob(image.vector)))
-            self.db.execute("DELETE FROM errors WHERE path = ?", (_to_db(image.path),))
+            self.conn.execute("INSERT INTO vectors (id, vector) VALUES (?, ?)", (cursor.lastrowid, _to_blob(image.vector)))
+            self.conn.execute("DELETE FROM errors WHERE path = ?", (_to_db(image.path),))
         if labels:
             self.add_labels(ids, labels)
         return ids
@@ -339,19 +394,19 @@ class Store:
     def update_file(self, row_id: int, path: str, size: int, mtime_ns: int) -> None:
         """Record a file's new path or stat (a move, or a touch that left its content alone)."""
         folder, name = _split(path)
-        self.db.execute("UPDATE images SET path = ?, size = ?, mtime_ns = ?, folder = ?, name = ?, "
+        self.conn.execute("UPDATE images SET path = ?, size = ?, mtime_ns = ?, folder = ?, name = ?, "
                         "date = coalesce(taken, ?) WHERE id = ?",
                         (_to_db(path), size, mtime_ns, folder, name, local_date(mtime_ns), row_id))
 
     def delete(self, ids: Iterable[int]) -> None:
         for row_id in ids:
-            self.db.execute("DELETE FROM vectors WHERE id = ?", (int(row_id),))
-            self.db.execute("DELETE FROM images WHERE id = ?", (int(row_id),))
+            self.conn.execute("DELETE FROM vectors WHERE id = ?", (int(row_id),))
+            self.conn.execute("DELETE FROM images WHERE id = ?", (int(row_id),))
 
     # -- filters and labels ----------------------------------------------------------------------
     def ids_where(self, where: str, params: list) -> np.ndarray:
         """Ids of the rows matching a WHERE fragment built by `filters.Filter` (values as parameters)."""
-        rows = self.db.execute(f"SELECT id FROM images WHERE {where} ORDER BY id", params).fetchall()
+        rows = self.conn.execute(f"SELECT id FROM images WHERE {where} ORDER BY id", params).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def rows_where(self, where: str = "1", params: list = (), order: str = "path",
@@ -360,18 +415,18 @@ class Store:
         sql = f"SELECT {_COLUMNS} FROM images WHERE {where} ORDER BY {order_by}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        for row in self.db.execute(sql, list(params)):
+        for row in self.conn.execute(sql, list(params)):
             yield _image_row(row)
 
     def identical_groups(self, where: str = "1", params: list = ()) -> Iterator[list[int]]:
         """Ids of rows sharing one sha256 (byte-identical files), one list per content, among matching rows."""
         sql = (f"SELECT group_concat(id) FROM (SELECT id, sha256 FROM images WHERE {where} ORDER BY id) "
                f"GROUP BY sha256 HAVING count(*) > 1")
-        for (ids,) in self.db.execute(sql, list(params)):
+        for (ids,) in self.conn.execute(sql, list(params)):
             yield [int(i) for i in ids.split(",")]
 
     def row_by_path(self, path: str) -> ImageRow | None:
-        row = self.db.execute(f"SELECT {_COLUMNS} FROM images WHERE path = ?", (_to_db(path),)).fetchone()
+        row = self.conn.execute(f"SELECT {_COLUMNS} FROM images WHERE path = ?", (_to_db(path),)).fetchone()
         return _image_row(row) if row else None
 
     def add_labels(self, ids: Iterable[int], labels: Iterable[str]) -> None:
@@ -388,7 +443,7 @@ class Store:
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for image_id, label in self.db.execute(
+            for image_id, label in self.conn.execute(
                     f"SELECT image_id, label FROM labels WHERE image_id IN ({marks}) ORDER BY label", chunk):
                 found.setdefault(image_id, []).append(label)
         return found
@@ -398,7 +453,7 @@ class Store:
         """Yield (ids, matrix) chunks of the stored `dim`-d vectors with id > `after_id`, in id order."""
         last = after_id
         while True:
-            rows = self.db.execute(
+            rows = self.conn.execute(
                 "SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)).fetchall()
             if not rows:
                 return
@@ -427,22 +482,22 @@ class Store:
         for start in range(0, len(ids), 4096):
             chunk = ids[start:start + 4096]
             marks = ",".join("?" * len(chunk))
-            found.update(self.db.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk).fetchall())
+            found.update(self.conn.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk).fetchall())
         keep = [i for i in ids if isinstance(found.get(i), bytes) and len(found[i]) == size]
         return np.asarray(keep, np.int64), b"".join([found[i] for i in keep])
 
     def removed_ids(self) -> np.ndarray:
         """Ids of every row ever removed (ids are never reused): the graph may still hold some."""
-        rows = self.db.execute("SELECT id FROM removed ORDER BY id").fetchall()
+        rows = self.conn.execute("SELECT id FROM removed ORDER BY id").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     # -- consistency -----------------------------------------------------------------------------
     def integrity_problems(self) -> list[str]:
         """SQLite's own check of the file, then rows without vectors and vectors without rows."""
-        problems = [row[0] for row in self.db.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
-        orphans = self.db.execute(
+        problems = [row[0] for row in self.conn.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
+        orphans = self.conn.execute(
             "SELECT count(*) FROM vectors WHERE id NOT IN (SELECT id FROM images)").fetchone()[0]
-        bare = self.db.execute(
+        bare = self.conn.execute(
             "SELECT count(*) FROM images WHERE id NOT IN (SELECT id FROM vectors)").fetchone()[0]
         if orphans:
             problems.append(f"{orphans} vectors have no image row")
@@ -453,8 +508,8 @@ class Store:
     def delete_unpaired(self) -> int:
         """Remove vectors without rows and rows without vectors (re-indexing embeds those files again)."""
         with self.transaction():
-            gone = self.db.execute("DELETE FROM vectors WHERE id NOT IN (SELECT id FROM images)").rowcount
-            gone += self.db.execute("DELETE FROM images WHERE id NOT IN (SELECT id FROM vectors)").rowcount
+            gone = self.conn.execute("DELETE FROM vectors WHERE id NOT IN (SELECT id FROM images)").rowcount
+            gone += self.conn.execute("DELETE FROM images WHERE id NOT IN (SELECT id FROM vectors)").rowcount
         return gone
 
     # -- errors ----------------------------------------------------------------------------------
@@ -471,7 +526,7 @@ class Store:
 
     def failed_file_stats(self) -> dict[str, tuple[int, int, int]]:
         """(size, mtime_ns, ctime_ns) of each failed file, as it was when it failed."""
-        rows = self.db.execute("SELECT path, size, mtime_ns, ctime_ns FROM errors WHERE size IS NOT NULL "
+        rows = self.conn.execute("SELECT path, size, mtime_ns, ctime_ns FROM errors WHERE size IS NOT NULL "
                                "AND mtime_ns IS NOT NULL AND ctime_ns IS NOT NULL").fetchall()
         return {_from_db(path): (size, mtime_ns, ctime_ns) for path, size, mtime_ns, ctime_ns in rows}
 
@@ -479,7 +534,7 @@ class Store:
         self.conn.executemany("DELETE FROM errors WHERE path = ?", [(_to_db(p),) for p in paths])
 
     def errors(self) -> list[tuple[str, str, float]]:
-        rows = self.db.execute("SELECT path, reason, seen FROM errors ORDER BY path").fetchall()
+        rows = self.conn.execute("SELECT path, reason, seen FROM errors ORDER BY path").fetchall()
         return [(_from_db(path), reason, seen) for path, reason, seen in rows]
 
 

@@ -156,3 +156,105 @@ def test_the_default_model_and_why_are_listed():
     result = run("models")
     assert result.exit_code == 0
     assert "default: efficientnet-lite0" in result.output
+
+
+def test_a_model_file_is_hashed_once_per_version(install_dir, tiny_model_dir, monkeypatch):
+    """Model.load takes the file's sha256 from a record of that very version of it (checked.py);
+    any change to the file, even one that keeps its size and modification time, is hashed again."""
+    from imgsim import checked
+    from imgsim.models import Model
+
+    monkeypatch.setattr(checked, "SETTLED_SECONDS", 0.0)  # record even a file written just now
+    install_dir.mkdir()
+    path = install_dir / "tiny-test.onnx"
+    shutil.copy(tiny_model_dir / "tiny-test.onnx", path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    files_hashed = []
+    real_sha256 = hashlib.sha256
+
+    def sha256(*data):  # a file is hashed from an empty start; record names are hashed from their key
+        if not data:
+            files_hashed.append(1)
+        return real_sha256(*data)
+
+    monkeypatch.setattr(checked.hashlib, "sha256", sha256)
+    assert Model.load(TINY_MODEL, expect_sha256=digest).sha256 == digest
+    assert len(files_hashed) == 1
+    assert Model.load(TINY_MODEL, expect_sha256=digest).sha256 == digest
+    assert len(files_hashed) == 1  # the record stood in for reading the file
+
+    st = path.stat()
+    with open(path, "r+b") as f:  # the same size and modification time, one byte changed
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ModelError, match="different tiny-test file"):
+        Model.load(TINY_MODEL, expect_sha256=digest)
+
+
+def _weighted_model(folder: Path) -> str:
+    """A model with weights (a 48 x 48 matrix after the tiny model's pooling), registered as
+    `tiny-weights`: its optimised copy keeps them in a file of their own."""
+    import dataclasses
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from imgsim import models
+
+    weights = numpy_helper.from_array(np.random.default_rng(1).standard_normal((48, 48)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("AveragePool", ["input"], ["pooled"], kernel_shape=[16, 16], strides=[16, 16]),
+         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["embedding"])],
+        "weighted", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 64, 64])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 48])], initializer=[weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, folder / "tiny-weights.onnx")
+    models.CATALOGUE["tiny-weights"] = dataclasses.replace(models.CATALOGUE[TINY_MODEL], name="tiny-weights",
+                                                           filename="tiny-weights.onnx")
+    return "tiny-weights"
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-weights", "weights"])
+def test_the_optimised_model_is_kept_and_only_a_sound_copy_is_used(tmp_path, monkeypatch, install_dir, tiny_model_dir,
+                                                                   weighted):
+    """onnxruntime's optimised graph (and its weights, in a file beside it) is kept in the user's cache
+    (models.OptimisedCache) and loaded as is at later starts, with the same embeddings; a copy that
+    was altered is not used but made again."""
+    import numpy as np
+
+    from imgsim import models
+    from imgsim.models import Model
+
+    monkeypatch.setenv("IMGSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "CATALOGUE", dict(models.CATALOGUE))
+    shutil.copytree(tiny_model_dir, install_dir)
+    name = _weighted_model(install_dir) if weighted else TINY_MODEL
+    batch = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    first = Model.load(name)
+    expected = first.embed(batch)
+    assert first._session._model_path == str(first.path)  # optimised here, and the copy kept
+    copies = list((tmp_path / "cache" / "optimised").glob(f"{name}-*.onnx"))
+    assert len(copies) == 1
+    weights = copies[0].with_name(copies[0].name + ".data")
+    assert weights.exists() == weighted
+    second = Model.load(name)
+    assert np.array_equal(second.embed(batch), expected)
+    assert second._session._model_path == str(copies[0])
+
+    for altered in [copies[0], weights] if weighted else [copies[0]]:
+        sound = altered.read_bytes()
+        altered.write_bytes(sound[:-1] + bytes([sound[-1] ^ 1]))
+        again = Model.load(name)
+        assert np.array_equal(again.embed(batch), expected)
+        assert again._session._model_path == str(again.path)  # not the altered copy
+        assert altered.read_bytes() == sound  # made again
+        assert Model.load(name)._session._model_path == str(copies[0])
+
+    monkeypatch.setenv("IMGSIM_OPTIMISED_CACHE", "0")
+    assert Model.load(name)._session._model_path == str(first.path)

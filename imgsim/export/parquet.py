@@ -176,7 +176,7 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
 
     `root` is where the images are on this machine (default: where they were when exported, if that
     folder exists here). Nothing is left behind if the file is refused."""
-    from ..ann import HnswParams
+    from ..hnsw import HnswParams
     from ..images import Preprocess
     from ..models import Model, parse_pooling, spec_for
 
