@@ -63,13 +63,13 @@ def resolve(expand: bool | Expansion | None) -> Expansion | None:
 def search(graph: Graph, vector: np.ndarray, k: int, expansion: Expansion, *, allowed: np.ndarray | None,
            ef: int | None, exact: bool, skip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the `k` best matches for `vector` ranked by the expanded query, `skip` left out;
-    the scores are the query's own. The neighbour is the best match among those `allowed`."""
+    the scores are the query's own. The neighbours are the best matches among those `allowed`."""
     pool = max(k, RERANK_CANDIDATES if graph.centred else RERANK_CANDIDATES_PLAIN) + (skip is not None)
     scores, ids = graph.search(vector, pool, allowed=allowed, ef=ef, exact=exact)
     if skip is not None:
         keep = ids != skip
         scores, ids = scores[keep], ids[keep]
-    # With one result wanted, re-scoring cannot change it (see the module's docstring); a walk could.
+    # With one result wanted, re-scoring cannot change it (the best match stays first); a walk could.
     if len(ids) < 2 or not expansion.applies(float(scores[0])) or (k == 1 and not expansion.walk):
         return scores[:k], ids[:k]
     found, matrix = graph.vectors(ids)
