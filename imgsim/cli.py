@@ -90,6 +90,9 @@ def make_filter(kwargs: dict) -> Filter:
 
 def search_options(f):
     f = click.option("--ef", type=click.IntRange(1, 4096), help="HNSW search depth (default: the index's).")(f)
+    f = click.option("--no-expand", "expand", flag_value=False, default=True,
+                     help="Rank by the query alone, not with its best match too (scores are the query's "
+                          "own either way).")(f)
     f = click.option("--exact", is_flag=True, help="Compare with every image instead of walking the graph.")(f)
     f = click.option("--min-score", type=float, help="Leave out results scoring below this.")(f)
     f = click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")(f)
@@ -221,11 +224,13 @@ def result_options(f):
 @cli.command()
 @click.argument("queries", nargs=-1, required=True, metavar="QUERY...")
 @result_options
-def search(queries, index_path, k, min_score, exact, ef, root, html_file, fmt, **filters):
+def search(queries, index_path, k, min_score, exact, ef, expand, root, html_file, fmt, **filters):
     """Find the indexed images most similar to each QUERY: image files, or folders of them.
 
-    Scores are cosine similarity: 1.0 is the same picture, higher is closer. A query that cannot be
-    read is reported on stderr, the others are still searched, and the exit code is 1.
+    Scores are cosine similarity: 1.0 is the same picture, higher is closer. Results are ranked for
+    the query together with its best matches (the best stays first; --no-expand: by the query alone),
+    and each score is the query's own, so it need not fall steadily down the list. A query that
+    cannot be read is reported on stderr, the others are still searched, and the exit code is 1.
     """
     from .index import Index
 
@@ -234,7 +239,8 @@ def search(queries, index_path, k, min_score, exact, ef, root, html_file, fmt, *
     failed = False
     pages = []
     with Index.open(index_path, read_only=True, root=root) as index:
-        outcomes = index.search_many(queries, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef)
+        outcomes = index.search_many(queries, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef,
+                                     expand=expand)
         many = len(queries) > 1 or any(Path(q).is_dir() for q in queries)
         for outcome in outcomes:
             if outcome.error:
@@ -254,13 +260,13 @@ def search(queries, index_path, k, min_score, exact, ef, root, html_file, fmt, *
 @cli.command()
 @click.argument("image", metavar="PATH_OR_ID")
 @result_options
-def similar(image, index_path, k, min_score, exact, ef, root, html_file, fmt, **filters):
+def similar(image, index_path, k, min_score, exact, ef, expand, root, html_file, fmt, **filters):
     """Find the images most like one that is already indexed (its path or id), without embedding it again."""
     from .index import Index
 
     filter = make_filter(filters)
     with Index.open(index_path, read_only=True, root=root) as index:
-        results = index.similar(image, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef)
+        results = index.similar(image, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef, expand=expand)
         print_results(Printer(fmt, line=result_line), image, results, many=False)
         if html_file:
             from .report import search_page

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import expand as expansion
 from . import images as imgs
 from .hnsw import HnswParams
 from .errors import (
@@ -613,20 +614,25 @@ class Index:
 
     @_guard_database
     def search(self, query: Query, k: int = 10, *, filter: Filter | None = None, min_score: float | None = None,
-               exact: bool = False, ef: int | None = None) -> list[SearchResult]:
+               exact: bool = False, ef: int | None = None,
+               expand: bool | expansion.Expansion = True) -> list[SearchResult]:
         """The `k` indexed images closest to `query`: an image file, a PIL image, or a vector.
 
         `filter` keeps only matching images (inside the vector search; never fewer than `k` results
         while `k` images match), `min_score` drops weaker matches, `exact` compares against every
         vector instead of walking the graph, and `ef` sets how deep the graph walk looks.
+        `expand` (the default) ranks the results for the query together with its best match (which
+        stays first; see `imgsim.expand`); ``expand=False`` ranks them by the query alone. Either way
+        `score` is the query's own similarity to each result.
         """
         name = os.fspath(query) if isinstance(query, (str, os.PathLike)) else None
         vector = query if isinstance(query, np.ndarray) else self.embed(query)
-        return self._search_vector(vector, k, filter=filter, min_score=min_score, exact=exact, ef=ef, query=name)
+        return self._search_vector(vector, k, filter=filter, min_score=min_score, exact=exact, ef=ef, query=name,
+                                   expand=expand)
 
     def search_many(self, queries: Iterable[str | os.PathLike], k: int = 10, *, filter: Filter | None = None,
                     min_score: float | None = None, exact: bool = False, ef: int | None = None,
-                    batch_size: int = 16) -> Iterator[QueryOutcome]:
+                    batch_size: int = 16, expand: bool | expansion.Expansion = True) -> Iterator[QueryOutcome]:
         """Search with many image files (folders are walked), embedded in batches while the next
         ones decode. A file that cannot be read gives an outcome with `error` set; the rest go on."""
         files = list(imgs.expand([Path(os.path.expanduser(os.fspath(q))) for q in queries]))
@@ -649,7 +655,7 @@ class Index:
                 else:
                     yield QueryOutcome(str(path), self._search_vector(next(vectors), k, filter=filter,
                                                                       min_score=min_score, exact=exact, ef=ef,
-                                                                      query=str(path)))
+                                                                      query=str(path), expand=expand))
             pending.clear()
 
         for item in bounded_map(decode, files, workers=available_cpus(), window=2 * batch_size):
@@ -660,9 +666,11 @@ class Index:
 
     @_guard_database
     def similar(self, image: str | os.PathLike | int, k: int = 10, *, filter: Filter | None = None,
-                min_score: float | None = None, exact: bool = False, ef: int | None = None) -> list[SearchResult]:
+                min_score: float | None = None, exact: bool = False, ef: int | None = None,
+                expand: bool | expansion.Expansion = True) -> list[SearchResult]:
         """The `k` images most like one that is already indexed (a path or an id), using its stored
-        vector (nothing is embedded again); the image itself is left out."""
+        vector (nothing is embedded again); the image itself is left out (also as the best match that
+        `expand` ranks with: see `search`)."""
         rows = self._rows_named(image) if not isinstance(image, (int, np.integer)) else \
             list(self._store.rows_by_id([int(image)]).values())
         if len(rows) != 1:
@@ -672,11 +680,12 @@ class Index:
         if vector is None:
             raise IndexCorruptError(f"image {row.id} has no stored vector: run `imgsim verify --repair`")
         results = self._search_vector(vector, k + 1, filter=filter, min_score=min_score, exact=exact, ef=ef,
-                                      query=row.path, skip=row.id)
+                                      query=row.path, skip=row.id, expand=expand)
         return results[:k]
 
     def _search_vector(self, vector: np.ndarray, k: int, *, filter: Filter | None, min_score: float | None,
-                       exact: bool, ef: int | None, query: str | None, skip: int | None = None) -> list[SearchResult]:
+                       exact: bool, ef: int | None, query: str | None, skip: int | None = None,
+                       expand: bool | expansion.Expansion = False) -> list[SearchResult]:
         if k < 1:
             raise ImgsimError("k must be at least 1")
         if ef is not None and not 1 <= ef <= 4096:
@@ -685,10 +694,16 @@ class Index:
         if filter is not None and not filter.empty:
             where, params = filter.where()
             allowed = self._store.ids_where(where, params)
-        scores, ids = self.graph.search(np.asarray(vector, dtype=np.float32), k, allowed=allowed, ef=ef, exact=exact)
-        if skip is not None:
-            keep = ids != skip
-            scores, ids = scores[keep], ids[keep]
+        how = expansion.resolve(expand)
+        if how is not None:  # ranked for the query and its best match; the scores stay the query's own
+            scores, ids = expansion.search(self.graph, np.asarray(vector, dtype=np.float32), k, how, allowed=allowed,
+                                           ef=ef, exact=exact, skip=skip)
+        else:
+            scores, ids = self.graph.search(np.asarray(vector, dtype=np.float32), k, allowed=allowed, ef=ef,
+                                            exact=exact)
+            if skip is not None:
+                keep = ids != skip
+                scores, ids = scores[keep], ids[keep]
         if min_score is not None:  # against the score as shown (6 decimals), so a shown score passes its own cut
             keep = np.round(scores, 6) >= min_score
             scores, ids = scores[keep], ids[keep]

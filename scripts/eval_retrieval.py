@@ -26,7 +26,8 @@ FOLDER's immediate sub-folders are labels (files directly in FOLDER have none). 
    its label, next to what random neighbours would give (chance).
 
 Configurations are named. ``imgsim`` is the product itself: `Index.create`, `index.add(FOLDER)`,
-`index.search(file)` through its HNSW graph. Every other name is a variant computed here, from the
+`index.search` of each query's embedding through its HNSW graph, and `index.similar` of each category
+query; ``imgsim+noexp``, ``imgsim+qe1_walk`` ... search it other ways (see PRODUCT_CONFIGS). Every other name is a variant computed here, from the
 model's ``feature_map`` output and exact search, spelled as dash-separated parts:
 
     RESIZE SIZES   crop224 (shorter side to 256, centre 224: imgsim before), full224 (shorter side to
@@ -81,12 +82,43 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from imgsim import Index
 from imgsim import images as imgs
+from imgsim.expand import Expansion
 from imgsim.errors import ImageError
 from imgsim.models import BUNDLED_MODEL, Model, available_cpus
 from imgsim.models import regions as model_regions
 
 PRODUCT_CONFIGS = {"imgsim": (), "imgsim-centre60": ("centre60",)}
-"""The product itself, through `Index`: as it indexes by default, and with `imgsim index --centre-view`."""
+"""The product itself, through `Index`: as it indexes by default, and with `imgsim index --centre-view`.
+
+Either name may end in ``+SEARCH``, how `Index.search` ranks (default: as the product does by default):
+``+noexp`` (``expand=False``: by the query alone), ``+qe1`` (query expansion with the best match,
+re-scoring the first walk's candidates; ``qe2``: the best two), with ``_`` separated options: ``walk`` (a second graph walk
+instead), ``w0.5`` (the neighbour's weight), ``min0.5`` / ``max0.9`` (expand only when the best match
+scores at least / below this); e.g. ``imgsim+qe1_w0.5_min0.3``. Configurations on the same index
+share one index and one embedding of each query."""
+
+
+def product_config(name: str) -> tuple[tuple[str, ...], bool | Expansion] | None:
+    """(index views, `expand` argument) of a product configuration name; None for a variant's name."""
+    base, plus, how = name.partition("+")
+    if base not in PRODUCT_CONFIGS:
+        return None
+    if not plus:
+        return PRODUCT_CONFIGS[base], True
+    if how == "noexp":
+        return PRODUCT_CONFIGS[base], False
+    parts = how.split("_")
+    if not (first := re.fullmatch(r"qe(\d+)", parts[0])):
+        raise ValueError(f"{name}: the search after + should be noexp or qeN[_OPTION...]")
+    kwargs: dict = {"neighbours": int(first.group(1))}
+    for part in parts[1:]:
+        if part == "walk":
+            kwargs["walk"] = True
+        elif m := re.fullmatch(r"(w|min|max)(-?\d+(?:\.\d+)?)", part):
+            kwargs[{"w": "weight", "min": "min_score", "max": "max_score"}[m.group(1)]] = float(m.group(2))
+        else:
+            raise ValueError(f"{name}: unknown search option {part!r}")
+    return PRODUCT_CONFIGS[base], Expansion(**kwargs)
 
 DEFAULT_CONFIGS = [
     "imgsim",
@@ -463,6 +495,7 @@ class Result:
     note: str = ""
     misses: list[dict] = field(default_factory=list)
     original_score: dict[str, float] = field(default_factory=dict)
+    per_alteration_map: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self, with_misses: bool = False) -> dict:
         data = {
@@ -475,6 +508,7 @@ class Result:
             "query_ms_per_image": _number(self.query_ms, 2),
             "per_alteration_recall_at_1": {k: _number(v) for k, v in self.per_alteration.items()},
             "per_alteration_original_score": {k: _number(v) for k, v in self.original_score.items()},
+            "per_alteration_map": {k: _number(v) for k, v in self.per_alteration_map.items()},
             "note": self.note,
         }
         if with_misses:
@@ -520,6 +554,7 @@ def score_rankings(config: str, items: Sequence[Item], queries: Sequence[Query],
     groups = np.array([it.group for it in items])
     hits, aps = [], []
     per_kind: dict[str, list[bool]] = defaultdict(list)
+    per_kind_ap: dict[str, list[float]] = defaultdict(list)
     original_scores: dict[str, list[float]] = defaultdict(list)
     misses = []
     for n, (q, ranking) in enumerate(zip(queries, nd_rankings)):
@@ -531,6 +566,7 @@ def score_rankings(config: str, items: Sequence[Item], queries: Sequence[Query],
         hits.append(hit)
         aps.append(ap)
         per_kind[q.kind].append(hit)
+        per_kind_ap[q.kind].append(ap)
         if nd_scores is not None:
             original_scores[q.kind].append(float(nd_scores[n][positions[0]]) if len(positions) else math.nan)
         if not hit:
@@ -547,52 +583,74 @@ def score_rankings(config: str, items: Sequence[Item], queries: Sequence[Query],
                   float(np.mean(precisions)) if precisions else float("nan"), chance, index_ms, query_ms,
                   {k: float(np.mean(per_kind[k])) for k in kinds}, note, misses,
                   {k: float(np.nanmean(original_scores[k])) if not np.isnan(original_scores[k]).all() else math.nan
-                   for k in kinds if k in original_scores})
+                   for k in kinds if k in original_scores},
+                  {k: float(np.mean(per_kind_ap[k])) for k in kinds})
 
 
 # -- imgsim itself -----------------------------------------------------------------------------------
 
-def evaluate_product(folder: Path, items: Sequence[Item], queries: Sequence[Query], cat_queries: Sequence[int],
-                     chance: float, *, model: str, index_path: Path, log: Callable[[str], None],
-                     name: str = "imgsim") -> Result:
-    """The real product: an `Index` built over `folder` (with the index views of `name`, see
-    PRODUCT_CONFIGS), searched one query file at a time."""
+def evaluate_products(folder: Path, items: Sequence[Item], queries: Sequence[Query], cat_queries: Sequence[int],
+                      chance: float, names: Sequence[str], *, model: str, work_dir: Path,
+                      index_path: Path | None, log: Callable[[str], None]) -> list[Result]:
+    """The real product: an `Index` built over `folder` for each set of index views (see
+    PRODUCT_CONFIGS; `index_path` for the default views), every query file embedded once by it, and
+    searched by each configuration's `Index.search`. Category queries are `Index.similar` of the item
+    (the image itself left out, as from "more like this")."""
     by_path = {it.path.resolve(): i for i, it in enumerate(items)}
-    exists = index_path.with_name(index_path.name + ".sqlite").exists()
-    note = ""
-    if exists:
-        index = Index.open(index_path, read_only=True)
-        note = f"existing index {index_path}"
-        index_ms = float("nan")
-    else:
-        index = Index.create(index_path, model=model, root=folder, index_views=PRODUCT_CONFIGS[name])
-        report = index.add([it.path for it in items])
-        index_ms = 1000 * report.seconds / max(1, report.embedded)
-        if report.failed:
-            log(f"imgsim: {report.failed} files failed to index")
-    with index:
-        k = min(len(index), 100)
-        group_sizes = defaultdict(int)
-        for it in items:
-            group_sizes[it.group] += 1
+    group_sizes = defaultdict(int)
+    for it in items:
+        group_sizes[it.group] += 1
+    by_views: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for name in names:
+        by_views[product_config(name)[0]].append(name)
+    results = []
+    for views, members in by_views.items():
+        target = index_path if index_path and not views else work_dir / f"index-{'-'.join(('imgsim',) + views)}"
+        log(f"{', '.join(members)}: indexing and searching through Index")
+        exists = target.with_name(target.name + ".sqlite").exists()
+        note = ""
+        if exists:
+            index = Index.open(target, read_only=True)
+            note = f"existing index {target}; "
+            index_ms = float("nan")
+        else:
+            index = Index.create(target, model=model, root=folder, index_views=views)
+            report = index.add([it.path for it in items])
+            index_ms = 1000 * report.seconds / max(1, report.embedded)
+            if report.failed:
+                log(f"imgsim: {report.failed} files failed to index")
+        with index:
+            k = min(len(index), 100)
 
-        def ranked(results) -> tuple[np.ndarray, np.ndarray]:
-            found = [(by_path.get(index.resolve(r.path).resolve()), r.score) for r in results]
-            found = [(i, score) for i, score in found if i is not None]
-            return np.array([i for i, _ in found], dtype=np.int64), np.array([s for _, s in found], dtype=np.float64)
+            item_of = {rec["id"]: by_path.get(Path(rec["abspath"]).resolve()) for rec in index.images()}
 
-        started = time.perf_counter()
-        nd, nd_scores = zip(*(ranked(index.search(q.path, k=k)) for q in queries)) if queries else ((), ())
-        query_ms = 1000 * (time.perf_counter() - started) / len(queries) if queries else math.nan
-        cat = []
-        for i in cat_queries:
-            ranking, _ = ranked(index.search(items[i].path, k=min(len(index), 10 + group_sizes[items[i].group])))
-            cat.append(np.array([j for j in ranking if items[j].group != items[i].group], dtype=np.int64))
-        prep = index.info()["preprocess"]
-    shown = ", ".join(f"{key} {value}" for key, value in prep.items() if key not in ("mean", "std"))
-    note = note or f"{shown}; HNSW, top {k}"
-    return score_rankings(name, items, queries, nd, cat_queries, cat, chance, index_ms, query_ms, note,
-                          nd_scores)
+            def ranked(results) -> tuple[np.ndarray, np.ndarray]:
+                found = [(item_of.get(r.id), r.score) for r in results]
+                found = [(i, score) for i, score in found if i is not None]
+                return (np.array([i for i, _ in found], dtype=np.int64),
+                        np.array([s for _, s in found], dtype=np.float64))
+
+            started = time.perf_counter()
+            vectors = [index.embed(q.path) for q in queries]
+            embed_ms = 1000 * (time.perf_counter() - started) / len(queries) if queries else math.nan
+            prep = index.info()["preprocess"]
+            shown = ", ".join(f"{key} {value}" for key, value in prep.items() if key not in ("mean", "std"))
+            for name in members:
+                expand = product_config(name)[1]
+                started = time.perf_counter()
+                found = [index.search(v, k=k, expand=expand) for v in vectors]
+                search_ms = 1000 * (time.perf_counter() - started) / len(queries) if queries else math.nan
+                nd, nd_scores = zip(*(ranked(r) for r in found)) if queries else ((), ())
+                cat = []
+                for i in cat_queries:
+                    wanted = max(1, min(len(index) - 1, 10 + group_sizes[items[i].group]))
+                    ranking, _ = ranked(index.similar(items[i].path, k=wanted, expand=expand))
+                    cat.append(np.array([j for j in ranking if items[j].group != items[i].group], dtype=np.int64))
+                how = "expanded" if expand is True else ("by the query alone" if expand is False else f"{expand}")
+                results.append(score_rankings(
+                    name, items, queries, nd, cat_queries, cat, chance, index_ms, embed_ms + search_ms,
+                    note + f"{shown}; HNSW, top {k}; ranked {how}; search {search_ms:.2f} ms", nd_scores))
+    return results
 
 
 # -- the variants ------------------------------------------------------------------------------------
@@ -985,7 +1043,7 @@ def run(folder: str | os.PathLike, *, configs: Sequence[str] = DEFAULT_CONFIGS, 
     `hard`: the HARD_ALTERATIONS made of every image besides its `per_image` everyday ones.
     `width`: the originals are first made small web pictures that wide (`shrink_originals`)."""
     folder = Path(folder).resolve()
-    parsed = [None if name in PRODUCT_CONFIGS else Config.parse(name) for name in configs]
+    parsed = [None if product_config(name) else Config.parse(name) for name in configs]
     started = time.perf_counter()
     items = load_dataset(folder, per_class=per_class, limit=limit, seed=seed, log=log)
     if len(items) < 2:
@@ -1002,11 +1060,11 @@ def run(folder: str | os.PathLike, *, configs: Sequence[str] = DEFAULT_CONFIGS, 
                                hard=hard, log=log)
         cat_queries, chance = category_queries(items)
         results: list[Result] = []
-        for name in (c for c in configs if c in PRODUCT_CONFIGS):
-            log(f"{name}: indexing and searching through Index")
-            target = Path(index_path) if index_path and name == "imgsim" else work_dir / f"index-{name}"
-            results.append(evaluate_product(folder, items, queries, cat_queries, chance, model=model,
-                                            index_path=target, log=log, name=name))
+        products = [c for c in configs if product_config(c)]
+        if products:
+            results.extend(evaluate_products(folder, items, queries, cat_queries, chance, products, model=model,
+                                             work_dir=work_dir, log=log,
+                                             index_path=Path(index_path) if index_path else None))
         variants = [c for c in parsed if c is not None]
         if variants:
             log(f"{len(variants)} variants")
@@ -1119,11 +1177,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for name in configs:
-        if name not in PRODUCT_CONFIGS:
-            try:
+        try:
+            if not product_config(name):
                 Config.parse(name)
-            except ValueError as e:
-                parser.error(str(e))
+        except ValueError as e:
+            parser.error(str(e))
     kinds = [k.strip() for k in args.alterations.split(",")] if args.alterations else None
     if kinds and (unknown := set(kinds) - set(ALTERATIONS)):
         parser.error(f"unknown alterations: {', '.join(sorted(unknown))}")

@@ -44,6 +44,14 @@ def test_search_plain_and_json(tiny_index, photos):
     rows = [json.loads(line) for line in run("search", photos / "coffee.jpg", "--index", tiny_index, "--json").stdout.splitlines()]
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
     assert rows[0]["path"] == "coffee.jpg" and rows[0]["query"].endswith("coffee.jpg")
+    # --no-expand: ranked by the query alone, scores falling down the list; the same first result
+    alone = [json.loads(line) for line in run("search", photos / "coffee.jpg", "--index", tiny_index, "--json",
+                                              "--no-expand").stdout.splitlines()]
+    assert alone[0]["id"] == rows[0]["id"] and sorted(r["id"] for r in alone) == sorted(r["id"] for r in rows)
+    assert [r["score"] for r in alone] == sorted((r["score"] for r in alone), reverse=True)
+    similar = run("similar", "coffee.jpg", "--index", tiny_index, "--json", "--no-expand", "-k", "3")
+    assert [json.loads(line)["score"] for line in similar.stdout.splitlines()] == pytest.approx(
+        [r["score"] for r in alone[1:4]], abs=1e-3)  # the stored vector is float16
 
 
 def test_info_json(tiny_index, photos):

@@ -73,7 +73,7 @@ def matching_ids(index, flt: Filter) -> set[int]:
 
 
 def exact_then_filter(index, query, flt: Filter, k: int) -> list[int]:
-    everything = index.search(query, k=len(index), exact=True)
+    everything = index.search(query, k=len(index), exact=True, expand=False)
     keep = matching_ids(index, flt)
     return [r.id for r in everything if r.id in keep][:k]
 
@@ -98,11 +98,14 @@ def test_filtered_search_agrees_with_exact_search_then_filtering(index, library,
         monkeypatch.setattr(graph_module, "EXACT_FILTER_LIMIT", 0)
     query = next(library.rglob("*.jpg"))
     for k in (1, 3, 50):
-        got = [r.id for r in index.search(query, k=k, filter=flt)]
+        got = [r.id for r in index.search(query, k=k, filter=flt, expand=False)]  # ranked by the query alone
         want = exact_then_filter(index, query, flt, k)
         assert got == want
-        assert len(got) == min(k, len(matching_ids(index, flt)))  # never short while k images match
-        assert all(i in matching_ids(index, flt) for i in got)
+        expanded = [r.id for r in index.search(query, k=k, filter=flt)]  # expanded: the same first one
+        for ids in (got, expanded):
+            assert len(ids) == min(k, len(matching_ids(index, flt)))  # never short while k images match
+            assert all(i in matching_ids(index, flt) for i in ids)
+        assert expanded[:1] == got[:1]
 
 
 def test_min_score_ef_and_exact(index, library):
@@ -183,8 +186,12 @@ def test_similar_uses_the_stored_vector_and_leaves_the_image_out(index, library)
     by_path = index.similar(target.path, k=4)
     by_id = index.similar(target.id, k=4)
     by_file = index.similar(index.resolve(target.path), k=4)
-    searched = [r for r in index.search(index.resolve(target.path), k=5) if r.id != target.id][:4]
-    assert [r.id for r in by_path] == [r.id for r in by_id] == [r.id for r in by_file] == [r.id for r in searched]
+    assert [r.id for r in by_path] == [r.id for r in by_id] == [r.id for r in by_file]
+    # by the query alone, the same as searching with the file and leaving it out (expanded, `similar`
+    # expands with its best match other than itself, a search with the file with the file itself)
+    alone = index.similar(target.id, k=4, expand=False)
+    searched = [r for r in index.search(index.resolve(target.path), k=5, expand=False) if r.id != target.id][:4]
+    assert [r.id for r in alone] == [r.id for r in searched] and alone[0].id == by_id[0].id
     assert target.id not in [r.id for r in by_path] and [r.rank for r in by_path] == [1, 2, 3, 4]
     filtered = index.similar(target.id, k=3, filter=Filter(formats=("png",)))
     assert filtered and all(r.format == "PNG" for r in filtered)

@@ -124,9 +124,12 @@ def test_the_whole_body_may_be_the_image(client, photos):
 
 
 def test_similar_uses_the_stored_vector_and_leaves_the_image_out(client, tiny_index, photos):
-    first = upload(client, (photos / "rocket.jpg").read_bytes(), params="?limit=6").json()["results"]
+    # by the query alone (expand=false): an upload of the file finds it first, then what `similar` finds
+    first = upload(client, (photos / "rocket.jpg").read_bytes(), params="?limit=6&expand=false").json()["results"]
     rocket = first[0]["id"]
-    similar = client.get(f"/similar/{rocket}?limit=5").json()
+    expanded = client.get(f"/similar/{rocket}?limit=5").json()["results"]
+    similar = client.get(f"/similar/{rocket}?limit=5&expand=false").json()
+    assert expanded[0]["id"] == similar["results"][0]["id"] and rocket not in [r["id"] for r in expanded]
     assert [r["id"] for r in similar["results"]] == [r["id"] for r in first[1:]]
     assert [r["rank"] for r in similar["results"]] == [1, 2, 3, 4, 5]
     assert [r["score"] for r in similar["results"]] == pytest.approx([r["score"] for r in first[1:]], abs=1e-4)  # float16

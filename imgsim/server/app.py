@@ -178,6 +178,9 @@ def result_count(limit: int | None, k: int | None) -> int:
 LIMIT = Query(None, ge=1, le=MAX_K, description=f"How many results (default {DEFAULT_K}).")
 K = Query(None, ge=1, le=MAX_K, description="The same as `limit` (imgsim's name for it).")
 IMAGE_ID = PathParam(..., ge=1, le=MAX_ID, description="An image id, as in a result's `id`.")
+EXPAND = Query(True, description="Rank the results for the query together with its best match, which stays "
+                                 "first (false: by the query alone, as `imgsim search --no-expand`). Scores are "
+                                 "the query's own similarity either way.")
 
 
 def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> FastAPI:
@@ -212,7 +215,7 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": [UPLOAD_FIELD],
             "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary"}}}}}}})
-    async def search(request: Request, limit: int | None = LIMIT, k: int | None = K,
+    async def search(request: Request, limit: int | None = LIMIT, k: int | None = K, expand: bool = EXPAND,
                      filters: dict = Depends(search_filters)):
         """Upload an image in the multipart form field `file` (or as the whole body). The answer is
         `{"results": [...]}`, best first; each result has every field of `imgsim search --json`
@@ -222,18 +225,20 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
         body = await read_body(request, settings.max_upload_bytes, settings.timeout)
         upload = image_from_body(request.headers.get("content-type", ""), body)
         del body
-        answer = await api.run(api.search_slots, api.search_upload, upload, result_count(limit, k), filters)
+        answer = await api.run(api.search_slots, api.search_upload, upload, result_count(limit, k),
+                               {**filters, "expand": expand})
         answer["took_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return answer
 
     @app.get("/similar/{image_id}", summary="The indexed images most similar to an indexed one", response_model=None,
              responses={200: {"model": SearchAnswer}, **errors(401, 403, 404, 422, 501, 503)})
-    async def similar(image_id: int = IMAGE_ID, limit: int | None = LIMIT, k: int | None = K,
+    async def similar(image_id: int = IMAGE_ID, limit: int | None = LIMIT, k: int | None = K, expand: bool = EXPAND,
                       filters: dict = Depends(search_filters)):
         """Searches with the stored vector (nothing is decoded or embedded again); the image itself
         is left out of its results."""
         started = time.perf_counter()
-        answer = await api.run(api.search_slots, api.similar, image_id, result_count(limit, k), filters)
+        answer = await api.run(api.search_slots, api.similar, image_id, result_count(limit, k),
+                               {**filters, "expand": expand})
         answer["took_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return answer
 
