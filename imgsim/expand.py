@@ -11,8 +11,9 @@ less), with more an image close to all of them could, and it is held first expli
 near-duplicate found first therefore stays first; what changes is the order after it.
 
 The expanded query re-scores the candidates the graph walk already proposed and re-scored exactly
-(`graph.RERANK_CANDIDATES` of them, or `k` if more): one more fetch of those candidates' vectors, no
-second walk (`Expansion(walk=True)`, measured as no better, walks again).
+(`graph.RERANK_CANDIDATES` of them, or `k` if more), from the vectors that re-scoring read (the
+graph's `Pool`): no second read and no second walk (`Expansion(walk=True)`, measured as no better,
+walks again). Only an exact scan, which keeps no pool, reads the best candidates' vectors again.
 
 Scores reported stay the similarity of the query itself to each result (a copy of the query still
 shows 1.0, and `min_score` cuts on that), so they need not decrease down the list.
@@ -64,14 +65,24 @@ def search(graph: Graph, vector: np.ndarray, k: int, expansion: Expansion, *, al
            ef: int | None, exact: bool, skip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the `k` best matches for `vector` ranked by the expanded query, `skip` left out;
     the scores are the query's own. The neighbours are the best matches among those `allowed`."""
-    pool = max(k, RERANK_CANDIDATES if graph.centred else RERANK_CANDIDATES_PLAIN) + (skip is not None)
-    scores, ids = graph.search(vector, pool, allowed=allowed, ef=ef, exact=exact)
+    wanted = max(k, RERANK_CANDIDATES if graph.centred else RERANK_CANDIDATES_PLAIN) + (skip is not None)
+    scores, ids, pool, positions = graph.search_pool(vector, wanted, allowed=allowed, ef=ef, exact=exact)
+    scores, ids = scores[:wanted], ids[:wanted]
     if skip is not None:
         keep = ids != skip
         scores, ids = scores[keep], ids[keep]
+        positions = positions[:wanted][keep] if pool is not None else positions
     # With one result wanted, re-scoring cannot change it (the best match stays first); a walk could.
     if len(ids) < 2 or not expansion.applies(float(scores[0])) or (k == 1 and not expansion.walk):
         return scores[:k], ids[:k]
+    if pool is not None and not expansion.walk:
+        # The candidates' vectors are in the pool already: score them against the best matches too.
+        positions = positions[:len(ids)]
+        near = pool.scores(pool.vectors(positions[:expansion.neighbours]))
+        expanded = scores + expansion.weight * near.sum(axis=0)[positions]
+        expanded[0] = np.inf  # the best match stays first (for one neighbour it is anyway)
+        order = np.argsort(-expanded, kind="stable")[:k]
+        return scores[order], ids[order]
     found, matrix = graph.vectors(ids)
     at = {int(i): n for n, i in enumerate(found)}
     if int(ids[0]) not in at:  # removed since the walk: nothing to expand with

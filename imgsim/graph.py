@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import scoring
+from .scoring import Pool
 from .errors import ImgsimError, IndexCorruptError
 from .files import discard, publish
 from .manifest import Manifest
@@ -302,6 +302,14 @@ class Graph:
         filter, or `exact`, is answered by scanning the vectors instead of walking the graph, and a
         filtered walk that comes back short of `k` while more images match is redone exactly.
         """
+        scores, ids, _, _ = self.search_pool(query, k, allowed=allowed, ef=ef, exact=exact)
+        return scores[:k], ids[:k]
+
+    def search_pool(self, query: np.ndarray, k: int, *, allowed: np.ndarray | None = None, ef: int | None = None,
+                    exact: bool = False) -> tuple[np.ndarray, np.ndarray, Pool | None, np.ndarray]:
+        """As `search`, but every candidate re-scored (at least `k` where as many exist), best first,
+        with the `Pool` of their vectors and each one's position in it, so that they can be scored
+        against more queries without another read (query expansion). An exact scan has no pool."""
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if query.shape[0] != self._manifest.dim:
             raise ImgsimError(f"query vector has {query.shape[0]} dimensions; this index has {self._manifest.dim}")
@@ -309,29 +317,26 @@ class Graph:
             raise ImgsimError("query vector must be finite and not all zeros")
         query = normalize(query[None])[0]
         ann = self.ann
+        nothing = np.empty(0, np.int64)
         if allowed is not None:
             allowed = np.asarray(allowed, dtype=np.int64)
             if len(allowed) == 0:
-                return np.empty(0, np.float32), np.empty(0, np.int64)
+                return np.empty(0, np.float32), nothing, None, nothing
         if exact:
-            return self._exact(query, k, allowed)
+            return (*self._exact(query, k, allowed), None, nothing)
         wanted = max(k, RERANK_CANDIDATES if self.centred else RERANK_CANDIDATES_PLAIN)
         if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
             # A reduced graph's codes rank more coarsely: its scans re-score more candidates.
             _, ids = ann.scan(query, max(wanted, SCAN_CANDIDATES_REDUCED) if ann.reduced else wanted, allowed)
-            scores, ids = self._rescore(query, ids)
-            return scores[:k], ids[:k]
+            return self._rescore(query, ids)
         ef = ef or self._manifest.hnsw.ef_search
         if allowed is not None:  # the walk skips nodes outside the filter: look deeper the fewer match
             ef = min(FILTER_EF_MAX, max(ef, int(ef * len(ann) / len(allowed))))
-        scores, ids = ann.search(query[None], wanted, ef_search=max(ef, wanted), allowed=allowed)
-        scores, ids = scores[0], ids[0]
-        keep = ids >= 0
-        scores, ids = scores[keep], ids[keep]
+        _, ids = ann.search(query[None], wanted, ef_search=max(ef, wanted), allowed=allowed)
+        ids = ids[0][ids[0] >= 0]
         if allowed is not None and len(ids) < min(k, len(allowed)):
-            return self._exact(query, k, allowed)
-        scores, ids = self._rescore(query, ids)
-        return scores[:k], ids[:k]
+            return (*self._exact(query, k, allowed), None, nothing)
+        return self._rescore(query, ids)
 
     def neighbours(self, ids: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
                    ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -394,13 +399,14 @@ class Graph:
         center = self._manifest.center
         return normalize(matrix - center) if center is not None else normalize(matrix)
 
-    def _rescore(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _rescore(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, Pool, np.ndarray]:
         """Exact scores of `query` against the stored vectors of `ids` (one SQLite query, scored from
-        the float16 bytes as they come), best first."""
+        the float16 bytes as they come), best first; with their `Pool` and positions in it."""
         found, blobs = self._store.vector_bytes(ids, self._manifest.dim)
-        scores = scoring.scores(blobs, len(found), self._manifest.dim, query, self._manifest.center)
+        pool = Pool(found, blobs, self._manifest.dim, self._manifest.center)
+        scores = pool.scores(query)[0]
         order = np.argsort(-scores, kind="stable")
-        return scores[order], found[order]
+        return scores[order], found[order], pool, order
 
     # -- checking ---------------------------------------------------------------------------------
     def check_file(self) -> FileCheck:
