@@ -57,6 +57,18 @@ def index_files(path: str | os.PathLike) -> tuple[Path, Path]:
     return base.with_name(base.name + ".faiss"), base.with_name(base.name + ".sqlite")
 
 
+EMPTY_PATH = "the path is empty (an unset variable?); name a folder, `.` for the working folder"
+
+
+def _user_path(path: str | os.PathLike) -> Path:
+    """A path given by a user, `~` expanded. An empty one is refused: `Path("")` means the working
+    folder, and `imgsim index "$UNSET"` must not index (or search) whatever folder it is run from."""
+    text = os.fspath(path)
+    if not text:
+        raise ImgsimError(f"'': {EMPTY_PATH}")
+    return Path(os.path.expanduser(text))
+
+
 def _relative(folder: Path, base: Path) -> str:
     return Path(os.path.relpath(folder.resolve(), base.resolve())).as_posix()
 
@@ -429,7 +441,7 @@ class Index:
         started = time.perf_counter()
         if isinstance(sources, (str, os.PathLike)):
             sources = [sources]
-        sources = [Path(os.path.expanduser(os.fspath(s))) for s in sources]
+        sources = [_user_path(s) for s in sources]
         for source in sources:
             if not source.exists() and not source.is_symlink():
                 raise ImgsimError(f"{source} does not exist")
@@ -575,6 +587,8 @@ class Index:
         """The indexed rows for a file or a folder given by the user (absolute, relative to the working
         folder, or as stored), or one id written as text."""
         text = os.fspath(item)
+        if not text:
+            raise ImgsimError(f"'': {EMPTY_PATH}")
         if isinstance(item, str) and text.isdigit() and not Path(text).exists():
             rows = self._store.rows_by_id([int(text)])
             if not rows and self._store.row_by_path(text) is None:
@@ -635,7 +649,10 @@ class Index:
                     batch_size: int = 16, expand: bool | expansion.Expansion = True) -> Iterator[QueryOutcome]:
         """Search with many image files (folders are walked), embedded in batches while the next
         ones decode. A file that cannot be read gives an outcome with `error` set; the rest go on."""
-        files = list(imgs.expand([Path(os.path.expanduser(os.fspath(q))) for q in queries]))
+        queries = [os.fspath(q) for q in queries]
+        for empty in (q for q in queries if not q):  # Path("") is the working folder: never search it unasked
+            yield QueryOutcome(empty, [], f"cannot read query '': {EMPTY_PATH}")
+        files = list(imgs.expand([_user_path(q) for q in queries if q]))
         prep = self.model.preprocess
 
         def decode(path: Path):

@@ -223,3 +223,27 @@ def test_an_index_from_before_failure_stats_is_read_and_upgraded(tmp_path, photo
     with Index.open(tmp_path / "i") as index:
         assert index.sync(photos).failed == 1  # no stat was kept: tried once more
         assert index.sync(photos).known_failures == 1
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_working_folder(tmp_path, photos, monkeypatch):
+    """`imgsim index "$UNSET"` indexed (and `search ""` searched) every picture under the folder it
+    was run from: Path("") is ".". Found by the trial of issue 13's round."""
+    index = build_index(tmp_path / "idx", photos)
+    monkeypatch.chdir(photos)  # pictures in the working folder, which an empty path used to reach
+    with Index.open(index, read_only=True) as opened:
+        before = len(opened)
+    result = run("index", "", "--index", tmp_path / "other")
+    assert result.exit_code == 1 and "the path is empty" in result.stderr
+    assert not (tmp_path / "other.sqlite").exists()
+    good = sorted(photos.glob("*.jpg"))[0]
+    result = run("search", "", good, "--index", index, "-k", "1", "--json")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "the path is empty" in result.stderr
+    assert {json.loads(line)["query"] for line in result.stdout.splitlines()} == {str(good)}  # answered
+    for command in (("similar", ""), ("label", "", "--add", "x")):
+        result = run(*command, "--index", index)
+        assert result.exit_code == 1 and "the path is empty" in result.stderr, command
+    with Index.open(index, read_only=True) as opened:
+        assert len(opened) == before
+        with pytest.raises(ImgsimError, match="the path is empty"):
+            opened.similar("")
