@@ -65,8 +65,3 @@ class Pool:
         dots = (self._to_center[None] + qc - squared) / 2
         return (dots / np.sqrt(np.maximum(self._to_center[None] * qc, 1e-24))).astype(np.float32)
 
-
-def scores(blobs: bytes, count: int, dim: int, query: np.ndarray, center: np.ndarray | None) -> np.ndarray:
-    """Cosine of `query` with each of the `count` float16 vectors in `blobs` (little-endian, `dim` each),
-    both taken around `center` if given, as float32, in the order stored."""
-    return Pool(np.arange(count), blobs, dim, center).scores(query)[0]

@@ -1,11 +1,12 @@
-"""imgsim.scoring: scores straight from stored float16 bytes equal the float32 arithmetic they replace."""
+"""imgsim.scoring: scores straight from stored float16 bytes equal the float32 arithmetic they replace,
+for one query and for several at once (query expansion scores its neighbours so)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from imgsim import scoring
+from imgsim.scoring import Pool
 from imgsim.store import vector_blob
 
 
@@ -21,10 +22,15 @@ def test_scores_from_bytes_match_numpy(dim, count, centred):
     stored = np.frombuffer(blobs, "<f2").reshape(count, dim).astype(np.float32)
     c = center if centred else np.zeros(dim, np.float32)
     want = (stored - c) @ (query - c) / np.linalg.norm(stored - c, axis=1) / np.linalg.norm(query - c)
-    got = scoring.scores(blobs, count, dim, query, center)
+    pool = Pool(np.arange(count) + 7, blobs, dim, center)
+    got = pool.scores(query)[0]
     assert got.shape == (count,) and got.dtype == np.float32
     assert np.allclose(got, want, atol=2e-5)
-    assert scoring.scores(b"", 0, dim, query, center).shape == (0,)
+    again = pool.scores(np.stack([query, stored[-1]]))  # several queries, the pool's distances reused
+    assert np.allclose(again[0], want, atol=2e-5)
+    assert np.allclose(again[1, -1], 1.0, atol=2e-5)
+    assert np.array_equal(pool.vectors([count - 1]), stored[-1:])
+    assert Pool(np.empty(0, np.int64), b"", dim, center).scores(query).shape == (1, 0)
 
 
 def test_an_identical_vector_scores_one_and_the_order_is_kept():
@@ -33,5 +39,5 @@ def test_an_identical_vector_scores_one_and_the_order_is_kept():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     blobs = b"".join(vector_blob(v) for v in x)
     stored = np.frombuffer(blobs, "<f2").reshape(5, 32).astype(np.float32)
-    got = scoring.scores(blobs, 5, 32, stored[3], x.mean(axis=0))
+    got = Pool(np.arange(5), blobs, 32, x.mean(axis=0)).scores(stored[3])[0]
     assert int(np.argmax(got)) == 3 and got[3] == pytest.approx(1.0, abs=1e-5)
