@@ -19,7 +19,7 @@ from imgsim import Index
 from .test_crash import WORKER, stored_rows
 from .tiny_model import TINY_MODEL
 
-IMAGES = 80
+IMAGES = 300  # enough that a loaded machine cannot finish them all before the test sends Ctrl-C (80 could)
 
 
 def test_ctrl_c_while_indexing_exits_130_and_keeps_the_index_consistent(tmp_path, tiny_model_dir):
