@@ -67,8 +67,9 @@ dimensions: a collection grown a few images at a time gets there at its retraini
 
 REDUCED_DIM = 256
 """A reduced graph's dimension. Its 8-bit codes take 256 bytes an image instead of 1,280 (at
-1280-d), and a graph walk a fifth of the time; recall@10 after re-scoring measured 0.99+ at 100k
-and 1M images (scripts/bench_scale.py)."""
+1280-d), and a graph walk about a third of the work. Recall@10 after re-scoring (scripts/bench_scale.py):
+0.991-1.000 at 100k; at 1M 0.998 on isotropic vectors, but 0.917 on real-picture-like ones with
+efConstruction 80 (0.972 at 160, now the default): the graph, not the projection, loses them there."""
 
 MEAN_SAMPLE = 20_000
 """A reduced graph's codes say nothing of the vectors' mean, so it is estimated from this many
@@ -83,7 +84,8 @@ SCAN_CANDIDATES_REDUCED = 512
 """A filtered scan of a reduced graph's codes re-scores this many candidates exactly. On lite0
 features of real pictures 16 would do (the projection keeps 85% of their variance); the synthetic
 vectors of scripts/bench_scale.py, whose near neighbours differ by noise spread evenly over all
-1280 dimensions, need 512 for recall@10 0.99 under a 1% filter (128: 0.85, 256: 0.94)."""
+1280 dimensions, need 512 for recall@10 0.99 under a 1% filter at 100k (128: 0.85, 256: 0.94), and
+even 512 gives only 0.61 at 1M with 10,000 images in the filter (README)."""
 
 FILTER_EF_MAX = 1024
 """The deepest graph walk a filtered search makes before falling back to an exact scan."""
