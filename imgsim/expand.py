@@ -11,8 +11,9 @@ less), with more an image close to all of them could, and it is held first expli
 near-duplicate found first therefore stays first; what changes is the order after it.
 
 The expanded query re-scores the candidates the graph walk already proposed and re-scored exactly
-(`graph.RERANK_CANDIDATES` of them, or `k` if more), from the vectors that re-scoring read (the
-graph's `Pool`): no second read and no second walk (`Expansion(walk=True)`, measured as no better,
+(`graph.RERANK_CANDIDATES` of them, or `k` if more; from a reduced graph, those it read: see
+`Graph._rescore`), from the vectors that re-scoring read (the graph's `Pool`): no second read and
+no second walk (`Expansion(walk=True)`, measured as no better,
 walks again). Only an exact scan, which keeps no pool, reads the best candidates' vectors again.
 
 Scores reported stay the similarity of the query itself to each result (a copy of the query still
@@ -66,7 +67,10 @@ def search(graph: Graph, vector: np.ndarray, k: int, expansion: Expansion, *, al
     """(scores, ids) of the `k` best matches for `vector` ranked by the expanded query, `skip` left out;
     the scores are the query's own. The neighbours are the best matches among those `allowed`."""
     wanted = max(k, RERANK_CANDIDATES if graph.centred else RERANK_CANDIDATES_PLAIN) + (skip is not None)
-    scores, ids, pool, positions = graph.search_pool(vector, wanted, allowed=allowed, ef=ef, exact=exact)
+    # A walk re-scores (and pools) its candidates anyway, only as many as can matter for the k best
+    # (see `Graph._rescore`); an exact scan returns what it is asked for.
+    scores, ids, pool, positions = graph.search_pool(vector, wanted if exact else k + (skip is not None),
+                                                     allowed=allowed, ef=ef, exact=exact)
     scores, ids = scores[:wanted], ids[:wanted]
     if skip is not None:
         keep = ids != skip

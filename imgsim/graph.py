@@ -11,7 +11,8 @@ The graph holds 8-bit codes, not the vectors (see `ann.py`): it proposes candida
 `RERANK_CANDIDATES` with a mean) by approximate cosine, and they are re-scored exactly from the
 float16 vectors in SQLite, fetched in one query. Each vector is stored once; the graph is derived.
 From `REDUCE_FROM` images on, the graph is *reduced*: it compares the vectors' projections onto the
-collection's `REDUCED_DIM` main directions (see `ann.py`), which the exact re-scoring makes up for.
+collection's `REDUCED_DIM` main directions (see `ann.py`), which the exact re-scoring makes up for;
+its candidates are read best first, in steps, until none left could still enter the top k.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ near-duplicates and categories. Below it the mean says too little about the coll
 RERANK_CANDIDATES = 64
 """With a mean, the graph (plain cosine) proposes this many candidates, re-scored exactly."""
 
+RERANK_FIRST = 16
+"""A reduced graph's candidates are re-scored best first, this many first (see `Graph._rescore`)."""
+
+RERANK_MARGIN = 0.02
+"""How much further than the worst error seen so far a candidate not yet read could be, in cosine."""
+
 RERANK_CANDIDATES_PLAIN = 40
 """Without a mean, at least this many candidates (the graph's scores are approximate)."""
 
@@ -68,8 +75,8 @@ dimensions: a collection grown a few images at a time gets there at its retraini
 REDUCED_DIM = 256
 """A reduced graph's dimension. Its 8-bit codes take 256 bytes an image instead of 1,280 (at
 1280-d), and a graph walk about a third of the work. Recall@10 after re-scoring (scripts/bench_scale.py):
-0.991-1.000 at 100k; at 1M 0.998 on isotropic vectors, but 0.917 on real-picture-like ones with
-efConstruction 80 (0.972 at 160, now the default): the graph, not the projection, loses them there."""
+0.991-1.000 at 100k; at 1M 0.998 on isotropic vectors and 0.917 on real-picture-like ones with
+efConstruction 80, 0.995 at 320 (now the default): the graph, not the projection, lost them."""
 
 MEAN_SAMPLE = 20_000
 """A reduced graph's codes say nothing of the vectors' mean, so it is estimated from this many
@@ -85,7 +92,8 @@ SCAN_CANDIDATES_REDUCED = 512
 features of real pictures 16 would do (the projection keeps 85% of their variance); the synthetic
 vectors of scripts/bench_scale.py, whose near neighbours differ by noise spread evenly over all
 1280 dimensions, need 512 for recall@10 0.99 under a 1% filter at 100k (128: 0.85, 256: 0.94), and
-even 512 gives only 0.61 at 1M with 10,000 images in the filter (README)."""
+even 512 gives only 0.61 at 1M with 10,000 images in the filter (README). They are read in steps
+(`Graph._rescore`): real-picture-like vectors stop after ~80."""
 
 FILTER_EF_MAX = 1024
 """The deepest graph walk a filtered search makes before falling back to an exact scan."""
@@ -329,16 +337,16 @@ class Graph:
         wanted = max(k, RERANK_CANDIDATES if self.centred else RERANK_CANDIDATES_PLAIN)
         if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
             # A reduced graph's codes rank more coarsely: its scans re-score more candidates.
-            _, ids = ann.scan(query, max(wanted, SCAN_CANDIDATES_REDUCED) if ann.reduced else wanted, allowed)
-            return self._rescore(query, ids)
+            approx, ids = ann.scan(query, max(wanted, SCAN_CANDIDATES_REDUCED) if ann.reduced else wanted, allowed)
+            return self._rescore(query, ids, approx if ann.reduced else None, k)
         ef = ef or self._manifest.hnsw.ef_search
         if allowed is not None:  # the walk skips nodes outside the filter: look deeper the fewer match
             ef = min(FILTER_EF_MAX, max(ef, int(ef * len(ann) / len(allowed))))
-        _, ids = ann.search(query[None], wanted, ef_search=max(ef, wanted), allowed=allowed)
-        ids = ids[0][ids[0] >= 0]
+        approx, ids = ann.search(query[None], wanted, ef_search=max(ef, wanted), allowed=allowed)
+        approx, ids = approx[0][ids[0] >= 0], ids[0][ids[0] >= 0]
         if allowed is not None and len(ids) < min(k, len(allowed)):
             return (*self._exact(query, k, allowed), None, nothing)
-        return self._rescore(query, ids)
+        return self._rescore(query, ids, approx if ann.reduced else None, k)
 
     def neighbours(self, ids: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
                    ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -401,14 +409,44 @@ class Graph:
         center = self._manifest.center
         return normalize(matrix - center) if center is not None else normalize(matrix)
 
-    def _rescore(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, Pool, np.ndarray]:
-        """Exact scores of `query` against the stored vectors of `ids` (one SQLite query, scored from
-        the float16 bytes as they come), best first; with their `Pool` and positions in it."""
-        found, blobs = self._store.vector_bytes(ids, self._manifest.dim)
-        pool = Pool(found, blobs, self._manifest.dim, self._manifest.center)
-        scores = pool.scores(query)[0]
+    def _rescore(self, query: np.ndarray, ids: np.ndarray, approx: np.ndarray | None = None,
+                 k: int = 0) -> tuple[np.ndarray, np.ndarray, Pool, np.ndarray]:
+        """Exact scores of `query` against the stored vectors of `ids` (scored from the float16 bytes
+        as they come), best first; with their `Pool` and positions in it.
+
+        Without `approx`, all of them in one SQLite query. With `approx` (the graph's scores of `ids`,
+        best first), in steps: the best `RERANK_FIRST` (at least `k`), then twice as many each time,
+        stopping once no candidate left could enter the top `k`: that is, once the best approximate
+        score left, plus the largest amount by which an exact score so far exceeded its approximate
+        one, plus `RERANK_MARGIN`, is below the `k`-th best exact score. Where the graph's codes rank
+        as the vectors do (real pictures' features) a search reads a fraction of its candidates;
+        where they do not, it reads them all, as before."""
+        dim, pool = self._manifest.dim, Pool(np.empty(0, np.int64), b"", self._manifest.dim, self._manifest.center)
+        ends = [len(ids)]
+        if approx is not None and k and len(ids) > max(k, RERANK_FIRST):
+            ends = [max(k, RERANK_FIRST)]
+            while ends[-1] < len(ids):
+                ends.append(min(len(ids), 2 * ends[-1]))
+        parts, excess, start = [], -np.inf, 0
+        for end in ends:
+            found, blobs = self._store.vector_bytes(ids[start:end], dim)
+            since = len(pool)
+            pool.add(found, blobs)
+            part = pool.scores(query[None], since)[0]
+            parts.append(part)
+            if end == len(ids):
+                break
+            if len(found):
+                given = approx[start:end] if len(found) == end - start else \
+                    approx[start:end][np.isin(ids[start:end], found)]
+                excess = max(excess, float(np.max(part - given)))
+            start = end
+            scores = np.concatenate(parts) if len(parts) > 1 else part
+            if len(scores) >= k and approx[end] + excess + RERANK_MARGIN < np.partition(scores, len(scores) - k)[len(scores) - k]:
+                break
+        scores = np.concatenate(parts) if len(parts) > 1 else parts[0]
         order = np.argsort(-scores, kind="stable")
-        return scores[order], found[order], pool, order
+        return scores[order], pool.ids[order], pool, order
 
     # -- checking ---------------------------------------------------------------------------------
     def check_file(self) -> FileCheck:

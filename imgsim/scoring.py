@@ -19,49 +19,71 @@ import numpy as np
 
 
 class Pool:
-    """Candidates' stored vectors (float16 bytes, little-endian, `dim` each), ready to be scored."""
+    """Candidates' stored vectors (float16 bytes, little-endian, `dim` each), ready to be scored.
+    Filled in parts (`add`), so that a search can re-score its best candidates first and read the
+    rest only if needed (`graph.py`); each part is scored on its own."""
 
     def __init__(self, ids: np.ndarray, blobs: bytes, dim: int, center: np.ndarray | None):
-        import faiss  # loaded by the first search, not by every command (see cli.py)
-
-        self.ids = np.asarray(ids, dtype=np.int64)
+        self.ids = np.empty(0, np.int64)
         self.dim = dim
-        self._blobs = blobs
+        self._blobs: list[bytes] = []
         self._center = np.zeros(dim, np.float32) if center is None else np.asarray(center, dtype=np.float32)
-        self._flat = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
-        if len(self.ids):
-            self._flat.add_sa_codes(np.frombuffer(blobs, np.uint8).reshape(len(self.ids), 2 * dim))
-        self._to_center: np.ndarray | None = None
+        self._parts: list[list] = []  # [FAISS index, its rows' squared distances to the center or None]
+        self.add(ids, blobs)
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def add(self, ids: np.ndarray, blobs: bytes) -> None:
+        """Append candidates (their float16 blobs joined, in the order of `ids`) as a new part."""
+        import faiss  # loaded by the first search, not by every command (see cli.py)
+
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
+        flat = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+        flat.add_sa_codes(np.frombuffer(blobs, np.uint8).reshape(len(ids), 2 * self.dim))
+        self._parts.append([flat, None])
+        self._blobs.append(blobs)
+        self.ids = np.concatenate([self.ids, ids]) if len(self.ids) else ids
+
     def vectors(self, positions) -> np.ndarray:
         """The stored vectors at `positions`, as float32 rows (for a few: the cast is slow)."""
-        rows = np.frombuffer(self._blobs, "<f2").reshape(len(self.ids), self.dim)
+        if len(self._blobs) > 1:
+            self._blobs = [b"".join(self._blobs)]
+        rows = np.frombuffer(self._blobs[0], "<f2").reshape(len(self.ids), self.dim)
         return rows[np.asarray(positions, dtype=np.int64)].astype(np.float32)
 
-    def scores(self, queries: np.ndarray) -> np.ndarray:
-        """(len(queries), len(self)): the cosine of each query with each candidate, both taken
-        around the center, as float32, candidates in stored order."""
+    def scores(self, queries: np.ndarray, since: int = 0) -> np.ndarray:
+        """(len(queries), len(self) - since): the cosine of each query with each candidate from
+        position `since` on (where a part begins), both taken around the center, as float32,
+        candidates in stored order."""
         import faiss
 
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        count, c = len(self.ids), self._center
-        if not count:
-            return np.empty((len(queries), 0), np.float32)
-        asked = queries if self._to_center is not None else np.vstack([c[None], queries])
+        c = self._center
+        qc = np.einsum("ij,ij->i", queries - c, queries - c).astype(np.float64)[:, None]
+        out, at = [], 0
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)  # a few queries: an OpenMP team would cost more than the work
         try:
-            dist, order = self._flat.search(asked, count)
+            for part in self._parts:
+                flat, to_center = part
+                count = flat.ntotal
+                at += count
+                if at <= since:
+                    continue
+                asked = queries if to_center is not None else np.vstack([c[None], queries])
+                dist, order = flat.search(asked, count)
+                squared = np.empty((len(asked), count), np.float64)
+                np.put_along_axis(squared, order, dist, axis=1)
+                if to_center is None:
+                    to_center, squared = squared[0], squared[1:]
+                    part[1] = to_center
+                dots = (to_center[None] + qc - squared) / 2
+                out.append((dots / np.sqrt(np.maximum(to_center[None] * qc, 1e-24))).astype(np.float32))
         finally:
             faiss.omp_set_num_threads(threads)
-        squared = np.empty((len(asked), count), np.float64)
-        np.put_along_axis(squared, order, dist, axis=1)
-        if self._to_center is None:
-            self._to_center, squared = squared[0], squared[1:]
-        qc = np.einsum("ij,ij->i", queries - c, queries - c).astype(np.float64)[:, None]
-        dots = (self._to_center[None] + qc - squared) / 2
-        return (dots / np.sqrt(np.maximum(self._to_center[None] * qc, 1e-24))).astype(np.float32)
-
+        if not out:
+            return np.empty((len(queries), 0), np.float32)
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=1)

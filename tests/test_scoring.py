@@ -41,3 +41,19 @@ def test_an_identical_vector_scores_one_and_the_order_is_kept():
     stored = np.frombuffer(blobs, "<f2").reshape(5, 32).astype(np.float32)
     got = Pool(np.arange(5), blobs, 32, x.mean(axis=0)).scores(stored[3])[0]
     assert int(np.argmax(got)) == 3 and got[3] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_pool_filled_in_parts_scores_as_one_filled_at_once():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    blobs = [vector_blob(v) for v in x]
+    center = x.mean(axis=0)
+    whole = Pool(np.arange(40), b"".join(blobs), 64, center)
+    parts = Pool(np.arange(16), b"".join(blobs[:16]), 64, center)
+    first = parts.scores(x[:2])
+    parts.add(np.arange(16, 40), b"".join(blobs[16:]))
+    assert np.array_equal(parts.ids, np.arange(40)) and len(parts) == 40
+    assert np.allclose(parts.scores(x[:2]), whole.scores(x[:2]), atol=1e-6)
+    assert np.allclose(parts.scores(x[:2], since=16), whole.scores(x[:2])[:, 16:], atol=1e-6)
+    assert np.allclose(first, whole.scores(x[:2])[:, :16], atol=1e-6)
+    assert np.array_equal(parts.vectors([3, 30]), whole.vectors([3, 30]))
