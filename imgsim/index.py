@@ -727,18 +727,17 @@ class Index:
         return self._results(scores, ids, query)
 
     def _results(self, scores: np.ndarray, ids: np.ndarray, query: str | None) -> list[SearchResult]:
-        rows = self._store.rows_by_id(ids.tolist())
-        labels = self._store.labels_by_id(ids.tolist())
+        rows = self._store.rows_with_labels(ids.tolist())
         root = os.fspath(self.root) if self.root is not None else None  # as `resolve`, without a Path per result
         results = []
         for score, row_id in zip(scores.tolist(), ids.tolist()):
-            row = rows.get(row_id)
-            if row is None:
+            found = rows.get(row_id)
+            if found is None:
                 continue  # removed since the graph was loaded
+            row, labels = found
             abspath = row.path if root is None or os.path.isabs(row.path) else os.path.join(root, row.path)
             results.append(SearchResult(len(results) + 1, row.id, row.path, round(float(score), 6), row.width,
-                                        row.height, row.format, row.size, query, abspath,
-                                        row.date, tuple(labels.get(row_id, ()))))
+                                        row.height, row.format, row.size, query, abspath, row.date, labels))
         return results
 
     # -- browsing --------------------------------------------------------------------------------

@@ -176,6 +176,12 @@ def test_labels_are_added_and_removed_and_filter(writable, library):
     with Index.open(path, read_only=True) as idx:
         assert matching_ids(idx, Filter(labels=("paper",))) == paper - {first}
         assert matching_ids(idx, Filter(labels=("keep",))) == matching_ids(idx, Filter(folders=("trips/2024",)))
+        # search results carry each image's labels, sorted (from the one query that reads their rows)
+        shown = {r.id: r.labels for r in idx.search(np.ones(idx.manifest.dim, np.float32), k=len(idx), expand=False)}
+        assert len(shown) == len(idx) and any(len(labels) >= 2 for labels in shown.values())
+        assert shown == {i: tuple(labels) for i, labels in idx.store.labels_by_id(list(shown)).items()} | \
+            {i: () for i in shown if not idx.store.labels_by_id([i])}
+        assert all(list(labels) == sorted(labels) for labels in shown.values())
     missing = run("label", "nowhere.jpg", "--add", "x", "--index", path)
     assert missing.exit_code == 1 and "not in this index" in missing.stderr
     assert run("label", "scans", "--index", path).exit_code == 2  # neither --add nor --remove
