@@ -444,7 +444,8 @@ def errors(index_path, fmt):
 @index_option
 @quiet_option
 def rebuild(index_path):
-    """Rebuild the FAISS file from the vectors stored in SQLite (drops removed images from the graph)."""
+    """Rebuild the FAISS file from the vectors stored in SQLite (drops removed images from the graph;
+    an index made by an older imgsim gets today's graph: reduced from 10,000 images, efConstruction 320)."""
     from .index import Index
 
     with Index.open(index_path) as index:

@@ -21,7 +21,7 @@ import logging
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ import numpy as np
 from .scoring import Pool
 from .errors import ImgsimError, IndexCorruptError
 from .files import discard, publish
+from .hnsw import HnswParams
 from .manifest import Manifest
 from .models import normalize
 from .store import Store
@@ -295,7 +296,15 @@ class Graph:
         return (total / max(count, 1)).astype(np.float32)
 
     def rebuild(self) -> None:
-        """Rebuild the graph from the vectors in SQLite and write it."""
+        """Rebuild the graph from the vectors in SQLite and write it. An index made with a lower
+        efConstruction than today's default is rebuilt (and recorded) with the default: it only says
+        how hard the build looks for links, so the file's layout and the searches are the same."""
+        default = HnswParams().ef_construction
+        if self._manifest.hnsw.ef_construction < default:
+            hnsw = replace(self._manifest.hnsw, ef_construction=default)
+            with self._store.transaction():
+                self._store.set_manifest(hnsw=hnsw.to_dict())
+            self._manifest.hnsw = hnsw
         self._ann = self._build()
         self.save()
 

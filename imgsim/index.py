@@ -405,7 +405,8 @@ class Index:
     # -- the graph -------------------------------------------------------------------------------
     @_guard_database
     def rebuild(self) -> None:
-        """Rebuild the FAISS file from the vectors in SQLite."""
+        """Rebuild the FAISS file from the vectors in SQLite (with today's graph layout, and today's
+        efConstruction where the index recorded a lower one: see `Graph.rebuild`)."""
         self._writable()
         self.graph.rebuild()
 

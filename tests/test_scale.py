@@ -14,6 +14,7 @@ import pytest
 from imgsim import Index, graph, models
 from imgsim.faiss_format import code_dim
 from imgsim.filters import Filter
+from imgsim.hnsw import HnswParams
 from imgsim.store import NewImage
 
 from .conftest import TINY_MODEL
@@ -264,3 +265,19 @@ def test_reading_in_steps_finds_what_reading_every_candidate_finds(big, monkeypa
         # isotropic vectors under a 1% filter: 0.990 against 0.992).
         assert recall["staged"] >= recall["whole"] - 0.015 and recall["staged"] >= 0.97, (name, recall)
     assert found["staged", "rare"] == found["whole", "rare"]  # 6 images: all read, nothing to stop early
+
+
+@pytest.mark.parametrize("made_with,after", [(40, HnswParams().ef_construction), (400, 400)])
+def test_rebuild_raises_an_older_efconstruction_to_the_default(tmp_path, made_with, after):
+    """efConstruction only says how hard a build looks for links: `imgsim rebuild` of an index made
+    with a lower one uses (and records) today's default; a higher one is kept."""
+    path = tmp_path / "idx"
+    x = _vectors(400, 8)
+    with Index.create(path, model=TINY_MODEL, root=tmp_path, hnsw=HnswParams(ef_construction=made_with)) as index:
+        ids = _store(index, x)
+    with Index.open(path) as index:
+        assert index.info()["hnsw"]["ef_construction"] == made_with
+        index.rebuild()
+    with Index.open(path, read_only=True) as index:
+        assert index.info()["hnsw"]["ef_construction"] == after
+        assert index.search(x[7], k=1, expand=False)[0].id == ids[7]
