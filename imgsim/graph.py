@@ -51,7 +51,7 @@ near-duplicates and categories. Below it the mean says too little about the coll
 RERANK_CANDIDATES = 64
 """With a mean, the graph (plain cosine) proposes this many candidates, re-scored exactly."""
 
-RERANK_FIRST = 16
+RERANK_FIRST = 32
 """A reduced graph's candidates are re-scored best first, this many first (see `Graph._rescore`)."""
 
 RERANK_MARGIN = 0.02
@@ -94,7 +94,7 @@ features of real pictures 16 would do (the projection keeps 85% of their varianc
 vectors of scripts/bench_scale.py, whose near neighbours differ by noise spread evenly over all
 1280 dimensions, need 512 for recall@10 0.99 under a 1% filter at 100k (128: 0.85, 256: 0.94), and
 even 512 gives only 0.61 at 1M with 10,000 images in the filter (README). They are read in steps
-(`Graph._rescore`): real-picture-like vectors stop after ~80."""
+(`Graph._rescore`): real-picture-like vectors stop after ~80 (from 32: 32, 64, 128...)."""
 
 FILTER_EF_MAX = 1024
 """The deepest graph walk a filtered search makes before falling back to an exact scan."""
