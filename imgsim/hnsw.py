@@ -15,9 +15,10 @@ class HnswParams:
     ef_construction: int = 320
     """320: at a million images of real-picture-like vectors, the reduced graph built at 160 held the
     true top 10 among a search's 64 candidates for 0.970-0.972 of queries, at 240 for 0.977, at 320
-    for 0.995 (isotropic vectors: 1.000), its level-0 links 36 a node instead of 28 (graph adds ~2x
-    as long as at 160; embedding the pictures costs far more; scripts/bench_scale.py --spectrum 1,
-    README "At 100,000 and 1,000,000 images")."""
+    for 0.995 on a 16-core machine and 0.982 built here on 2 cores (isotropic vectors: 1.000), with
+    36 level-0 links a node instead of 28; the graph takes ~2x as long to build as at 160, far less
+    than embedding the pictures (scripts/bench_scale.py --spectrum 1, README "At 100,000 and
+    1,000,000 images"). `imgsim rebuild` raises an index's lower value to this."""
     ef_search: int = 64
 
     def to_dict(self) -> dict:
