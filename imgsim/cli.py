@@ -213,6 +213,16 @@ def print_results(printer: Printer, query: str, results: list[SearchResult], man
         printer(result.to_dict())
 
 
+def explain_empty(index, query: str, results: list[SearchResult], filter: Filter, min_score: float | None) -> None:
+    """Say on stderr why a search printed nothing (not an error: the exit code stays 0)."""
+    if results:
+        return
+    if not filter.empty and next(iter(index.images(filter, limit=1)), None) is None:
+        warn(f"{shown(query)}: no indexed image matches the filter")
+    elif min_score is not None:
+        warn(f"{shown(query)}: no result scores at least {min_score}")
+
+
 def result_options(f):
     """What every command that prints search results takes: the index, the search options and
     filters, --root, and the output formats."""
@@ -248,6 +258,7 @@ def search(queries, index_path, k, min_score, exact, ef, expand, root, html_file
                 click.echo(f"Error: {outcome.error}", err=True)
                 continue
             print_results(printer, outcome.query, outcome.results, many)
+            explain_empty(index, outcome.query, outcome.results, filter, min_score)
             pages.append((outcome.query, outcome.results))
         if html_file:
             from .report import search_page
@@ -268,6 +279,7 @@ def similar(image, index_path, k, min_score, exact, ef, expand, root, html_file,
     with Index.open(index_path, read_only=True, root=root) as index:
         results = index.similar(image, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef, expand=expand)
         print_results(Printer(fmt, line=result_line), image, results, many=False)
+        explain_empty(index, image, results, filter, min_score)
         if html_file:
             from .report import search_page
 

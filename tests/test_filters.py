@@ -117,6 +117,21 @@ def test_min_score_ef_and_exact(index, library):
     assert [r.id for r in index.search(query, k=5, ef=5)][0] == results[0].id
 
 
+def test_an_empty_result_says_why_on_stderr(index, library):
+    """Not an error (exit code 0, nothing on stdout), but not silence either; -q keeps it quiet."""
+    query = next(library.rglob("*.jpg"))
+    target = next(iter(index.rows()))
+    for args, why in ((("search", query, "--folder", "nowhere"), "no indexed image matches the filter"),
+                      (("similar", target.path, "--label", "nothing-has-this"), "no indexed image matches the filter"),
+                      (("search", query, "--min-score", "1.5"), "no result scores at least 1.5")):
+        result = run(*args, "--index", index.sqlite_path)
+        assert result.exit_code == 0 and result.stdout == "" and why in result.stderr, result.stderr
+        quiet = run(*args, "--index", index.sqlite_path, "-q")
+        assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    found = run("search", query, "--index", index.sqlite_path, "--folder", target.folder or ".")
+    assert found.exit_code == 0 and found.stdout and "no " not in found.stderr
+
+
 HOSTILE = ["' OR 1=1 --", "%", "_", "*", "trips%", "trips/_0_3", "\"; DROP TABLE images; --", "..", "../..",
            "trips/2023' OR 'a'='a", "\\", "\x00", "scans/../trips"]
 
