@@ -338,16 +338,37 @@ def _reason(e: Exception, path: str | os.PathLike) -> str:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB: transparency onto white, 16-bit and float scaled down."""
+    """Convert any Pillow mode to 8-bit RGB: transparency onto white (onto black where what shows is
+    itself nearly all white: see `backdrop`), 16-bit and float scaled down."""
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
         return Image.fromarray(_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
     if (img.mode == "P" and "transparency" in img.info) or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background = Image.new("RGBA", rgba.size, backdrop(rgba))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+LIGHT_SHARE = 0.9
+"""A transparent picture goes onto black, not white, when at least this share of what shows (by
+opacity) is near-white (every channel >= 232): a white logo or icon made for dark pages would vanish
+on white, and every such picture would embed as the same blank page (and group as duplicates at
+1.000). Only those change: on white they had no picture to find."""
+
+
+def backdrop(rgba: Image.Image) -> tuple[int, int, int, int]:
+    """The colour to flatten a transparent RGBA picture onto: white, or black (see `LIGHT_SHARE`)."""
+    pixels = np.asarray(rgba)
+    step = max(1, max(pixels.shape[:2]) // 512)  # a sample is enough to tell; large pictures stay cheap
+    pixels = pixels[::step, ::step]
+    alpha = pixels[..., 3].astype(np.float64)
+    shown = float(alpha.sum())
+    if shown == 0:
+        return (255, 255, 255, 255)
+    light = float(alpha[pixels[..., :3].min(axis=2) >= 232].sum())
+    return (0, 0, 0, 255) if light >= LIGHT_SHARE * shown else (255, 255, 255, 255)
 
 
 def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:

@@ -97,6 +97,53 @@ def test_palette_transparency_goes_onto_white(tmp_path):
     assert np.asarray(decode(path).image)[0, 0].tolist() == [255, 255, 255]
 
 
+def _shape_on_transparency(kind: str, colour: tuple[int, int, int], size: int = 96) -> Image.Image:
+    from PIL import ImageDraw
+
+    img = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    if kind == "disc":
+        draw.ellipse((16, 16, size - 16, size - 16), fill=(*colour, 255))
+    else:  # a cross of two bars
+        draw.rectangle((size // 2 - 8, 8, size // 2 + 8, size - 8), fill=(*colour, 255))
+        draw.rectangle((8, size // 2 - 8, size - 8, size // 2 + 8), fill=(*colour, 255))
+    return img
+
+
+def test_white_artwork_on_transparency_goes_onto_black_and_the_rest_onto_white(tmp_path):
+    """A white logo made for dark pages would vanish on white (every such file one blank page):
+    what shows being nearly all white, it goes onto black; coloured artwork stays on white."""
+    white = decode(_save(tmp_path / "white.png", _shape_on_transparency("disc", (255, 255, 255))))
+    pixels = np.asarray(white.image)
+    assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[48, 48].tolist() == [255, 255, 255]
+    red = np.asarray(decode(_save(tmp_path / "red.png", _shape_on_transparency("disc", (200, 30, 30)))).image)
+    assert red[0, 0].tolist() == [255, 255, 255] and red[48, 48].tolist() == [200, 30, 30]
+    palette = _shape_on_transparency("cross", (250, 250, 250)).convert("RGB").quantize(4)
+    transparent = palette.getpixel((0, 0))
+    palette_path = _save(tmp_path / "p.png", palette, transparency=transparent)
+    assert np.asarray(decode(palette_path).image)[0, 0].tolist() == [0, 0, 0]
+    faint = Image.new("RGBA", (8, 8), (255, 255, 255, 0))  # nothing shows at all: white, as before
+    assert np.asarray(decode(_save(tmp_path / "none.png", faint)).image)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_different_white_logos_are_different_pictures(tmp_path):
+    """Through the bundled model: on white, a white disc and a white cross were both a blank page
+    (similarity 1.000, a duplicate pair); on black they are what they are."""
+    from imgsim import Index
+
+    folder = tmp_path / "logos"
+    folder.mkdir()
+    for kind in ("disc", "cross"):
+        _save(folder / f"{kind}.png", _shape_on_transparency(kind, (255, 255, 255), 256))
+    _save(folder / "disc-small.png", _shape_on_transparency("disc", (255, 255, 255), 128))
+    with Index.create(tmp_path / "idx", model="efficientnet-lite0", root=folder) as index:
+        index.add(folder)
+        results = index.search(folder / "disc.png", k=3, expand=False)
+    by_name = {Path(r.path).name: r.score for r in results}
+    assert results[0].path.endswith("disc.png") and results[0].score > 0.99
+    assert by_name["disc-small.png"] > by_name["cross.png"] and by_name["cross.png"] < 0.95
+
+
 def test_large_jpeg_is_decoded_in_draft_mode_but_not_below_what_the_model_needs(tmp_path):
     big = Image.new("RGB", (4000, 3000), "blue")
     path = _save(tmp_path / "big.jpg", big, "JPEG")
