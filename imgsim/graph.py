@@ -442,13 +442,13 @@ class Graph:
             ends = [max(k, RERANK_FIRST)]
             while ends[-1] < len(ids):
                 ends.append(min(len(ids), 2 * ends[-1]))
-        parts, excess, start = [], -np.inf, 0
+        scores, excess, start = np.empty(0, np.float32), -np.inf, 0
         for end in ends:
             found, blobs = self._store.vector_bytes(ids[start:end], dim)
             since = len(pool)
             pool.add(found, blobs)
             part = pool.scores(query[None], since)[0]
-            parts.append(part)
+            scores = np.concatenate([scores, part]) if len(scores) else part
             if end == len(ids):
                 break
             if len(found):
@@ -456,10 +456,8 @@ class Graph:
                     approx[start:end][np.isin(ids[start:end], found)]
                 excess = max(excess, float(np.max(part - given)))
             start = end
-            scores = np.concatenate(parts) if len(parts) > 1 else part
             if len(scores) >= k and approx[end] + excess + RERANK_MARGIN < np.partition(scores, len(scores) - k)[len(scores) - k]:
                 break
-        scores = np.concatenate(parts) if len(parts) > 1 else parts[0]
         order = np.argsort(-scores, kind="stable")
         return scores[order], pool.ids[order], pool, order
 
