@@ -224,7 +224,8 @@ class Graph:
         ann = self._ann
         caught_up = 0
         for ids, vectors in self._store.vectors(self._manifest.dim, after_id=ann.max_id()):
-            ann.add(ids, vectors)
+            with _ctrl_c_deferred():
+                ann.add(ids, vectors)
             caught_up += len(ids)
         if caught_up:
             log.info("added %d vectors to %s that it was missing", caught_up, self.path.name)
@@ -264,8 +265,12 @@ class Graph:
         ann.set_dead(dead)
 
     def save(self) -> None:
-        """Write the graph (rebuilt first if too many of its entries are dead) and record it."""
+        """Write the graph (rebuilt first if too many of its entries are dead) and record it. Rows
+        committed but not yet added (a Ctrl-C between the two) are added first, so the file saved
+        always holds every stored vector."""
         ann = self.ann
+        self._catch_up()
+        ann = self._ann
         if ann.dead_count > REBUILD_DEAD_FRACTION * max(1, len(ann)):
             self._ann = ann = self._build()
         staged, digest = ann.stage(self.path)
