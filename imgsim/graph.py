@@ -267,12 +267,15 @@ class Graph:
     def save(self) -> None:
         """Write the graph (rebuilt first if too many of its entries are dead) and record it. Rows
         committed but not yet added (a Ctrl-C between the two) are added first, so the file saved
-        always holds every stored vector."""
+        always holds every stored vector. A Ctrl-C while the file is written waits for it."""
         ann = self.ann
         self._catch_up()
-        ann = self._ann
         if ann.dead_count > REBUILD_DEAD_FRACTION * max(1, len(ann)):
             self._ann = ann = self._build()
+        with _ctrl_c_deferred():
+            self._write(ann)
+
+    def _write(self, ann: AnnIndex) -> None:
         staged, digest = ann.stage(self.path)
         mean = self._mean(ann) if len(ann) - ann.dead_count >= CENTER_MIN_IMAGES else None
         previous = self._manifest.faiss_sha256

@@ -33,8 +33,11 @@ def test_ctrl_c_while_indexing_exits_130_and_keeps_the_index_consistent(tmp_path
     env = {**os.environ, "IMGSIM_MODELS": str(tiny_model_dir), "PYTHONPATH": str(Path(__file__).parents[1])}
     name = tmp_path / "idx"
     command = [sys.executable, str(WORKER), "index", str(folder), "--index", str(name), "--batch-size", "4"]
+    # SIGINT back to its default in the child: a test run started in the background by a shell
+    # (`pytest &`) inherits it ignored, and Python then leaves it ignored (Ctrl-C would do nothing).
     proc = subprocess.Popen([*command, "--model", TINY_MODEL], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while stored_rows(name.with_suffix(".sqlite")) < 8 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
