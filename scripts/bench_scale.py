@@ -95,7 +95,7 @@ def queries(n: int, dim: int, seed: int, count: int, c: np.ndarray) -> np.ndarra
 
 
 # -- phases, each run in a child process -------------------------------------------------------
-def phase_build(path: str, n: int, dim: int, seed: int, ef_construction: int = 0) -> dict:
+def phase_build(path: str, n: int, dim: int, seed: int, ef_construction: int = 0, add_batch: int = CHUNK) -> dict:
     from imgsim import Index
     from imgsim.ann import HnswParams
     from imgsim.store import NewImage
@@ -113,17 +113,18 @@ def phase_build(path: str, n: int, dim: int, seed: int, ef_construction: int = 0
         for first in range(0, n, CHUNK):
             count = min(CHUNK, n - first)
             x = vectors(first, count, n, dim, seed, c)
-            t0 = time.perf_counter()
             images = [NewImage(f"f{i % FOLDERS:02d}/img{i:07d}.jpg", 150_000 + i % 5000, 1_700_000_000_000_000_000 + i,
                                hashlib.sha256(i.to_bytes(8, "little")).hexdigest(), 1024, 768, "JPEG", x[j])
                       for j, i in enumerate(range(first, first + count))]
-            with store.transaction():
-                ids = store.insert(images)
-            assert ids[0] == first + 1 and ids[-1] == first + count  # row id = position + 1
-            t1 = time.perf_counter()
-            graph.add(ids, x)
-            t_graph += time.perf_counter() - t1
-            t_sql += t1 - t0
+            for at in range(0, count, add_batch):  # `imgsim index` commits and adds one batch of 16 at a time
+                t0 = time.perf_counter()
+                with store.transaction():
+                    ids = store.insert(images[at:at + add_batch])
+                assert ids[0] == first + at + 1  # row id = position + 1
+                t1 = time.perf_counter()
+                graph.add(ids, x[at:at + add_batch])
+                t_graph += time.perf_counter() - t1
+                t_sql += t1 - t0
         t0 = time.perf_counter()
     t_save = time.perf_counter() - t0
     return {"build_s": time.perf_counter() - start, "sqlite_insert_s": t_sql, "graph_add_s": t_graph,
@@ -263,7 +264,7 @@ def bench(n: int, args) -> None:
     path = str(folder / "idx")
     print(f"\n== {n} images, {dim}-d, model {MODEL} (load average {os.getloadavg()[0]:.1f}) ==", flush=True)
     if not (args.reuse and Path(path + ".sqlite").exists()):
-        build, wall, rss, cpu = phase("build", path, n, dim, args.seed, args.ef_construction)
+        build, wall, rss, cpu = phase("build", path, n, dim, args.seed, args.ef_construction, args.add_batch)
         print(f"build: {wall:.1f} s wall, {cpu:.0f} s CPU ({n / wall:.0f} images/s; SQLite inserts "
               f"{build['sqlite_insert_s']:.1f} s, graph adds {build['graph_add_s']:.1f} s, save {build['save_s']:.1f} s), "
               f"peak memory {rss:.0f} MB", flush=True)
@@ -313,7 +314,7 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--phase":
         name, rest = sys.argv[2], sys.argv[3:]
         if name == "build":
-            result = phase_build(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]) if len(rest) > 4 else 0)
+            result = phase_build(rest[0], *map(int, rest[1:]))
         elif name == "open":
             result = phase_open(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
         elif name == "search":
@@ -333,6 +334,9 @@ def main() -> None:
     parser.add_argument("--spectrum", type=float, default=SPECTRUM,
                         help="0: isotropic vectors (default); 1: a real-picture-like spectrum (see SPECTRUM).")
     parser.add_argument("--ef-construction", type=int, default=0, help="HNSW efConstruction (default: imgsim's).")
+    parser.add_argument("--add-batch", type=int, default=CHUNK,
+                        help=f"Vectors committed and added to the graph at a time (default {CHUNK:,}; "
+                             f"`imgsim index` adds 16, its --batch-size).")
     parser.add_argument("--skip-cli", action="store_true", help="Leave out the open and CLI timings.")
     parser.add_argument("--workdir", default="/tmp/imgsim-scale")
     parser.add_argument("--keep", action="store_true", help="Keep the indexes afterwards.")
