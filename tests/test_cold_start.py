@@ -18,7 +18,8 @@ TINY_CLI = Path(__file__).with_name("tiny_model.py")  # the imgsim CLI with the 
 HEAVY = ("numpy", "PIL", "faiss", "onnxruntime", "sqlite_utils")
 
 RUN = """
-import json, runpy, sys
+import json, os, runpy, sys
+os._exit = sys.exit  # `main` ends the process at once when a command is done; here it must come back
 sys.argv = {argv!r}
 code = 0
 try:
