@@ -122,7 +122,7 @@ def find_duplicates(index, *, threshold: float = DEFAULT_THRESHOLD, filter: Filt
     allowed = None if len(targets) == len(graph_ids) else targets
     for start in range(0, len(queries), BATCH):
         batch = queries[start:start + BATCH]
-        near, scores = graph.neighbours(batch, NEIGHBOURS, allowed=allowed, ef=DUPES_EF)
+        near, scores = graph.neighbours(batch, NEIGHBOURS, allowed=allowed, ef=DUPES_EF, min_score=threshold)
         rows, cols = np.nonzero((scores >= threshold) & (near >= 0))
         for a, b in zip(batch[rows].tolist(), near[rows, cols].tolist()):
             uf.union(a, b)
