@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from imgsim.errors import ImageError
-from imgsim.images import Preprocess, decode, discover, to_array, to_views
+from imgsim.images import Preprocess, decode, discover, to_array, to_views, trim_plain_borders
 
 from .conftest import exif_rotated
 
@@ -211,3 +211,47 @@ def test_index_views_add_the_centre_of_the_picture_and_are_recorded():
     assert "index_views" not in Preprocess(size=32).to_dict()
     with pytest.raises(ValueError):
         Preprocess(index_views=("mirror",))
+
+
+def _photo_like(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A busy picture (no plain lines anywhere)."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)
+
+
+def _jpeg(img: Image.Image, width: int) -> Image.Image:
+    small = img.resize((width, round(img.height * width / img.width)), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=85)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+@pytest.mark.parametrize("canvas", [(0, 0, 0), (255, 255, 255), (40, 120, 90)])
+def test_plain_margins_are_trimmed_off_a_picture_put_on_a_canvas(canvas):
+    """Letterbox bars, the white page around a drawing, and a coloured canvas a photo was pasted
+    on at one corner: cut off, leaving (about) the picture itself."""
+    out = Image.new("RGB", (640, 480), canvas)
+    out.paste(_photo_like((240, 200)), (380, 260))
+    assert trim_plain_borders(out).size == pytest.approx((240, 200), abs=12)
+    bars = Image.new("RGB", (640, 480), canvas)
+    bars.paste(_photo_like((640, 300)), (0, 90))
+    assert trim_plain_borders(bars).size == pytest.approx((640, 300), abs=12)
+
+
+def test_a_plain_coloured_field_that_is_the_picture_is_not_cut():
+    """A wallpaper that is mostly one dark colour with a moon and a planet towards one side (as
+    Debian's moonlight grub background): the field goes on into what a cut would keep, so it is the
+    picture, not a margin, and nothing is cut at any size. (That wallpaper was cut to 11 % of its
+    width as a 480-pixel JPEG and to 97 % as its 1920-pixel PNG: to the model two different
+    pictures, the original found 7th.) Black bars and white pages are cut regardless."""
+    field = np.full((1080, 1920, 3), (35, 52, 62), np.uint8)
+    yy, xx = np.mgrid[:1080, :1920]
+    for y, x in ((300, 1300), (800, 1750)):  # a moon and a planet, far apart
+        field[(yy - y) ** 2 + (xx - x) ** 2 < 70 ** 2] = (220, 214, 170)
+    wallpaper = Image.fromarray(field)
+    for img in (wallpaper, _jpeg(wallpaper, 480), _jpeg(wallpaper, 800)):
+        assert trim_plain_borders(img).size == img.size
+    for page in ((0, 0, 0), (255, 255, 255)):  # part of it on a black or white page: the page goes
+        paged = Image.new("RGB", (1920, 1080), page)
+        paged.paste(wallpaper.crop((1200, 200, 1850, 900)), (1200, 200))
+        assert trim_plain_borders(paged).size == pytest.approx((650, 700), abs=24)
