@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,8 @@ class ImgsimGroup(click.Group):
             return super().invoke(ctx)
         except ImgsimError as e:
             raise click.ClickException(str(e)) from None
+        except sqlite3.DatabaseError as e:  # a damaged index file met where no method expected it
+            raise click.ClickException(f"an index database is damaged: {e}; run `imgsim verify`") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise click.exceptions.Exit(130) from None

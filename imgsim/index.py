@@ -105,12 +105,16 @@ def _file_stat(path: str) -> tuple[int, int, int] | None:
     return None if stat.S_ISDIR(st.st_mode) else file_stat(st)
 
 
+def damaged(sqlite_path: Path, e: sqlite3.DatabaseError) -> IndexCorruptError:
+    return IndexCorruptError(f"the index database {sqlite_path} is damaged: {e}; restore it, or re-index")
+
+
 def _guard_database(method):
     """Turn SQLite errors that the open-time checks could not foresee (a file damaged or taken away
     while open) into `IndexCorruptError`, for Python users and the CLI alike."""
 
     def translate(self, e: sqlite3.DatabaseError) -> ImgsimError:
-        return IndexCorruptError(f"the index database {self.sqlite_path} is damaged: {e}; restore it, or re-index")
+        return damaged(self.sqlite_path, e)
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
@@ -278,6 +282,9 @@ class Index:
             store = Store.open(sqlite_path, read_only=read_only)
             try:
                 manifest = Manifest.from_stored(store.manifest(), sqlite_path)
+            except sqlite3.DatabaseError as e:  # a page damaged where the opening checks do not read
+                store.close()
+                raise damaged(sqlite_path, e) from None
             except BaseException:
                 store.close()
                 raise
@@ -645,6 +652,7 @@ class Index:
         return self._search_vector(vector, k, filter=filter, min_score=min_score, exact=exact, ef=ef, query=name,
                                    expand=expand)
 
+    @_guard_database
     def search_many(self, queries: Iterable[str | os.PathLike], k: int = 10, *, filter: Filter | None = None,
                     min_score: float | None = None, exact: bool = False, ef: int | None = None,
                     batch_size: int = 16, expand: bool | expansion.Expansion = True) -> Iterator[QueryOutcome]:
@@ -795,8 +803,9 @@ class Index:
         self.graph.forget_removed()
         return len(ids)
 
+    @_guard_database
     def rows(self) -> Iterator[ImageRow]:
-        return self._store.all_rows()
+        yield from self._store.all_rows()
 
     # -- reporting -------------------------------------------------------------------------------
     @_guard_database

@@ -60,6 +60,34 @@ def test_damaged_sqlite_is_a_clear_error(made, damage):
             index.search(np.ones(48, "f4"))
 
 
+def test_a_damaged_page_anywhere_in_the_sqlite_file_is_a_clear_error(made, photos):
+    """Random bytes over any one page after the header (which the opening checks may never read):
+    opening, searching, listing, finding duplicates and `info` either work or raise `ImgsimError`,
+    never a raw `sqlite3.DatabaseError` (the new-user trial met one from the manifest, and from a
+    search's vectors)."""
+    sqlite_file = made.with_suffix(".sqlite")
+    pristine = sqlite_file.read_bytes()
+    conn = sqlite3.connect(sqlite_file)
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    rng = np.random.default_rng(0)
+    errors = 0
+    for at in range(1, len(pristine) // page):
+        damaged = bytearray(pristine)
+        damaged[at * page:(at + 1) * page] = rng.integers(0, 256, page, dtype=np.uint8).tobytes()
+        sqlite_file.write_bytes(bytes(damaged))
+        try:
+            with Index.open(made, read_only=True) as index:
+                index.search(photos / "coffee.jpg", k=3)
+                list(index.images())
+                index.duplicates()
+                index.info()
+                list(index.rows())
+        except ImgsimError:
+            errors += 1
+    assert errors > 0  # some pages matter
+
+
 @pytest.mark.parametrize("values, message", [
     ({"hnsw": {"M": 10**9, "ef_construction": 40, "ef_search": 16}}, "invalid manifest"),
     ({"dim": 4096}, "dimensions"),
