@@ -86,8 +86,10 @@ def filter_options(f):
     return f
 
 
-def make_filter(kwargs: dict) -> Filter:
-    return Filter(folders=kwargs.pop("folder"), labels=kwargs.pop("label"), formats=kwargs.pop("formats"),
+def make_filter(kwargs: dict, index) -> Filter:
+    """The filter options as a `Filter`; a `--folder` may be given as a folder on disk (see `Index.folder_key`)."""
+    return Filter(folders=tuple(index.folder_key(f) for f in kwargs.pop("folder")), labels=kwargs.pop("label"),
+                  formats=kwargs.pop("formats"),
                   min_width=kwargs.pop("min_width"), min_height=kwargs.pop("min_height"),
                   since=kwargs.pop("since"), until=kwargs.pop("until"))
 
@@ -248,11 +250,11 @@ def search(queries, index_path, k, min_score, exact, ef, expand, root, html_file
     """
     from .index import Index
 
-    filter = make_filter(filters)
     printer = Printer(fmt, line=result_line)
     failed = False
     pages = []
     with Index.open(index_path, read_only=True, root=root) as index:
+        filter = make_filter(filters, index)
         outcomes = index.search_many(queries, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef,
                                      expand=expand)
         many = len(queries) > 1 or any(Path(q).is_dir() for q in queries)
@@ -279,8 +281,8 @@ def similar(image, index_path, k, min_score, exact, ef, expand, root, html_file,
     """Find the images most like one that is already indexed (its path or id), without embedding it again."""
     from .index import Index
 
-    filter = make_filter(filters)
     with Index.open(index_path, read_only=True, root=root) as index:
+        filter = make_filter(filters, index)
         results = index.similar(image, k=k, filter=filter, min_score=min_score, exact=exact, ef=ef, expand=expand)
         print_results(Printer(fmt, line=result_line), image, results, many=False)
         explain_empty(index, image, results, filter, min_score)
@@ -345,8 +347,9 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
 
     if yes and not move_to:
         raise click.UsageError("--yes goes with --move-to")
-    filter = make_filter(filters)
     with Index.open(index_path, read_only=not (move_to and yes), root=root) as index:
+        filter = make_filter(filters, index)
+        reference = tuple(index.folder_key(folder) for folder in reference)
         with progress_bar("comparing") as on_progress:
             groups = index.duplicates(threshold=threshold, filter=filter, reference=reference,
                                       against_reference=against_reference, min_size=min_size,
@@ -385,6 +388,8 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
 
         moved = move_duplicates(index, moves, on_move=report)
     warn(f"moved {moved} of {len(moves)} files to {move_to}; move them back to undo")
+    if moved < len(moves):  # each file left was named above; a script must not take this for success
+        raise click.exceptions.Exit(1)
 
 
 @cli.command("list")
@@ -399,9 +404,9 @@ def list_cmd(index_path, limit, order, root, fmt, **filters):
     """List the indexed images (optionally filtered) with their metadata and labels."""
     from .index import Index
 
-    filter = make_filter(filters)
     printer = Printer(fmt, ("id", "width", "height", "format", "date", "labels", "path"))
     with Index.open(index_path, read_only=True, root=root) as index:
+        filter = make_filter(filters, index)
         for record in index.images(filter, order=order, limit=limit):
             printer(record)
 
@@ -608,8 +613,8 @@ def export_parquet_cmd(file, index_path, row_group_size, compression, **filters)
     from .export.parquet import export_parquet
     from .index import Index
 
-    selection = selection_of(make_filter(filters))
     with Index.open(index_path, read_only=True) as index, progress_bar("exporting") as on_progress:
+        selection = selection_of(make_filter(filters, index))
         count = export_parquet(index, file, row_group_size=row_group_size, on_progress=on_progress,
                                compression=compression, selection=selection)
     click.echo(f"exported {count} images to {file} ({Path(file).stat().st_size / 1e6:.1f} MB)")
@@ -646,10 +651,10 @@ def export_qdrant_cmd(url, api_key_env, local_path, collection, index_path, batc
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise click.ClickException(f"environment variable {api_key_env} is not set")
-    selection = selection_of(make_filter(filters))
     client, location = connect(url=url, api_key=api_key, path=local_path)
     try:
         with Index.open(index_path) as index, progress_bar("exporting") as on_progress:
+            selection = selection_of(make_filter(filters, index))
             report = export_qdrant(index, client, location, collection or index_files(index_path)[1].stem,
                                    batch_size=batch_size, recentre=recentre, recreate=recreate,
                                    on_progress=on_progress, selection=selection)

@@ -402,6 +402,18 @@ class Index:
                 pass
         return absolute.as_posix()
 
+    def folder_key(self, folder: str) -> str:
+        """A folder given by the user, as filters and `--reference` take it (relative to the root):
+        a folder on disk under the root (absolute, or relative to the working folder, through links
+        or not) becomes its stored form; any other text is taken as stored already."""
+        path = Path(os.path.expanduser(folder))
+        if folder and path.is_dir():
+            for candidate in (path, path.resolve()):  # as indexing walked it (through links), and as it is
+                key = self._key(candidate)
+                if not key.startswith("/"):
+                    return "" if key == "." else key
+        return folder
+
     def resolve(self, stored_path: str) -> Path:
         """The file a stored path refers to now."""
         path = Path(stored_path)
@@ -606,7 +618,9 @@ class Index:
         path = Path(os.path.expanduser(text))
         # (stored key, whether it names a folder on disk): the file or folder as it is on disk, then the
         # text as a stored path. A stored "." means nothing; the root folder given on disk means everything.
-        keys = [(self._key(path.resolve()), path.is_dir())] if path.exists() else []
+        # Through a link (as indexing walked it) and as it really is: either may be how it is stored.
+        on_disk = dict.fromkeys([Path(os.path.abspath(path)), path.resolve()]) if path.exists() else {}
+        keys = [(self._key(p), path.is_dir()) for p in on_disk]
         keys.append((Path(text).as_posix(), None))
         for key, is_dir in keys:
             row = self._store.row_by_path(key)

@@ -292,3 +292,40 @@ def test_centre_view_is_chosen_when_an_index_is_made_and_kept(tmp_path, photos):
     assert plain.exit_code == 0
     refused = run("index", photos, "--index", tmp_path / "p", "--centre-view")
     assert refused.exit_code == 1 and "was made with no extra view" in refused.stderr
+
+
+def test_a_folder_filter_may_be_a_folder_on_disk(built, library, monkeypatch, tmp_path):
+    """`--folder` and `--reference` as the user has the folder at hand: absolute, relative to the
+    working folder, or through a link to it: the same images as the stored form (before, an
+    absolute or working-folder path silently matched nothing)."""
+    stored = run("list", "--index", built, "--folder", "trips/2023", "--json")
+    assert stored.exit_code == 0 and stored.stdout.count('"id"') >= 2
+    (tmp_path / "linked").symlink_to(library / "trips")
+    monkeypatch.chdir(library.parent)
+    for given in (library / "trips" / "2023", "library/trips/2023", "./library/trips/2023/",
+                  tmp_path / "linked" / "2023"):
+        listed = run("list", "--index", built, "--folder", given, "--json")
+        assert listed.exit_code == 0 and listed.stdout == stored.stdout, given
+        found = run("search", library / "scans" / os.listdir(library / "scans")[0], "--index", built,
+                    "--folder", given, "--json")
+        assert found.exit_code == 0 and found.stdout.count('"id"') == stored.stdout.count('"id"'), given
+    everything = run("list", "--index", built, "--folder", library, "--json")  # the root: all of it
+    assert everything.stdout == run("list", "--index", built, "--json").stdout
+    dupes = run("dupes", "--index", built, "--reference", library / "scans", "--json")
+    assert dupes.exit_code == 0, dupes.output
+
+
+def test_similar_and_label_take_a_path_through_a_linked_folder(library, tmp_path):
+    """A folder indexed through a link stores paths through the link: `similar` and `label` find
+    a file given that way (before: "is not in this index", the link having been resolved away)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "scans").symlink_to(library / "scans")
+    build_index(tmp_path / "idx", root)
+    name = sorted(os.listdir(library / "scans"))[0]
+    found = run("similar", root / "scans" / name, "--index", tmp_path / "idx", "-k", "1")
+    assert found.exit_code == 0 and found.stdout.strip(), found.output
+    labelled = run("label", root / "scans", "--add", "scan", "--index", tmp_path / "idx")
+    assert labelled.exit_code == 0, labelled.output
+    assert run("list", "--index", tmp_path / "idx", "--label", "scan").stdout.count("scans/") == \
+        len(os.listdir(library / "scans"))
