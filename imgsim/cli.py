@@ -4,6 +4,7 @@ progress and notices to stderr; `--json` prints one JSON object per line, `--csv
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -87,11 +88,25 @@ def filter_options(f):
 
 
 def make_filter(kwargs: dict, index) -> Filter:
-    """The filter options as a `Filter`; a `--folder` may be given as a folder on disk (see `Index.folder_key`)."""
+    """The filter options as a `Filter`; a `--folder` may be given as a folder on disk (see `Index.folder_key`).
+    A value the filter refuses (a date that does not exist, an unknown format) is a usage error (exit 2)."""
+    try:
+        return _filter_of(kwargs, index)
+    except ImgsimError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _filter_of(kwargs: dict, index) -> Filter:
     return Filter(folders=tuple(index.folder_key(f) for f in kwargs.pop("folder")), labels=kwargs.pop("label"),
                   formats=kwargs.pop("formats"),
                   min_width=kwargs.pop("min_width"), min_height=kwargs.pop("min_height"),
                   since=kwargs.pop("since"), until=kwargs.pop("until"))
+
+
+def _finite(ctx, param, value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number", ctx, param)
+    return value
 
 
 def search_options(f):
@@ -100,7 +115,8 @@ def search_options(f):
                      help="Rank by the query alone, not with its best match too (scores are the query's "
                           "own either way).")(f)
     f = click.option("--exact", is_flag=True, help="Compare with every image instead of walking the graph.")(f)
-    f = click.option("--min-score", type=float, help="Leave out results scoring below this.")(f)
+    f = click.option("--min-score", type=float, callback=_finite,
+                     help="Leave out results scoring below this.")(f)
     f = click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")(f)
     return filter_options(f)
 

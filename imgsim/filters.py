@@ -7,6 +7,7 @@ Repeating an option allows several values (any of them matches); different optio
 
 from __future__ import annotations
 
+import calendar
 import re
 from dataclasses import dataclass, fields
 
@@ -110,7 +111,15 @@ def _format(value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ImgsimError("a format must be non-empty text, such as jpeg or png")
     value = value.strip().lstrip(".").lower()
-    return _FORMATS.get(value, value.upper())
+    name = _FORMATS.get(value, value.upper())
+    from PIL import Image  # the formats Pillow (and pillow-heif, when installed) can decode
+
+    from . import images  # noqa: F401 (registers pillow-heif's formats where it is installed)
+
+    Image.init()
+    if name not in {*Image.OPEN, *Image.MIME, *Image.SAVE, "HEIF", "AVIF"}:
+        raise ImgsimError(f"unknown image format {value!r} (such as jpeg, png, webp, gif, tiff, heic)")
+    return name
 
 
 def _date(value: str, end: bool) -> str:
@@ -126,7 +135,13 @@ def _date(value: str, end: bool) -> str:
         if part is None:
             filled[i] = (high if end else low)[i]
     month, day, hour, minute, second = filled
-    if not (1 <= int(month) <= 12 and 1 <= int(day) <= 31 and int(hour) <= 23 and int(minute) <= 59
-            and int(second) <= 59):
+    if not 1 <= int(month) <= 12:
+        raise ImgsimError(f"not a date: {value!r}")
+    if int(year) < 1:
+        raise ImgsimError(f"not a date: {value!r}")
+    last = calendar.monthrange(int(year), int(month))[1]
+    if match.group(3) is None and end:
+        day = f"{last:02d}"  # the end of "2024-02" is the 29th
+    if not (1 <= int(day) <= last and int(hour) <= 23 and int(minute) <= 59 and int(second) <= 59):
         raise ImgsimError(f"not a date: {value!r}")
     return f"{year}-{month}-{day}T{hour}:{minute}:{second}"

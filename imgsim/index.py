@@ -730,6 +730,8 @@ class Index:
             raise ImgsimError("k must be at least 1")
         if ef is not None and not 1 <= ef <= 4096:
             raise ImgsimError("ef must be between 1 and 4096")
+        if min_score is not None and not np.isfinite(min_score):
+            raise ImgsimError(f"min_score must be a number, not {min_score}")
         allowed = None
         if filter is not None and not filter.empty:
             where, params = filter.where()

@@ -7,6 +7,7 @@ records are printed and mean the same thing everywhere.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -60,7 +61,14 @@ class Printer:
 
 
 def format_option(f):
-    """--json / --csv, mutually exclusive; the table is the default."""
-    f = click.option("--csv", "fmt", flag_value="csv", help="CSV with a header row.")(f)
-    f = click.option("--json", "fmt", flag_value="json", help="One JSON object per line.")(f)
-    return click.option("--table", "fmt", flag_value="table", default=True, hidden=True)(f)
+    """--json / --csv, mutually exclusive (given both: a usage error); the table is the default.
+    The command receives `fmt`: "table", "json" or "csv"."""
+
+    @functools.wraps(f)
+    def command(*args, as_json: bool, as_csv: bool, **kwargs):
+        if as_json and as_csv:
+            raise click.UsageError("--json and --csv cannot be used together")
+        return f(*args, fmt="json" if as_json else "csv" if as_csv else "table", **kwargs)
+
+    command = click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row.")(command)
+    return click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")(command)

@@ -140,11 +140,13 @@ HOSTILE = ["' OR 1=1 --", "%", "_", "*", "trips%", "trips/_0_3", "\"; DROP TABLE
 def test_hostile_filter_values_match_nothing_and_break_nothing(index, library, value):
     count = len(index)
     query = next(library.rglob("*.jpg"))
-    for flt in (Filter(folders=(value,)), Filter(labels=(value,)), Filter(formats=(value,))):
+    for flt in (Filter(folders=(value,)), Filter(labels=(value,))):
         if flt.folders == ("",):  # "..", "\\" and the like normalise to the root: everything, which is right
             continue
         assert index.search(query, k=5, filter=flt) == []
         assert list(index.images(flt)) == []
+    with pytest.raises(ImgsimError, match="image format"):  # no such format: refused
+        Filter(formats=(value,))
     assert len(index) == count and index.verify().ok
     result = run("search", query, "--index", index.sqlite_path, "--folder", value, "--label", value, "--json")
     assert result.exit_code == 0 and result.stdout == ""
@@ -152,11 +154,20 @@ def test_hostile_filter_values_match_nothing_and_break_nothing(index, library, v
 
 def test_bad_filter_values_are_clear_errors(index, library):
     for kwargs, message in [({"since": "yesterday"}, "not a date"), ({"until": "2024-13"}, "not a date"),
+                            ({"since": "2024-02-30"}, "not a date"), ({"until": "2023-02-29"}, "not a date"),
+                            ({"since": "2024-04-31"}, "not a date"), ({"formats": ("exe",)}, "unknown image format"),
                             ({"min_width": -1}, "min-width"), ({"labels": ("",)}, "label")]:
         with pytest.raises(ImgsimError, match=message):
             Filter(**kwargs)
-    result = run("search", next(library.rglob("*.jpg")), "--index", index.sqlite_path, "--since", "last week")
-    assert result.exit_code == 1 and result.stderr.startswith("Error: not a date: 'last week'")
+    assert Filter(until="2024-02").until == "2024-02-29T23:59:59" and Filter(until="2023-02").until.startswith("2023-02-28")
+    assert Filter(formats=("mpo", "heic", ".PNG")).formats == ("MPO", "HEIF", "PNG")
+    query = next(library.rglob("*.jpg"))
+    for option in (["--since", "last week"], ["--until", "2024-02-30"], ["--format", "exe"], ["--min-score", "nan"],
+                   ["--json", "--csv"]):  # misused options: exit 2, as click's own
+        result = run("search", query, "--index", index.sqlite_path, *option)
+        assert result.exit_code == 2 and "Error: " in result.stderr, (option, result.output)
+    with pytest.raises(ImgsimError, match="min_score"):
+        index.search(query, min_score=float("nan"))
 
 
 def test_metadata_is_stored_and_listed(index, library):
