@@ -131,7 +131,9 @@ def find_duplicates(index, *, threshold: float = DEFAULT_THRESHOLD, filter: Filt
 
     groups = []
     for ids in uf.groups():
-        if against_reference and not ref_set.intersection(ids):
+        # Against the reference: a group needs a reference file and another one (byte-identical
+        # reference files alone are grouped above, but are not what was asked).
+        if against_reference and (not ref_set.intersection(ids) or ref_set.issuperset(ids)):
             continue
         groups.append(_group(index, ids, ref_set))
     groups.sort(key=lambda g: (-len(g.members), g.keeper["path"]))
@@ -149,9 +151,12 @@ def _group(index, ids: list[int], reference: set[int]) -> DupeGroup:
     keeper = members[0]
     found, vectors = index.graph.vectors([m["id"] for m in members])
     scores = dict(zip(found.tolist(), index.graph.score_against(vectors[0], vectors).tolist())) if len(found) else {}
-    identical = [m["sha256"] == keeper["sha256"] for m in members]
-    return DupeGroup(keeper, members, [1.0 if same else float(scores.get(m["id"], 0.0))
-                                       for m, same in zip(members, identical)], identical)
+    listed = [(m, m["sha256"] == keeper["sha256"]) for m in members]
+    listed = [(m, same, 1.0 if same else float(scores.get(m["id"], 0.0))) for m, same in listed]
+    # The keeper, then the others closest to it first: byte-identical copies, then by score.
+    listed[1:] = sorted(listed[1:], key=lambda item: (not item[1], -item[2], item[0]["path"]))
+    return DupeGroup(keeper, [m for m, _, _ in listed], [score for _, _, score in listed],
+                     [same for _, same, _ in listed])
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ def test_copies_join_their_original_and_different_photos_stay_apart(indexed):
         identical = dict(zip(group.paths, group.identical))
         assert identical[f"copies/{name}-same-bytes.jpg"] and not identical[f"copies/{name}-resized.jpg"]
         assert group.scores[0] == 1.0 and all(0.5 < s <= 1.0 for s in group.scores)
+        rest = list(zip(group.identical[1:], group.scores[1:]))  # closest to the keeper first
+        assert rest == sorted(rest, key=lambda item: (not item[0], -item[1]))
 
 
 def test_output_formats(indexed, tmp_path):
@@ -106,6 +108,10 @@ def test_reference_folders_keep_and_against_reference_answers_what_do_i_have(ind
         for group in groups:  # a reference file is always the keeper, even when it has fewer pixels
             assert group.keeper["path"].startswith("copies/")
         have = index.duplicates(reference=["originals"], against_reference=True)
+        # Every copy a reference file too: the byte-identical reference pairs (an original and its
+        # same-bytes copy) are no answer to "which of the others do I have?"; each group has another.
+        both = index.duplicates(reference=["originals", "copies"], against_reference=True)
+        assert all(any(not p.startswith(("originals/", "copies/")) for p in g.paths) for g in both)
     assert {original_of(g.keeper["path"]) for g in have} == set(ORIGINALS)
     assert all(sum(p.startswith("originals/") for p in g.paths) == 1 for g in have)
     missing = run("dupes", "--index", indexed, "--reference", "nowhere")
