@@ -212,6 +212,8 @@ def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folde
         Printer("json")(report.to_dict())
     else:
         click.echo(summary_line(report))
+    if not report.files_seen:
+        warn(f"no image files in {shown(folder)} (JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC...; see `imgsim index --help`)")
     if strict and (report.failed or report.known_failures):
         sys.exit(3)
 
@@ -220,8 +222,8 @@ def summary_line(report: SyncReport) -> str:
     known = f", known failures {report.known_failures}" if report.known_failures else ""
     ignored = f", ignored {report.unsupported} unsupported" if report.unsupported else ""
     return (f"added {report.added}, updated {report.updated}, moved {report.moved}, removed {report.removed}, "
-            f"unchanged {report.unchanged}, failed {report.failed}{known}{ignored} in {report.seconds:.1f} s "
-            f"({report.images_per_second:.1f} images/s)")
+            f"unchanged {report.unchanged}, failed {report.failed}{known}{ignored} in {report.seconds:.1f} s"
+            + (f" ({report.images_per_second:.1f} images/s)" if report.embedded else ""))
 
 
 def result_line(r: dict) -> str:
@@ -239,7 +241,9 @@ def explain_empty(index, query: str, results: list[SearchResult], filter: Filter
     """Say on stderr why a search printed nothing (not an error: the exit code stays 0)."""
     if results:
         return
-    if not filter.empty and next(iter(index.images(filter, limit=1)), None) is None:
+    if len(index) == 0:
+        warn(f"{shown(query)}: the index is empty (add pictures with `imgsim index FOLDER`)")
+    elif not filter.empty and next(iter(index.images(filter, limit=1)), None) is None:
         warn(f"{shown(query)}: no indexed image matches the filter")
     elif min_score is not None:
         warn(f"{shown(query)}: no result scores at least {min_score}")

@@ -170,16 +170,22 @@ class SyncReport:
     failed: int = 0
     embedded: int = 0
     known_failures: int = 0
+    """Files that failed before and are unchanged since: not tried again (see `retry_failed`)."""
     unsupported: int = 0
     """Image files of kinds imgsim cannot decode here (SVG, JPEG XL, camera raw, HEIC without the
     heif extra...), left out."""
-    """Files that failed before and are unchanged since: not tried again (see `retry_failed`)."""
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def files_seen(self) -> int:
+        """Image files found in what was indexed (whatever became of them)."""
+        return (self.added + self.updated + self.moved + self.unchanged + self.failed + self.known_failures
+                + self.unsupported)
 
     def to_dict(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if k != "failures"}
@@ -673,9 +679,15 @@ class Index:
         """Search with many image files (folders are walked), embedded in batches while the next
         ones decode. A file that cannot be read gives an outcome with `error` set; the rest go on."""
         queries = [os.fspath(q) for q in queries]
-        for empty in (q for q in queries if not q):  # Path("") is the working folder: never search it unasked
-            yield QueryOutcome(empty, [], f"cannot read query '': {EMPTY_PATH}")
-        files = list(imgs.expand([_user_path(q) for q in queries if q]))
+        files: list[Path] = []
+        for query in queries:
+            if not query:  # Path("") is the working folder: never search it unasked
+                yield QueryOutcome(query, [], f"cannot read query '': {EMPTY_PATH}")
+                continue
+            found = list(imgs.expand([_user_path(query)]))
+            if not found:  # a folder without a single image file
+                yield QueryOutcome(query, [], f"no image files in {query}")
+            files += found
         prep = self.model.preprocess
 
         def decode(path: Path):

@@ -33,6 +33,22 @@ def test_index_prints_a_summary_and_json(tmp_path, photos):
     again = run("index", photos, "--index", tmp_path / "x", "--json")
     summary = json.loads(again.stdout)
     assert summary["unchanged"] == len(list(photos.iterdir())) and summary["added"] == 0
+    unchanged = run("index", photos, "--index", tmp_path / "x")
+    assert "images/s" not in unchanged.stdout  # nothing was embedded: no rate to speak of
+
+
+def test_an_empty_folder_and_an_empty_index_say_so(tmp_path, photos):
+    """Nothing to index, nothing to search, a query folder with no picture: each is said on
+    stderr (only the last is an error), instead of silence."""
+    (tmp_path / "empty").mkdir()
+    made = run("index", tmp_path / "empty", "--index", tmp_path / "idx", "--model", TINY_MODEL)
+    assert made.exit_code == 0 and "no image files in" in made.stderr
+    searched = run("search", photos / "coffee.jpg", "--index", tmp_path / "idx")
+    assert searched.exit_code == 0 and searched.stdout == "" and "the index is empty" in searched.stderr
+    run("index", photos, "--index", tmp_path / "idx")
+    folder = run("search", tmp_path / "empty", photos / "coffee.jpg", "--index", tmp_path / "idx", "-k", "1")
+    assert folder.exit_code == 1 and f"Error: no image files in {tmp_path / 'empty'}" in folder.stderr
+    assert "coffee.jpg" in folder.stdout  # the other query is still answered
 
 
 def test_search_plain_and_json(tiny_index, photos):
