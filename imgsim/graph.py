@@ -198,8 +198,13 @@ class Graph:
         else:
             log.warning("%s is missing; rebuilding it from %s", self.path.name, self._store.path.name)
         if self._store.read_only:
-            log.warning("opened read-only, so the rebuilt graph is not saved: run `imgsim verify --repair` "
-                        "(or open the index for writing) once to make it permanent")
+            from .lock import writer_active
+
+            if writer_active(self._store.path):
+                log.warning("another process is indexing: it writes %s when it finishes", self.path.name)
+            else:
+                log.warning("opened read-only, so the rebuilt graph is not saved: run `imgsim verify --repair` "
+                            "(or open the index for writing) once to make it permanent")
         return self._build()
 
     def _new(self, count: int) -> AnnIndex:

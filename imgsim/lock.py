@@ -42,3 +42,24 @@ class WriterLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def writer_active(path: Path) -> bool:
+    """Whether another process holds the index open for writing now (so a missing or lagging FAISS
+    file is work in progress, not damage). A shared flock tried and dropped at once: a writer
+    starting in that very microsecond would be told the index is busy, and can try again."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the shared lock too
+    return False

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ImgsimError, IndexCorruptError
+from .lock import writer_active
 from .models import Model
 
 
@@ -79,6 +80,9 @@ def _check_faiss(index, report: VerifyReport, repair: bool) -> None:
         index.graph.save()
         what = "missing" if found.missing else f"lacked {found.lagging} stored vectors"
         report.repaired.append(f"wrote {name} from the stored vectors (it was {what})")
+    elif (found.missing or found.lagging) and index.read_only and writer_active(index.sqlite_path):
+        report.notes.append(f"{name} is {'not written yet' if found.missing else 'behind'}: another process is "
+                            f"indexing, and writes it when it finishes")
     elif found.missing:
         report.notes.append(f"{name} is missing (an interrupted first run, or deleted): searches rebuild it in "
                             f"memory each time until `imgsim verify --repair` or the next `imgsim index` writes it")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from imgsim import ImgsimError, Index, IndexLockedError, ModelError, ReadOnlyIndexError
 from imgsim.errors import IndexCorruptError
+from imgsim.store import NewImage
 
 from .conftest import TINY_MODEL, build_index, read_only_folder
 
@@ -152,7 +153,7 @@ def test_faiss_that_lags_behind_sqlite_is_caught_up(tmp_path, photos):
         assert index.verify().notes == []
 
 
-def test_second_writer_is_refused_but_readers_are_welcome(tmp_path, photos):
+def test_second_writer_is_refused_but_readers_are_welcome(tmp_path, photos, caplog):
     path = tmp_path / "idx"
     with Index.create(path, model=TINY_MODEL) as writer:
         writer.add(photos)
@@ -162,6 +163,20 @@ def test_second_writer_is_refused_but_readers_are_welcome(tmp_path, photos):
             assert len(reader) == n_photos(photos)
             with pytest.raises(ReadOnlyIndexError):
                 reader.add(photos)
+        # Mid-batch: a row committed, the graph not yet written with it; then the file gone too.
+        row = writer.image(1)
+        with writer.store.transaction():
+            writer.store.insert([NewImage("later.jpg", row.size, row.mtime_ns, row.sha256, row.width, row.height,
+                                          row.format, writer.vector(1))])
+        with Index.open(path, read_only=True) as reader:  # work in progress, not damage to repair
+            assert any("behind: another process is indexing" in n for n in reader.verify().notes)
+        (tmp_path / "idx.faiss").rename(tmp_path / "aside.faiss")
+        with Index.open(path, read_only=True) as reader:
+            assert any("not written yet: another process is indexing" in n for n in reader.verify().notes)
+            reader.search(photos / "coffee.jpg", k=1)
+            assert "another process is indexing" in caplog.text and "verify --repair" not in caplog.text
+    with Index.open(path, read_only=True) as reader:  # the writer is gone: now it is something to repair
+        assert any("is missing (an interrupted first run" in n for n in reader.verify().notes)
 
 
 def test_index_in_a_read_only_folder_can_be_searched(tmp_path, photos):
