@@ -15,17 +15,22 @@ from collections.abc import Callable, Iterable
 import click
 
 
-def shown(path) -> str:
-    """A path as text that any terminal can print (file names that are not UTF-8 get U+FFFD)."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
 
 
-def _cell(value) -> str:
+def shown(path, one_line: bool = True) -> str:
+    """A path as text that any terminal can print: bytes that are not UTF-8 get U+FFFD, and (for
+    one line per record) control characters, such as a newline in a file name, are written \\xNN."""
+    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text.translate(_CONTROL) if one_line else text
+
+
+def _cell(value, one_line: bool = True) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, (list, tuple)):
-        return ",".join(shown(v) for v in value)
-    return "" if value is None else shown(value)
+        return ",".join(shown(v, one_line) for v in value)
+    return "" if value is None else shown(value, one_line)
 
 
 class Printer:
@@ -47,7 +52,9 @@ class Printer:
                 self._csv = csv.DictWriter(sys.stdout, fieldnames=list(record), extrasaction="ignore",
                                            lineterminator="\n")
                 self._csv.writeheader()
-            self._csv.writerow({k: _cell(v) if not isinstance(v, (int, float)) else v for k, v in record.items()})
+            # CSV quotes a field with a newline in it: the path as it is.
+            self._csv.writerow({k: _cell(v, one_line=False) if not isinstance(v, (int, float)) else v
+                                for k, v in record.items()})
             sys.stdout.flush()
         elif self.line is not None:
             click.echo(self.line(record))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -89,6 +90,23 @@ def test_bad_files_are_skipped_reported_and_remembered(messy, tmp_path):
     search = run("search", os.path.join(os.fsencode(messy), b"caf\xe9-latin1.jpg").decode("utf-8", "surrogateescape"),
                  "--index", tmp_path / "i", "-k", "2")
     assert search.exit_code == 0 and "caf\ufffd-latin1.jpg" in search.stdout
+
+
+def test_a_newline_in_a_file_name_keeps_one_line_per_record(tmp_path, photos):
+    """Tables are one line per image: a control character in a name is shown as \\xNN; --csv
+    (quoted) and --json (escaped) give the name as it is."""
+    folder = tmp_path / "names"
+    folder.mkdir()
+    shutil.copy(photos / "coffee.jpg", folder / "new\nline.jpg")
+    shutil.copy(photos / "rocket.jpg", folder / "plain.jpg")
+    assert run("index", folder, "--index", tmp_path / "i", "--model", TINY_MODEL).exit_code == 0
+    table = run("list", "--index", tmp_path / "i").stdout.splitlines()
+    assert len(table) == 2 and table[0].endswith("new\\x0aline.jpg")
+    assert run("search", folder / "new\nline.jpg", "--index", tmp_path / "i", "-k", "1").stdout.count("\n") == 1
+    assert [json.loads(line)["path"] for line in run("list", "--index", tmp_path / "i", "--json").stdout.splitlines()] \
+        == ["new\nline.jpg", "plain.jpg"]
+    rows = list(csv.DictReader(io.StringIO(run("list", "--index", tmp_path / "i", "--csv").stdout)))
+    assert [row["path"] for row in rows] == ["new\nline.jpg", "plain.jpg"]
 
 
 def test_strict_exits_3_after_finishing_the_run(messy, tmp_path):
