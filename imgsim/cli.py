@@ -557,13 +557,18 @@ def models_add(name, file, url, sha256):
     The file is checked (sha256, loads in onnxruntime, right output size) before it is installed.
     """
     from .installer import install_file, install_url
+    from .models import default_model
 
     if bool(file) == bool(url):
         raise click.UsageError("give either FILE or --url")
     if url and not sha256:
         raise click.UsageError("--url needs --sha256, so that nothing unverified is installed")
+    before = default_model()[0]
     path = install_url(name, url, sha256) if url else install_file(name, file, sha256)
     click.echo(f"installed {name} at {path}")
+    now, why = default_model()
+    if now != before:
+        warn(f"{now} is now the default model for new indexes ({why}); existing indexes keep theirs")
 
 
 @cli.command()

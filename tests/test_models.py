@@ -93,6 +93,21 @@ def test_add_usage_errors(tmp_path):
     assert run("models", "add", TINY_MODEL, "--url", "http://127.0.0.1:1/x").exit_code == 2  # no --sha256
 
 
+def test_adding_the_model_that_becomes_the_default_says_so(install_dir, tiny_model_dir, monkeypatch):
+    """Installing resnet50 makes it the default for new indexes: `models add` says so (with a file
+    of random weights, nothing else would tell). Here the tiny model stands in for it."""
+    from imgsim import models
+
+    real = models.default_model
+    monkeypatch.setattr(models, "default_model", lambda: ("tiny", "stands in") if
+                        (install_dir / "tiny-test.onnx").exists() else real())
+    source = tiny_model_dir / "tiny-test.onnx"
+    result = run("models", "add", TINY_MODEL, source, "--sha256", hashlib.sha256(source.read_bytes()).hexdigest())
+    assert result.exit_code == 0 and "tiny is now the default model for new indexes" in result.stderr
+    again = run("models", "add", TINY_MODEL, source)  # installed already: no change of default, no notice
+    assert "now the default" not in again.stderr
+
+
 def test_default_is_resnet50_once_installed(install_dir, tmp_path, photos):
     assert default_model()[0] == "efficientnet-lite0"
     result = run("index", photos, "--index", tmp_path / "a")
