@@ -192,7 +192,7 @@ def test_a_reduced_graph_is_rebuilt_full_when_the_collection_shrinks(tmp_path, m
 
 
 def _read_counter(index: Index, monkeypatch) -> list[int]:
-    """How many candidates' vectors the searches read from SQLite (appended per call)."""
+    """How many candidates' vectors searches (and duplicate finding) read from SQLite, per call."""
     reads: list[int] = []
     read = index.store.vector_bytes
 
@@ -299,19 +299,6 @@ def _pairs_above(index: Index, ids: np.ndarray, threshold: float, **how) -> set[
     return pairs
 
 
-def _count_vector_reads(index: Index, monkeypatch) -> list[int]:
-    """How many vectors each `Store.vector_matrix` call read (duplicate finding reads through it)."""
-    reads: list[int] = []
-    read = index.store.vector_matrix
-
-    def counting(ids, dim):
-        reads.append(len(ids))
-        return read(ids, dim)
-
-    monkeypatch.setattr(index.store, "vector_matrix", counting)
-    return reads
-
-
 def test_duplicate_finding_reads_only_candidates_that_could_reach_the_threshold(tmp_path, monkeypatch):
     """`neighbours(..., min_score=t)` (what `imgsim dupes` asks) finds every pair scoring >= t that
     reading every candidate finds, and on a reduced graph of collection-like vectors (with 300
@@ -325,7 +312,7 @@ def test_duplicate_finding_reads_only_candidates_that_could_reach_the_threshold(
     with Index.open(path, read_only=True) as index:
         assert index.info()["graph_dim"] == 16
         ids = index.store.ids()
-        reads = _count_vector_reads(index, monkeypatch)
+        reads = _read_counter(index, monkeypatch)
         for threshold in (0.8, 0.95):
             reads.clear()
             every = _pairs_above(index, ids, threshold)
