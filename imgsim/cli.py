@@ -88,7 +88,7 @@ def filter_options(f):
 
 
 def make_filter(kwargs: dict, index) -> Filter:
-    """The filter options as a `Filter`; a `--folder` may be given as a folder on disk (see `Index.folder_key`).
+    """The filter options as a `Filter`; a `--folder` may be given as a folder on disk (see `Index.folder_keys`).
     A value the filter refuses (a date that does not exist, an unknown format) is a usage error (exit 2)."""
     try:
         return _filter_of(kwargs, index)
@@ -97,7 +97,7 @@ def make_filter(kwargs: dict, index) -> Filter:
 
 
 def _filter_of(kwargs: dict, index) -> Filter:
-    return Filter(folders=tuple(index.folder_key(f) for f in kwargs.pop("folder")), labels=kwargs.pop("label"),
+    return Filter(folders=tuple(key for f in kwargs.pop("folder") for key in index.folder_keys(f)), labels=kwargs.pop("label"),
                   formats=kwargs.pop("formats"),
                   min_width=kwargs.pop("min_width"), min_height=kwargs.pop("min_height"),
                   since=kwargs.pop("since"), until=kwargs.pop("until"))
@@ -369,7 +369,7 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
         raise click.UsageError("--yes goes with --move-to")
     with Index.open(index_path, read_only=not (move_to and yes), root=root) as index:
         filter = make_filter(filters, index)
-        reference = tuple(index.folder_key(folder) for folder in reference)
+        reference = tuple(key for folder in reference for key in index.folder_keys(folder))
         with progress_bar("comparing") as on_progress:
             groups = index.duplicates(threshold=threshold, filter=filter, reference=reference,
                                       against_reference=against_reference, min_size=min_size,
@@ -391,7 +391,8 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
 
             dupes_page(html_file, index, groups)
         if not move_to:
-            warn(f"{len(groups)} groups, {sum(len(g.members) - 1 for g in groups)} duplicates")
+            dupes = sum(len(g.members) - 1 for g in groups)
+            warn(f"{len(groups)} group{'s' * (len(groups) != 1)}, {dupes} duplicate{'s' * (dupes != 1)}")
             return
         moves = plan_moves(index, groups, move_to, reference)
         if not yes:
@@ -445,7 +446,7 @@ def label(images, index_path, add, remove):
         raise click.UsageError("give --add NAME and/or --remove NAME")
     with Index.open(index_path) as index:
         count = index.label(images, add=add, remove=remove)
-    click.echo(f"labelled {count} images")
+    click.echo(f"labelled {count} image{'s' * (count != 1)}")
 
 
 @cli.command()

@@ -97,8 +97,10 @@ def _as_tuple(value) -> tuple:
 def _folder(value: str) -> str:
     if not isinstance(value, str):
         raise ImgsimError(f"folder must be text, not {value!r}")
-    parts = [p for p in value.replace("\\", "/").split("/") if p not in ("", ".")]
-    return "/".join(parts)
+    value = value.replace("\\", "/")
+    parts = [p for p in value.split("/") if p not in ("", ".")]
+    # A file indexed from outside the root is stored with its absolute path: so is its folder.
+    return ("/" if value.startswith("/") and parts else "") + "/".join(parts)
 
 
 def _label(value: str) -> str:

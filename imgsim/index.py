@@ -50,10 +50,17 @@ Query = str | os.PathLike | Image.Image | np.ndarray
 
 
 def index_files(path: str | os.PathLike) -> tuple[Path, Path]:
-    """The (FAISS, SQLite) file pair for an index name; a name ending in either suffix also works."""
-    base = Path(os.path.expanduser(os.fspath(path)))
+    """The (FAISS, SQLite) file pair for an index name; a name ending in either suffix also works.
+    The name must name files: not empty, not a folder (`.`, `..`, `photos/`). (A folder of the same
+    name may exist: `--index photos` beside the folder `photos` is the usual way.)"""
+    text = os.fspath(path)
+    base = Path(os.path.expanduser(text))
     if base.suffix in (".faiss", ".sqlite"):
         base = base.with_suffix("")
+    if not text or base.name in ("", ".", "..") or text.endswith(("/", os.sep)):
+        raise ImgsimError(f"index name {text!r} names a folder, not index files: give a name, such as "
+                          f"{os.path.join(text, 'imgsim') if text else 'imgsim'} "
+                          f"(for NAME.faiss and NAME.sqlite)")
     return base.with_name(base.name + ".faiss"), base.with_name(base.name + ".sqlite")
 
 
@@ -408,17 +415,19 @@ class Index:
                 pass
         return absolute.as_posix()
 
-    def folder_key(self, folder: str) -> str:
-        """A folder given by the user, as filters and `--reference` take it (relative to the root):
-        a folder on disk under the root (absolute, or relative to the working folder, through links
-        or not) becomes its stored form; any other text is taken as stored already."""
+    def folder_keys(self, folder: str) -> tuple[str, ...]:
+        """A folder given by the user, as filters and `--reference` take it: its stored forms. A
+        folder on disk (absolute, or relative to the working folder, through links or not) is
+        stored relative to the root if it is under it, else with its absolute path (files indexed
+        from outside the root); the text itself is also taken as a stored folder."""
         path = Path(os.path.expanduser(folder))
+        keys = []
         if folder and path.is_dir():
-            for candidate in (path, path.resolve()):  # as indexing walked it (through links), and as it is
-                key = self._key(candidate)
-                if not key.startswith("/"):
-                    return "" if key == "." else key
-        return folder
+            on_disk = [self._key(candidate) for candidate in (path, path.resolve())]  # as walked, and as it is
+            under_root = [key for key in on_disk if not key.startswith("/")]
+            keys.append(under_root[0] if under_root else on_disk[0])
+        keys.append(folder)
+        return tuple(dict.fromkeys("" if key == "." else key for key in keys))
 
     def resolve(self, stored_path: str) -> Path:
         """The file a stored path refers to now."""
@@ -632,7 +641,7 @@ class Index:
             row = self._store.row_by_path(key)
             if row is not None:
                 return [row]
-            if is_dir is False or key.startswith("/") or (key in ("", ".") and not is_dir):
+            if is_dir is False or (key in ("", ".") and not is_dir):
                 continue
             where, params = Filter(folders=(key,)).where()
             rows = list(self._store.rows_where(where, params))

@@ -98,6 +98,11 @@ def test_index_file_suffix_is_accepted(tiny_index):
     (["search", "{photos}/coffee.jpg", "--index", "{tmp}/missing"], "Error: no index at {tmp}/missing"),
     (["info", "--index", "{tmp}/missing"], "Error: no index at {tmp}/missing"),
     (["index", "{photos}", "--index", "{tmp}/i", "--model", "vgg99"], "Error: unknown model 'vgg99'"),
+    (["info", "--index", "."], "Error: index name '.' names a folder, not index files"),
+    (["info", "--index", ""], "Error: index name '' names a folder"),
+    (["list", "--index", "/"], "Error: index name '/' names a folder"),
+    (["index", "{photos}", "--index", ".."], "Error: index name '..' names a folder"),
+    (["index", "{photos}", "--index", "{tmp}/"], "Error: index name '{tmp}/' names a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_1(tmp_path, photos, args, message):
     fill = {"tmp": tmp_path, "photos": photos}

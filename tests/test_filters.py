@@ -340,3 +340,24 @@ def test_similar_and_label_take_a_path_through_a_linked_folder(library, tmp_path
     assert labelled.exit_code == 0, labelled.output
     assert run("list", "--index", tmp_path / "idx", "--label", "scan").stdout.count("scans/") == \
         len(os.listdir(library / "scans"))
+
+
+def test_files_indexed_from_outside_the_root_are_found_by_their_folder(tmp_path, photos, monkeypatch):
+    """`imgsim index OTHER --index idx` on an index whose root is elsewhere stores OTHER's files with
+    absolute paths: `--folder OTHER` (absolute or from the working folder), `--reference` and
+    `label OTHER` select them (the filter dropped the leading '/', and matched nothing)."""
+    root, other = tmp_path / "root", tmp_path / "other"
+    for folder, names in ((root, ("coffee.jpg",)), (other, ("rocket.jpg", "chelsea.jpg"))):
+        folder.mkdir()
+        for name in names:
+            shutil.copy(photos / name, folder / name)
+    build_index(tmp_path / "idx", root)
+    assert run("index", other, "--index", tmp_path / "idx", "--keep-missing").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    for given in (other, "other", "./other/"):
+        listed = [json.loads(line)["path"] for line in
+                  run("list", "--index", "idx", "--folder", given, "--json").stdout.splitlines()]
+        assert listed == [f"{other}/chelsea.jpg", f"{other}/rocket.jpg"], given
+    assert run("label", other, "--add", "elsewhere", "--index", "idx").stdout == "labelled 2 images\n"
+    dupes = run("dupes", "--index", "idx", "--reference", other)
+    assert dupes.exit_code == 0, dupes.output
