@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .scoring import Pool
+from .scoring import Pool, damaged
 from .errors import ImgsimError, IndexCorruptError
 from .files import discard, publish
 from .hnsw import HnswParams
@@ -149,6 +149,7 @@ class Graph:
         self._ann: AnnIndex | None = None
         self._dirty = False
         self._trained_on: int | None = manifest.graph_trained_on
+        self._damaged_reported: set[int] = set()
 
     # -- the graph, loaded on first use -----------------------------------------------------------
     @property
@@ -390,9 +391,15 @@ class Graph:
         much are not read: see `_score_above`. Only neighbours scoring at least `min_score` are
         then sure to be there."""
         ids = np.asarray(ids, dtype=np.int64)
+        out_ids, out_scores = np.full((len(ids), k), -1, np.int64), np.full((len(ids), k), -np.inf, np.float32)
         found, queries = self.vectors(ids)
-        if len(found) != len(ids):
-            raise ImgsimError("some ids are not in the graph")
+        usable = ~damaged(np.einsum("ij,ij->i", queries, queries))
+        if len(found) < len(ids) or not usable.all():  # a blob of the wrong size, or damaged values
+            self._report_damaged(np.concatenate([np.setdiff1d(ids, found), found[~usable]]))
+        rows = np.flatnonzero(np.isin(ids, found[usable]))
+        if not len(rows):
+            return out_ids, out_scores
+        ids, queries = ids[rows], queries[usable]
         # Approximate scores: twice as many candidates, four times from a reduced graph, re-scored exactly below.
         wanted = (4 if self.ann.reduced else 2) * (k + 1)
         approx, near = self.ann.search(queries, wanted, ef_search=max(ef or self._manifest.hnsw.ef_search, wanted),
@@ -404,14 +411,18 @@ class Graph:
         else:
             self._score_pairs_at(queries, near, near >= 0, scores)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        out_scores = np.take_along_axis(scores, order, axis=1)
-        out_ids = np.where(np.isfinite(out_scores), np.take_along_axis(near, order, axis=1), -1)
+        out_scores[rows] = np.take_along_axis(scores, order, axis=1)
+        out_ids[rows] = np.where(np.isfinite(out_scores[rows]), np.take_along_axis(near, order, axis=1), -1)
         return out_ids, out_scores
 
     def _score_pairs_at(self, queries: np.ndarray, near: np.ndarray, at: np.ndarray, scores: np.ndarray) -> None:
         """Fill `scores` where `at` is set with the exact score of that query and candidate: every
         candidate's vector in one pass over SQLite, then all pairs scored at once."""
         cand_ids, cand = self._store.vector_matrix(np.unique(near[at]), self._manifest.dim)
+        bad = damaged(np.einsum("ij,ij->i", cand, cand))
+        if bad.any():  # never a duplicate of anything: left out, and said once
+            self._report_damaged(cand_ids[bad])
+            cand_ids, cand = cand_ids[~bad], cand[~bad]
         if not len(cand_ids):
             return
         where = np.minimum(np.searchsorted(cand_ids, near), len(cand_ids) - 1)
@@ -468,6 +479,10 @@ class Graph:
             chunks = (self.vectors(ids[start:start + 8192]) for start in range(0, len(ids), 8192))
         prepared = self._prepare(query[None])[0]
         for found, matrix in chunks:
+            bad = damaged(np.einsum("ij,ij->i", matrix, matrix))
+            if bad.any():
+                self._report_damaged(found[bad])
+                found, matrix = found[~bad], matrix[~bad]
             scores = self._prepare(matrix) @ prepared
             scores, found = np.concatenate([best_scores, scores]), np.concatenate([best_ids, found])
             top = np.argsort(-scores, kind="stable")[:k] if len(scores) > k else np.argsort(-scores, kind="stable")
@@ -503,18 +518,33 @@ class Graph:
             since = len(pool)
             pool.add(found, blobs)
             part = pool.scores(query[None], since)[0]
+            usable = ~np.isnan(part)  # NaN: a damaged stored vector, never chosen
+            if not usable.all():
+                part = np.where(usable, part, -np.inf)
             scores = np.concatenate([scores, part]) if len(scores) else part
             if end == len(ids):
                 break
-            if len(found):
+            if usable.any():
                 given = approx[start:end] if len(found) == end - start else \
                     approx[start:end][np.isin(ids[start:end], found)]
-                excess = max(excess, float(np.max(part - given)))
+                excess = max(excess, float(np.max((part - given)[usable])))
             start = end
             if len(scores) >= k and approx[end] + excess + RERANK_MARGIN < np.partition(scores, len(scores) - k)[len(scores) - k]:
                 break
         order = np.argsort(-scores, kind="stable")
+        if np.isneginf(scores[order[-1:]]).any():  # damaged ones sort last: leave them out
+            order = order[np.isfinite(scores[order])]
+            self._report_damaged(pool.ids[~np.isfinite(scores)])
         return scores[order], pool.ids[order], pool, order
+
+    def _report_damaged(self, ids: np.ndarray) -> None:
+        """Say once per process which stored vectors were left out of results as damaged."""
+        new = sorted(set(ids.tolist()) - self._damaged_reported)
+        if new:
+            self._damaged_reported.update(new)
+            log.warning("the stored vectors of %d images (ids %s) are damaged: they are left out of results "
+                        "(`imgsim verify` counts them; restore the index file, or make the index again)",
+                        len(new), ", ".join(map(str, new[:10])) + (", ..." if len(new) > 10 else ""))
 
     # -- checking ---------------------------------------------------------------------------------
     def check_file(self) -> FileCheck:

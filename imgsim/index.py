@@ -39,6 +39,7 @@ from .lock import WriterLock
 from .manifest import FORMAT_VERSION, Manifest
 from .models import Model, available_cpus, default_model
 from .pipeline import bounded_map, embed_files
+from .scoring import damaged
 from .store import ImageRow, NewImage, Store
 from .sync import Plan, file_stat, is_under, plan_sync
 
@@ -112,7 +113,7 @@ def _file_stat(path: str) -> tuple[int, int, int] | None:
     return None if stat.S_ISDIR(st.st_mode) else file_stat(st)
 
 
-def damaged(sqlite_path: Path, e: sqlite3.DatabaseError) -> IndexCorruptError:
+def _damaged_database(sqlite_path: Path, e: sqlite3.DatabaseError) -> IndexCorruptError:
     return IndexCorruptError(f"the index database {sqlite_path} is damaged: {e}; restore it, or re-index")
 
 
@@ -121,7 +122,7 @@ def _guard_database(method):
     while open) into `IndexCorruptError`, for Python users and the CLI alike."""
 
     def translate(self, e: sqlite3.DatabaseError) -> ImgsimError:
-        return damaged(self.sqlite_path, e)
+        return _damaged_database(self.sqlite_path, e)
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
@@ -297,7 +298,7 @@ class Index:
                 manifest = Manifest.from_stored(store.manifest(), sqlite_path)
             except sqlite3.DatabaseError as e:  # a page damaged where the opening checks do not read
                 store.close()
-                raise damaged(sqlite_path, e) from None
+                raise _damaged_database(sqlite_path, e) from None
             except BaseException:
                 store.close()
                 raise
@@ -738,8 +739,10 @@ class Index:
             raise ImgsimError(f"{image} is not one indexed image" if rows else f"no image with id {image} in this index")
         row = rows[0]
         vector = self._store.vectors_by_id([row.id], self._manifest.dim).get(row.id)
-        if vector is None:
-            raise IndexCorruptError(f"image {row.id} has no stored vector: run `imgsim verify --repair`")
+        if vector is None or damaged(np.array([np.dot(vector, vector)]))[0]:
+            raise IndexCorruptError(f"the stored vector of {row.path} (id {row.id}) is "
+                                    f"{'missing' if vector is None else 'damaged'}: the index file is damaged "
+                                    f"(`imgsim verify` counts such vectors); restore it, or make the index again")
         results = self._search_vector(vector, k + 1, filter=filter, min_score=min_score, exact=exact, ef=ef,
                                       query=row.path, skip=row.id, expand=expand)
         return results[:k]

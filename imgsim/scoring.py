@@ -17,6 +17,16 @@ from __future__ import annotations
 
 import numpy as np
 
+UNIT_TOLERANCE = 1e-3
+"""Stored vectors are unit length (float16 rounding moves a norm by well under this); one that is
+not, or is not finite, was damaged in the file (`imgsim verify` counts them)."""
+
+
+def damaged(squared_norms: np.ndarray) -> np.ndarray:
+    """Which vectors, given their squared norms, are not finite unit vectors (NaN included)."""
+    squared_norms = np.asarray(squared_norms)
+    return ~((squared_norms >= (1 - UNIT_TOLERANCE) ** 2) & (squared_norms <= (1 + UNIT_TOLERANCE) ** 2))
+
 
 class Pool:
     """Candidates' stored vectors (float16 bytes, little-endian, `dim` each), ready to be scored.
@@ -28,7 +38,7 @@ class Pool:
         self.dim = dim
         self._blobs: list[bytes] = []
         self._center = np.zeros(dim, np.float32) if center is None else np.asarray(center, dtype=np.float32)
-        self._parts: list[list] = []  # [FAISS index, its rows' squared distances to the center or None]
+        self._parts: list[list] = []  # [FAISS index, squared distances to the center or None, damaged rows]
         self.add(ids, blobs)
 
     def __len__(self) -> int:
@@ -43,7 +53,7 @@ class Pool:
             return
         flat = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
         flat.add_sa_codes(np.frombuffer(blobs, np.uint8).reshape(len(ids), 2 * self.dim))
-        self._parts.append([flat, None])
+        self._parts.append([flat, None, None])
         self._blobs.append(blobs)
         self.ids = np.concatenate([self.ids, ids]) if len(self.ids) else ids
 
@@ -57,31 +67,49 @@ class Pool:
     def scores(self, queries: np.ndarray, since: int = 0) -> np.ndarray:
         """(len(queries), len(self) - since): the cosine of each query with each candidate from
         position `since` on (where a part begins), both taken around the center, as float32,
-        candidates in stored order."""
+        candidates in stored order; NaN for a candidate whose stored vector is damaged (not a
+        finite unit vector: see `damaged`)."""
         import faiss
 
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         c = self._center
-        qc = np.einsum("ij,ij->i", queries - c, queries - c).astype(np.float64)[:, None]
+        around = queries - c
+        qc = np.sum(around * around, axis=1, dtype=np.float64)[:, None]
         out, at = [], 0
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)  # a few queries: an OpenMP team would cost more than the work
         try:
             for part in self._parts:
-                flat, to_center = part
+                flat, to_center, bad = part
                 count = flat.ntotal
                 at += count
                 if at <= since:
                     continue
-                asked = queries if to_center is not None else np.vstack([c[None], queries])
+                asked = queries
+                if to_center is None:  # the first time: each candidate's distance to the center, and to 0 (its norm)
+                    asked = np.zeros((len(queries) + 2, self.dim), np.float32)
+                    asked[0], asked[2:] = c, queries
                 dist, order = flat.search(asked, count)
-                squared = np.empty((len(asked), count), np.float64)
-                np.put_along_axis(squared, order, dist, axis=1)
+                if order.min() >= 0:  # the candidates' order back from FAISS's best-first one
+                    squared = np.empty((len(asked), count), np.float64)
+                    squared[np.arange(len(asked))[:, None], order] = dist
+                else:  # FAISS leaves out (-1) what a damaged vector makes NaN
+                    squared = np.full((len(asked), count), np.inf, np.float64)
+                    rows, found = np.nonzero(order >= 0)
+                    squared[rows, order[rows, found]] = dist[rows, found]
                 if to_center is None:
-                    to_center, squared = squared[0], squared[1:]
-                    part[1] = to_center
-                dots = (to_center[None] + qc - squared) / 2
-                out.append((dots / np.sqrt(np.maximum(to_center[None] * qc, 1e-24))).astype(np.float32))
+                    to_center, bad, squared = squared[0], damaged(squared[1]), squared[2:]
+                    bad = bad if bad.any() else None
+                    part[1], part[2] = to_center, bad
+                if bad is None:
+                    dots = (to_center[None] + qc - squared) / 2
+                    out.append((dots / np.sqrt(np.maximum(to_center[None] * qc, 1e-24))).astype(np.float32))
+                    continue
+                with np.errstate(invalid="ignore", over="ignore"):  # the damaged ones' arithmetic: no warnings
+                    dots = (to_center[None] + qc - squared) / 2
+                    scores = (dots / np.sqrt(np.maximum(to_center[None] * qc, 1e-24))).astype(np.float32)
+                scores[:, bad] = np.nan
+                out.append(scores)
         finally:
             faiss.omp_set_num_threads(threads)
         if not out:

@@ -178,3 +178,29 @@ def test_a_checked_file_is_not_checked_again_until_it_changes(made, tiny_model_d
     child = open_in_child(made, tiny_model_dir)
     assert child.returncode == 0, child.stderr
     assert "rebuilding it from idx.sqlite" in child.stderr
+
+
+def test_damaged_vector_values_are_left_out_with_a_notice_not_ranked(made, photos, caplog):
+    """Bytes damaged inside vector blobs (sizes intact, values not finite or not unit length): no
+    garbage score comes out of a search (a trial saw 499999997952.0 ranked first), exact or not;
+    `similar` on such an image and `dupes` say what is wrong; `verify` counts them."""
+    with Index.open(made, read_only=True) as index:
+        want = [r.path for r in index.search(photos / "coffee.jpg", k=3, expand=False)]
+        ids = [i for i in index.store.ids() if index.image(int(i)).path != want[0]]
+    conn = sqlite3.connect(made.with_suffix(".sqlite"))
+    with conn:
+        conn.execute("UPDATE vectors SET vector = ? WHERE id = ?", (np.full(48, 60000, "<f2").tobytes(), int(ids[1])))
+        conn.execute("UPDATE vectors SET vector = ? WHERE id = ?", (np.full(48, np.inf, "<f2").tobytes(), int(ids[2])))
+    conn.close()
+    with Index.open(made, read_only=True) as index:
+        damaged_paths = {index.image(int(i)).path for i in ids[1:3]}
+        for exact in (False, True):
+            results = index.search(photos / "coffee.jpg", k=3, expand=False, exact=exact)
+            assert len(results) == 3 and all(-1 <= r.score <= 1 for r in results)
+            assert not damaged_paths & {r.path for r in results} and results[0].path == want[0]
+        assert "are damaged: they are left out of results" in caplog.text
+        with pytest.raises(IndexCorruptError, match="is damaged"):
+            index.similar(int(ids[1]))
+        groups = index.duplicates(threshold=0.5)
+        assert not damaged_paths & {p for g in groups for p in g.paths}
+        assert any("not finite unit vectors" in p for p in index.verify().problems)
