@@ -37,8 +37,8 @@ class ImgsimGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except ImgsimError as e:
-            raise click.ClickException(str(e)) from None
+        except ImgsimError as e:  # one line, whatever a path in it holds (a newline in a file name)
+            raise click.ClickException(shown(str(e))) from None
         except sqlite3.DatabaseError as e:  # a damaged index file met where no method expected it
             raise click.ClickException(f"an index database is damaged: {e}; run `imgsim verify`") from None
         except KeyboardInterrupt:
@@ -237,16 +237,18 @@ def print_results(printer: Printer, query: str, results: list[SearchResult], man
         printer(result.to_dict())
 
 
-def explain_empty(index, query: str, results: list[SearchResult], filter: Filter, min_score: float | None) -> None:
-    """Say on stderr why a search printed nothing (not an error: the exit code stays 0)."""
+def explain_empty(index, query: str | None, results: list, filter: Filter, min_score: float | None = None) -> None:
+    """Say on stderr why a search (or a listing: `query` None) printed nothing (not an error: the
+    exit code stays 0)."""
     if results:
         return
+    about = f"{shown(query)}: " if query is not None else ""
     if len(index) == 0:
-        warn(f"{shown(query)}: the index is empty (add pictures with `imgsim index FOLDER`)")
+        warn(f"{about}the index is empty (add pictures with `imgsim index FOLDER`)")
     elif not filter.empty and next(iter(index.images(filter, limit=1)), None) is None:
-        warn(f"{shown(query)}: no indexed image matches the filter")
+        warn(f"{about}no indexed image matches the filter")
     elif min_score is not None:
-        warn(f"{shown(query)}: no result scores at least {min_score}")
+        warn(f"{about}no result scores at least {min_score}")
 
 
 def result_options(f):
@@ -370,10 +372,13 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
     with Index.open(index_path, read_only=not (move_to and yes), root=root) as index:
         filter = make_filter(filters, index)
         reference = tuple(key for folder in reference for key in index.folder_keys(folder))
+        if move_to:
+            plan_moves(index, [], move_to, reference)  # a destination it refuses: before any work
         with progress_bar("comparing") as on_progress:
             groups = index.duplicates(threshold=threshold, filter=filter, reference=reference,
                                       against_reference=against_reference, min_size=min_size,
                                       on_progress=on_progress)
+        explain_empty(index, None, groups, filter)
         if fmt == "csv":
             printer = Printer("csv")
             for number, group in enumerate(groups, 1):
@@ -428,8 +433,11 @@ def list_cmd(index_path, limit, order, root, fmt, **filters):
     printer = Printer(fmt, ("id", "width", "height", "format", "date", "labels", "path"))
     with Index.open(index_path, read_only=True, root=root) as index:
         filter = make_filter(filters, index)
+        listed = 0
         for record in index.images(filter, order=order, limit=limit):
             printer(record)
+            listed += 1
+        explain_empty(index, None, [None] * listed, filter)
 
 
 @cli.command()

@@ -238,7 +238,10 @@ class Graph:
                 ann.add(ids, vectors)
             caught_up += len(ids)
         if caught_up:
-            log.info("added %d vectors to %s that it was missing", caught_up, self.path.name)
+            if self._store.read_only:  # nothing is written: a writer (or the next writer) saves them
+                log.info("%s lacks %d stored vectors: added in memory for this run", self.path.name, caught_up)
+            else:
+                log.info("added %d vectors to %s that it was missing", caught_up, self.path.name)
             self._dirty = True
         self.forget_removed()
 
@@ -410,9 +413,10 @@ class Graph:
             self._score_above(queries, near, approx, float(min_score), scores)
         else:
             self._score_pairs_at(queries, near, near >= 0, scores)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        out_scores[rows] = np.take_along_axis(scores, order, axis=1)
-        out_ids[rows] = np.where(np.isfinite(out_scores[rows]), np.take_along_axis(near, order, axis=1), -1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # fewer than k in a small index
+        top = np.take_along_axis(scores, order, axis=1)
+        out_scores[rows, :top.shape[1]] = top
+        out_ids[rows, :top.shape[1]] = np.where(np.isfinite(top), np.take_along_axis(near, order, axis=1), -1)
         return out_ids, out_scores
 
     def _score_pairs_at(self, queries: np.ndarray, near: np.ndarray, at: np.ndarray, scores: np.ndarray) -> None:

@@ -45,10 +45,20 @@ def test_an_empty_folder_and_an_empty_index_say_so(tmp_path, photos):
     assert made.exit_code == 0 and "no image files in" in made.stderr
     searched = run("search", photos / "coffee.jpg", "--index", tmp_path / "idx")
     assert searched.exit_code == 0 and searched.stdout == "" and "the index is empty" in searched.stderr
+    listed = run("list", "--index", tmp_path / "idx")
+    assert listed.exit_code == 0 and listed.stdout == "" and "the index is empty" in listed.stderr
     run("index", photos, "--index", tmp_path / "idx")
     folder = run("search", tmp_path / "empty", photos / "coffee.jpg", "--index", tmp_path / "idx", "-k", "1")
     assert folder.exit_code == 1 and f"Error: no image files in {tmp_path / 'empty'}" in folder.stderr
     assert "coffee.jpg" in folder.stdout  # the other query is still answered
+    for command in (["list"], ["dupes"]):
+        nothing = run(*command, "--index", tmp_path / "idx", "--folder", "nosuch")
+        assert nothing.exit_code == 0 and nothing.stdout == "" and "no indexed image matches the filter" in nothing.stderr
+    # A destination dupes would refuse is refused before the comparing, and before anything is printed.
+    inside = run("dupes", "--index", tmp_path / "idx", "--move-to", tmp_path / "empty" / "x", "--yes")
+    assert inside.exit_code == 1 and inside.stdout == "" and "inside the indexed folder" in inside.stderr
+    named = run("similar", "no\nsuch.jpg", "--index", tmp_path / "idx")
+    assert named.exit_code == 1 and error_line(named) == "Error: no\\x0asuch.jpg is not in this index (see `imgsim list`)"
 
 
 def test_search_plain_and_json(tiny_index, photos):
