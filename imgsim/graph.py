@@ -547,7 +547,7 @@ class Graph:
         if new:
             self._damaged_reported.update(new)
             log.warning("the stored vectors of %d images (ids %s) are damaged: they are left out of results "
-                        "(`imgsim verify` counts them; restore the index file, or make the index again)",
+                        "(`imgsim verify --repair` removes them, and the next `imgsim index` embeds them again)",
                         len(new), ", ".join(map(str, new[:10])) + (", ..." if len(new) > 10 else ""))
 
     # -- checking ---------------------------------------------------------------------------------

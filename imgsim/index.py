@@ -741,8 +741,8 @@ class Index:
         vector = self._store.vectors_by_id([row.id], self._manifest.dim).get(row.id)
         if vector is None or damaged(np.array([np.dot(vector, vector)]))[0]:
             raise IndexCorruptError(f"the stored vector of {row.path} (id {row.id}) is "
-                                    f"{'missing' if vector is None else 'damaged'}: the index file is damaged "
-                                    f"(`imgsim verify` counts such vectors); restore it, or make the index again")
+                                    f"{'missing' if vector is None else 'damaged'}: `imgsim verify --repair` removes "
+                                    f"such entries, and the next `imgsim index` embeds their files again")
         results = self._search_vector(vector, k + 1, filter=filter, min_score=min_score, exact=exact, ef=ef,
                                       query=row.path, skip=row.id, expand=expand)
         return results[:k]

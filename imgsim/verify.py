@@ -15,6 +15,7 @@ import numpy as np
 from .errors import ImgsimError, IndexCorruptError
 from .lock import writer_active
 from .models import Model
+from .scoring import damaged
 
 
 @dataclass
@@ -41,24 +42,35 @@ def verify(index, repair: bool = False) -> VerifyReport:
         removed = store.delete_unpaired()
         report.repaired.append(f"removed {removed} unpaired rows and vectors (re-index to embed those files again)")
         report.problems = [p for p in report.problems if "no image row" not in p and "no vector" not in p]
-    _check_vectors(index, report)
+    _check_vectors(index, report, repair)
     _check_faiss(index, report, repair)
     _check_model(index, report)
     _check_files(index, report)
     return report
 
 
-def _check_vectors(index, report: VerifyReport) -> None:
-    bad = 0
+def _check_vectors(index, report: VerifyReport, repair: bool) -> None:
+    """Every stored vector a finite unit vector. With `repair`, the rows of damaged ones are
+    removed, so that the next `imgsim index` embeds their files again (their labels go with them)."""
+    bad: list[np.ndarray] = []
     try:
-        for _, vectors in index.store.vectors(index.manifest.dim):
-            norms = np.linalg.norm(vectors, axis=1)
-            bad += int(np.count_nonzero(~np.isfinite(norms) | (np.abs(norms - 1) > 1e-3)))
+        for ids, vectors in index.store.vectors(index.manifest.dim):
+            bad.append(ids[damaged(np.einsum("ij,ij->i", vectors, vectors))])
     except IndexCorruptError as e:
         report.problems.append(str(e))
         return
-    if bad:
-        report.problems.append(f"{bad} stored vectors are not finite unit vectors")
+    bad_ids = np.concatenate(bad) if bad else np.empty(0, np.int64)
+    if not len(bad_ids):
+        return
+    if repair and not index.read_only:
+        with index.store.transaction():
+            index.store.delete(bad_ids.tolist())
+        index.graph.forget_removed()
+        report.repaired.append(f"removed {len(bad_ids)} images whose stored vectors were damaged: the next "
+                               f"`imgsim index` embeds their files again")
+    else:
+        report.problems.append(f"{len(bad_ids)} stored vectors are not finite unit vectors "
+                               f"(verify --repair removes them, for `imgsim index` to embed their files again)")
 
 
 def _check_faiss(index, report: VerifyReport, repair: bool) -> None:

@@ -183,7 +183,8 @@ def test_a_checked_file_is_not_checked_again_until_it_changes(made, tiny_model_d
 def test_damaged_vector_values_are_left_out_with_a_notice_not_ranked(made, photos, caplog):
     """Bytes damaged inside vector blobs (sizes intact, values not finite or not unit length): no
     garbage score comes out of a search (a trial saw 499999997952.0 ranked first), exact or not;
-    `similar` on such an image and `dupes` say what is wrong; `verify` counts them."""
+    `similar` on such an image and `dupes` say what is wrong; `verify` counts them, and
+    `verify --repair` removes them for the next indexing to embed their files again."""
     with Index.open(made, read_only=True) as index:
         want = [r.path for r in index.search(photos / "coffee.jpg", k=3, expand=False)]
         ids = [i for i in index.store.ids() if index.image(int(i)).path != want[0]]
@@ -204,3 +205,8 @@ def test_damaged_vector_values_are_left_out_with_a_notice_not_ranked(made, photo
         groups = index.duplicates(threshold=0.5)
         assert not damaged_paths & {p for g in groups for p in g.paths}
         assert any("not finite unit vectors" in p for p in index.verify().problems)
+    with Index.open(made) as index:  # repair: the rows go, and indexing the folder again embeds them anew
+        assert any("removed 2 images whose stored vectors were damaged" in r for r in index.verify(repair=True).repaired)
+        assert index.add(photos).added == 2
+        assert index.verify().ok
+        assert damaged_paths <= {r.path for r in index.search(photos / "coffee.jpg", k=len(index), expand=False)}
