@@ -274,6 +274,8 @@ def decode_stream(source: str | BinaryIO, min_side: int = 0, max_pixels: int = D
                 img.load()
                 taken, camera = exif_facts(img)
                 rgb = to_rgb(ImageOps.exif_transpose(img))
+                if rgb.size != img.size and rgb.size == img.size[::-1]:  # turned a quarter: as shown
+                    width, height = height, width
     except ImageError:
         raise
     except Image.DecompressionBombError:  # Pillow's own cap, checked before ours can be

@@ -65,6 +65,7 @@ def test_exif_orientation_is_applied(tmp_path):
         assert raw.size == (200, 300)  # stored sideways
     decoded = decode(path)
     assert decoded.image.size == (300, 200)
+    assert (decoded.width, decoded.height) == (300, 200)  # stored as shown: --min-width means what one sees
     pixels = np.asarray(decoded.image)
     assert pixels[100, 20, 0] > 200 and pixels[100, 20, 1] < 80  # red is back on the left
     assert pixels[100, 280].min() > 200
