@@ -199,9 +199,7 @@ class Graph:
         else:
             log.warning("%s is missing; rebuilding it from %s", self.path.name, self._store.path.name)
         if self._store.read_only:
-            from .lock import writer_active
-
-            if writer_active(self._store.path):
+            if self._store.writer_active():
                 log.warning("another process is indexing: it writes %s when it finishes", self.path.name)
             else:
                 log.warning("opened read-only, so the rebuilt graph is not saved: run `imgsim verify --repair` "

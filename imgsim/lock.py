@@ -44,22 +44,38 @@ class WriterLock:
             self._fd = None
 
 
-def writer_active(path: Path) -> bool:
-    """Whether another process holds the index open for writing now (so a missing or lagging FAISS
-    file is work in progress, not damage). A shared flock tried and dropped at once: a writer
-    starting in that very microsecond would be told the index is busy, and can try again."""
-    if fcntl is None:
+class WriterProbe:
+    """Tells a reader whether another process holds the index open for writing now (so a missing or
+    lagging FAISS file is work in progress, not damage). A shared flock is tried and dropped at
+    once (a writer starting in that very microsecond is told the index is busy, and can try again).
+
+    Its descriptor on the SQLite file stays open until `close`, which the store calls after closing
+    its connection: on Linux, closing any descriptor of a file drops every POSIX lock the process
+    holds on it, SQLite's read locks included, and a writer could then pull the file from under
+    this reader (its -wal removed while the reader still reads it)."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._fd: int | None = None
+
+    def active(self) -> bool:
+        if fcntl is None:
+            return False
+        if self._fd is None:
+            try:
+                self._fd = os.open(self._path, os.O_RDONLY)
+            except OSError:
+                return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(self._fd, fcntl.LOCK_UN)  # unlocking a flock leaves SQLite's POSIX locks alone
         return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing drops the shared lock too
-    return False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -234,6 +234,7 @@ class Store:
         self.read_only = read_only
         self.conn = conn
         self._db = None if read_only else _database(conn)
+        self._probe = None
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -314,6 +315,14 @@ class Store:
         if self._pending_migrations():
             migrations().apply(self.db)
 
+    def writer_active(self) -> bool:
+        """Whether another process has this index open for writing (see `lock.WriterProbe`)."""
+        from .lock import WriterProbe
+
+        if self._probe is None:
+            self._probe = WriterProbe(self.path)
+        return self._probe.active()
+
     def close(self) -> None:
         if not self.read_only:
             # Leave the file at rest in rollback-journal mode, so that read-only openers (a shipped
@@ -326,6 +335,8 @@ class Store:
             except sqlite3.DatabaseError:
                 pass
         self.conn.close()
+        if self._probe is not None:  # only now: closing it drops this process's locks on the file
+            self._probe.close()
 
     # -- transactions and the manifest -----------------------------------------------------------
     def transaction(self):

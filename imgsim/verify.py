@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ImgsimError, IndexCorruptError
-from .lock import writer_active
 from .models import Model
 from .scoring import damaged
 
@@ -92,7 +91,7 @@ def _check_faiss(index, report: VerifyReport, repair: bool) -> None:
         index.graph.save()
         what = "missing" if found.missing else f"lacked {found.lagging} stored vectors"
         report.repaired.append(f"wrote {name} from the stored vectors (it was {what})")
-    elif (found.missing or found.lagging) and index.read_only and writer_active(index.sqlite_path):
+    elif (found.missing or found.lagging) and index.read_only and index.store.writer_active():
         report.notes.append(f"{name} is {'not written yet' if found.missing else 'behind'}: another process is "
                             f"indexing, and writes it when it finishes")
     elif found.missing:

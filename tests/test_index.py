@@ -179,6 +179,32 @@ def test_second_writer_is_refused_but_readers_are_welcome(tmp_path, photos, capl
         assert any("is missing (an interrupted first run" in n for n in reader.verify().notes)
 
 
+def _posix_locks_held(path) -> int:
+    """This process's POSIX (fcntl) locks on `path`, from /proc/locks (SQLite's own locks)."""
+    inode = os.stat(path).st_ino
+    with open("/proc/locks") as locks:
+        return sum(1 for line in locks if "POSIX" in line and line.split()[4] == str(os.getpid())
+                   and line.split()[5].endswith(f":{inode}"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="Linux's /proc/locks")
+def test_asking_whether_a_writer_is_active_keeps_the_readers_sqlite_locks(tmp_path, photos):
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it: the probe
+    must not close one while the reader's connection holds SQLite's locks (a writer could then
+    switch the file out of WAL under the reader, whose reads went stale)."""
+    path = tmp_path / "idx"
+    with Index.create(path, model=TINY_MODEL) as writer:
+        writer.add(photos)
+        with Index.open(path, read_only=True) as reader:
+            assert len(reader) == n_photos(photos)  # the connection holds its read lock now
+            held = _posix_locks_held(tmp_path / "idx.sqlite")
+            assert held > 0
+            assert reader.store.writer_active()
+            assert _posix_locks_held(tmp_path / "idx.sqlite") == held
+    with Index.open(path, read_only=True) as reader:
+        assert not reader.store.writer_active()
+
+
 def test_index_in_a_read_only_folder_can_be_searched(tmp_path, photos):
     shipped = tmp_path / "dataset"
     shipped.mkdir()
