@@ -283,7 +283,7 @@ def search(queries, index_path, k, min_score, exact, ef, expand, root, html_file
         for outcome in outcomes:
             if outcome.error:
                 failed = True
-                click.echo(f"Error: {outcome.error}", err=True)
+                click.echo(f"Error: {shown(outcome.error)}", err=True)
                 continue
             print_results(printer, outcome.query, outcome.results, many)
             explain_empty(index, outcome.query, outcome.results, filter, min_score)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from .errors import ImgsimError
 
 _FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "tif": "TIFF", "heic": "HEIF", "heif": "HEIF"}
+_COMMON_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "HEIF", "AVIF", "MPO", "ICO"})
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?)?)?$")
 
 
@@ -114,12 +115,12 @@ def _format(value: str) -> str:
         raise ImgsimError("a format must be non-empty text, such as jpeg or png")
     value = value.strip().lstrip(".").lower()
     name = _FORMATS.get(value, value.upper())
-    from PIL import Image  # the formats Pillow (and pillow-heif, when installed) can decode
-
-    from . import images  # noqa: F401 (registers pillow-heif's formats where it is installed)
+    if name in _COMMON_FORMATS:
+        return name
+    from PIL import Image  # any format Pillow can decode: loading every plugin costs ~35 ms, so only here
 
     Image.init()
-    if name not in {*Image.OPEN, *Image.MIME, *Image.SAVE, "HEIF", "AVIF"}:
+    if name not in {*Image.OPEN, *Image.MIME, *Image.SAVE}:
         raise ImgsimError(f"unknown image format {value!r} (such as jpeg, png, webp, gif, tiff, heic)")
     return name
 

@@ -417,18 +417,25 @@ class Index:
         return absolute.as_posix()
 
     def folder_keys(self, folder: str) -> tuple[str, ...]:
-        """A folder given by the user, as filters and `--reference` take it: its stored forms. A
+        """A folder given by the user, as filters and `--reference` take it: its stored form. A
         folder on disk (absolute, or relative to the working folder, through links or not) is
         stored relative to the root if it is under it, else with its absolute path (files indexed
-        from outside the root); the text itself is also taken as a stored folder."""
+        from outside the root); the root, or a folder holding it, is everything; text that names no
+        folder on disk is taken as stored."""
         path = Path(os.path.expanduser(folder))
-        keys = []
-        if folder and path.is_dir():
-            on_disk = [self._key(candidate) for candidate in (path, path.resolve())]  # as walked, and as it is
-            under_root = [key for key in on_disk if not key.startswith("/")]
-            keys.append(under_root[0] if under_root else on_disk[0])
-        keys.append(folder)
-        return tuple(dict.fromkeys("" if key == "." else key for key in keys))
+        try:
+            on_disk = [path, path.resolve()] if folder and path.is_dir() else []
+        except (OSError, RuntimeError):  # a name too long, a loop of links: not a folder on disk
+            on_disk = []
+        if not on_disk:
+            return (folder,)
+        root = self.root
+        if root is not None and any(p == root or p in root.parents
+                                    for p in (Path(os.path.abspath(q)) for q in on_disk)):
+            return ("",)  # the root, or a folder holding it: everything under the root
+        keys = [self._key(candidate) for candidate in on_disk]  # as walked (through links), and as it is
+        under_root = [key for key in keys if not key.startswith("/")]
+        return (under_root[0] if under_root else keys[0],)
 
     def resolve(self, stored_path: str) -> Path:
         """The file a stored path refers to now."""

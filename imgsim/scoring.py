@@ -22,10 +22,18 @@ UNIT_TOLERANCE = 1e-3
 not, or is not finite, was damaged in the file (`imgsim verify` counts them)."""
 
 
-def damaged(squared_norms: np.ndarray) -> np.ndarray:
-    """Which vectors, given their squared norms, are not finite unit vectors (NaN included)."""
+def damaged(squared_norms: np.ndarray, center_norm: float = 0.0) -> np.ndarray:
+    """Which vectors are not finite unit vectors (NaN included), given their squared norms; or,
+    with `center_norm` (|c|), their squared distances to a center c, which for a unit vector lie
+    within [(1 - |c|)^2, (1 + |c|)^2] (a bound, enough to keep damaged values out of the scores:
+    a cosine is computed from the actual distances, so only non-finite or wild ones would harm)."""
     squared_norms = np.asarray(squared_norms)
-    return ~((squared_norms >= (1 - UNIT_TOLERANCE) ** 2) & (squared_norms <= (1 + UNIT_TOLERANCE) ** 2))
+    low, high = _unit_bounds(center_norm)
+    return ~((squared_norms >= low) & (squared_norms <= high))
+
+
+def _unit_bounds(center_norm: float) -> tuple[float, float]:
+    return max(0.0, 1 - center_norm - UNIT_TOLERANCE) ** 2, (1 + center_norm + UNIT_TOLERANCE) ** 2
 
 
 class Pool:
@@ -38,6 +46,7 @@ class Pool:
         self.dim = dim
         self._blobs: list[bytes] = []
         self._center = np.zeros(dim, np.float32) if center is None else np.asarray(center, dtype=np.float32)
+        self._center_norm = float(np.dot(self._center, self._center)) ** 0.5
         self._parts: list[list] = []  # [FAISS index, squared distances to the center or None, damaged rows]
         self.add(ids, blobs)
 
@@ -86,9 +95,9 @@ class Pool:
                 if at <= since:
                     continue
                 asked = queries
-                if to_center is None:  # the first time: each candidate's distance to the center, and to 0 (its norm)
-                    asked = np.zeros((len(queries) + 2, self.dim), np.float32)
-                    asked[0], asked[2:] = c, queries
+                if to_center is None:  # the first time: each candidate's distance to the center too
+                    asked = np.empty((len(queries) + 1, self.dim), np.float32)
+                    asked[0], asked[1:] = c, queries
                 dist, order = flat.search(asked, count)
                 if order.min() >= 0:  # the candidates' order back from FAISS's best-first one
                     squared = np.empty((len(asked), count), np.float64)
@@ -98,8 +107,11 @@ class Pool:
                     rows, found = np.nonzero(order >= 0)
                     squared[rows, order[rows, found]] = dist[rows, found]
                 if to_center is None:
-                    to_center, bad, squared = squared[0], damaged(squared[1]), squared[2:]
-                    bad = bad if bad.any() else None
+                    to_center, squared = squared[0], squared[1:]
+                    low, high = _unit_bounds(self._center_norm)
+                    bad = None
+                    if not low <= to_center.min() <= to_center.max() <= high:  # rare: find which
+                        bad = damaged(to_center, self._center_norm)
                     part[1], part[2] = to_center, bad
                 if bad is None:
                     dots = (to_center[None] + qc - squared) / 2

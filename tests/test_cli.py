@@ -57,6 +57,8 @@ def test_an_empty_folder_and_an_empty_index_say_so(tmp_path, photos):
     # A destination dupes would refuse is refused before the comparing, and before anything is printed.
     inside = run("dupes", "--index", tmp_path / "idx", "--move-to", tmp_path / "empty" / "x", "--yes")
     assert inside.exit_code == 1 and inside.stdout == "" and "inside the indexed folder" in inside.stderr
+    queried = run("search", tmp_path / "empty", "no\nsuch.jpg", "--index", tmp_path / "idx")  # each error one line
+    assert queried.exit_code == 1 and len(queried.stderr.strip().splitlines()) == 2 and "no\\x0asuch.jpg" in queried.stderr
     named = run("similar", "no\nsuch.jpg", "--index", tmp_path / "idx")
     assert named.exit_code == 1 and error_line(named) == "Error: no\\x0asuch.jpg is not in this index (see `imgsim list`)"
 

@@ -322,6 +322,13 @@ def test_a_folder_filter_may_be_a_folder_on_disk(built, library, monkeypatch, tm
         assert found.exit_code == 0 and found.stdout.count('"id"') == stored.stdout.count('"id"'), given
     everything = run("list", "--index", built, "--folder", library, "--json")  # the root: all of it
     assert everything.stdout == run("list", "--index", built, "--json").stdout
+    above = run("list", "--index", built, "--folder", library.parent, "--json")  # a folder holding the root too
+    assert above.stdout == everything.stdout
+    monkeypatch.chdir(library / "trips" / "2023")
+    here = run("list", "--index", built, "--folder", ".", "--json")  # `.`: this folder, not everything
+    assert here.exit_code == 0 and here.stdout == stored.stdout
+    long_name = run("list", "--index", built, "--folder", "a" * 300)  # no such folder: nothing, no traceback
+    assert long_name.exit_code == 0 and long_name.stdout == "" and "matches the filter" in long_name.stderr
     dupes = run("dupes", "--index", built, "--reference", library / "scans", "--json")
     assert dupes.exit_code == 0, dupes.output
 
