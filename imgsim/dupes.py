@@ -23,6 +23,7 @@ import numpy as np
 from .defaults import DEFAULT_THRESHOLD  # noqa: F401 (shown by the CLI; defined there)
 from .errors import ImgsimError
 from .filters import Filter
+from .scoring import damaged
 
 
 NEIGHBOURS = 8
@@ -150,9 +151,19 @@ def _group(index, ids: list[int], reference: set[int]) -> DupeGroup:
     members.sort(key=keeper_rank)
     keeper = members[0]
     found, vectors = index.graph.vectors([m["id"] for m in members])
-    scores = dict(zip(found.tolist(), index.graph.score_against(vectors[0], vectors).tolist())) if len(found) else {}
+    usable = ~damaged(np.einsum("ij,ij->i", vectors, vectors))  # a vector damaged in the file scores nothing
+    found, vectors = found[usable], vectors[usable]
+    # Scored against the keeper's vector: its own, else a byte-identical copy's (the same picture).
+    same_bytes = {m["id"] for m in members if m["sha256"] == keeper["sha256"]}
+    anchor = next((n for n, i in enumerate(found.tolist()) if i in same_bytes), 0)
+    scores = dict(zip(found.tolist(), index.graph.score_against(vectors[anchor], vectors).tolist())) if len(found) else {}
+    by_bytes = {}  # a member whose own vector is damaged: its byte-identical copy's score
+    for m in members:
+        if m["id"] in scores:
+            by_bytes.setdefault(m["sha256"], scores[m["id"]])
     listed = [(m, m["sha256"] == keeper["sha256"]) for m in members]
-    listed = [(m, same, 1.0 if same else float(scores.get(m["id"], 0.0))) for m, same in listed]
+    listed = [(m, same, 1.0 if same else float(scores.get(m["id"], by_bytes.get(m["sha256"], 0.0))))
+              for m, same in listed]
     # The keeper, then the others closest to it first: byte-identical copies, then by score.
     listed[1:] = sorted(listed[1:], key=lambda item: (not item[1], -item[2], item[0]["path"]))
     return DupeGroup(keeper, [m for m, _, _ in listed], [score for _, _, score in listed],

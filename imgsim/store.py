@@ -534,6 +534,12 @@ class Store:
             problems.append(f"{bare} image rows have no vector")
         return problems
 
+    def ids_with_wrong_size_vectors(self, dim: int) -> np.ndarray:
+        """Ids whose stored vector is not a blob of `dim` float16 values (damaged in the file)."""
+        rows = self.conn.execute("SELECT id FROM vectors WHERE typeof(vector) != 'blob' OR length(vector) != ?",
+                                 (VECTOR_BYTES * dim,)).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
     def delete_unpaired(self) -> int:
         """Remove vectors without rows and rows without vectors (re-indexing embeds those files again)."""
         with self.transaction():

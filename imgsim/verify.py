@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ImgsimError, IndexCorruptError
+from .errors import ImgsimError
 from .models import Model
 from .scoring import damaged
 
@@ -51,24 +51,28 @@ def verify(index, repair: bool = False) -> VerifyReport:
 def _check_vectors(index, report: VerifyReport, repair: bool) -> None:
     """Every stored vector a finite unit vector. With `repair`, the rows of damaged ones are
     removed, so that the next `imgsim index` embeds their files again (their labels go with them)."""
-    bad: list[np.ndarray] = []
-    try:
-        for ids, vectors in index.store.vectors(index.manifest.dim):
-            bad.append(ids[damaged(np.einsum("ij,ij->i", vectors, vectors))])
-    except IndexCorruptError as e:
-        report.problems.append(str(e))
-        return
-    bad_ids = np.concatenate(bad) if bad else np.empty(0, np.int64)
+    store = index.store
+    wrong_size = store.ids_with_wrong_size_vectors(index.manifest.dim)
+    bad: list[np.ndarray] = [wrong_size]
+    if not len(wrong_size):
+        chunks = store.vectors(index.manifest.dim)
+    else:  # read around them
+        rest = np.setdiff1d(store.ids(), wrong_size)
+        chunks = (store.vector_matrix(rest[at:at + 8192], index.manifest.dim) for at in range(0, len(rest), 8192))
+    for ids, vectors in chunks:
+        bad.append(ids[damaged(np.einsum("ij,ij->i", vectors, vectors))])
+    bad_ids = np.concatenate(bad)
     if not len(bad_ids):
         return
     if repair and not index.read_only:
-        with index.store.transaction():
-            index.store.delete(bad_ids.tolist())
+        with store.transaction():
+            store.delete(bad_ids.tolist())
         index.graph.forget_removed()
-        report.repaired.append(f"removed {len(bad_ids)} images whose stored vectors were damaged: the next "
-                               f"`imgsim index` embeds their files again")
+        report.repaired.append(f"removed {len(bad_ids)} image{'s' * (len(bad_ids) != 1)} whose stored vectors were "
+                               f"damaged: the next `imgsim index` embeds their files again")
     else:
-        report.problems.append(f"{len(bad_ids)} stored vectors are not finite unit vectors "
+        what = f"have the wrong size ({len(wrong_size)} of them)" if len(wrong_size) else "are not finite unit vectors"
+        report.problems.append(f"{len(bad_ids)} stored vectors {what} "
                                f"(verify --repair removes them, for `imgsim index` to embed their files again)")
 
 

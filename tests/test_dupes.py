@@ -6,16 +6,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from imgsim import Index
 from imgsim.models import BUNDLED_MODEL
 
-from .conftest import run, transformed_copies
+from .conftest import build_index, run, transformed_copies
 
 ORIGINALS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "motorcycle_left"]
 
@@ -203,3 +206,28 @@ def render_in_chromium(pages: list[Path], out: Path) -> list[tuple[Path, int]]:
         finally:
             browser.close()
     return found
+
+
+def test_a_keeper_whose_stored_vector_is_damaged_is_scored_through_its_identical_copy(tmp_path, photos):
+    """The keeper of a group (the oldest of two byte-identical files) has a damaged vector: the
+    group is still found through the copy, and every score is a number (it was NaN, and --json
+    printed invalid JSON)."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    shutil.copy(photos / "coffee.jpg", folder / "a_keeper.jpg")
+    shutil.copy(photos / "coffee.jpg", folder / "b_copy.jpg")
+    os.utime(folder / "b_copy.jpg", ns=(2_000_000_000 * 10**9,) * 2)  # newer: a_keeper is kept
+    with Image.open(photos / "coffee.jpg") as img:
+        img.resize((img.width // 2, img.height // 2)).save(folder / "c_small.jpg", quality=90)
+    build_index(tmp_path / "idx", folder)
+    with Index.open(tmp_path / "idx", read_only=True) as index:
+        keeper_id = next(r.id for r in index.rows() if r.path == "a_keeper.jpg")
+    conn = sqlite3.connect(tmp_path / "idx.sqlite")
+    with conn:
+        conn.execute("UPDATE vectors SET vector = ? WHERE id = ?", (np.full(48, np.inf, "<f2").tobytes(), keeper_id))
+    conn.close()
+    out = run("dupes", "--index", tmp_path / "idx", "--json")
+    assert out.exit_code == 0, out.output
+    (group,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert group["paths"][0] == "a_keeper.jpg" and set(group["paths"]) == {"a_keeper.jpg", "b_copy.jpg", "c_small.jpg"}
+    assert all(isinstance(score, float) and 0.5 < score <= 1.0 for score in group["scores"]), group["scores"]

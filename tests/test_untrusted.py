@@ -111,7 +111,10 @@ def test_vector_of_the_wrong_size_is_reported(made):
         with pytest.raises(IndexCorruptError, match="is not 48 float16 values"):
             index.search(np.ones(48, "f4"))
         report = index.verify()
-    assert not report.ok and any("is not 48 float16 values" in p for p in report.problems)
+    assert not report.ok and any("1 stored vectors have the wrong size" in p for p in report.problems)
+    with Index.open(made) as index:  # repairable: the entry goes (its file is embedded again by `imgsim index`)
+        assert any("removed 1 image whose" in r for r in index.verify(repair=True).repaired)
+        assert index.verify().ok and len(index.search(np.ones(48, "f4"), k=3)) == 3
 
 
 def test_crafted_faiss_file_with_a_matching_checksum(made, tiny_model_dir):
@@ -205,8 +208,17 @@ def test_damaged_vector_values_are_left_out_with_a_notice_not_ranked(made, photo
         groups = index.duplicates(threshold=0.5)
         assert not damaged_paths & {p for g in groups for p in g.paths}
         assert any("not finite unit vectors" in p for p in index.verify().problems)
+    conn = sqlite3.connect(made.with_suffix(".sqlite"))
+    with conn:  # and a third, cut short (the wrong size)
+        conn.execute("UPDATE vectors SET vector = ? WHERE id = ?", (b"0123456789", int(ids[3])))
+    conn.close()
+    with Index.open(made, read_only=True) as index:
+        damaged_paths.add(index.image(int(ids[3])).path)
+        assert any("3 stored vectors have the wrong size (1 of them)" in p for p in index.verify().problems)
+        groups = index.duplicates(threshold=0.5)  # the cut-short one: left out with the notice, no error
+        assert not damaged_paths & {p for g in groups for p in g.paths}
     with Index.open(made) as index:  # repair: the rows go, and indexing the folder again embeds them anew
-        assert any("removed 2 images whose stored vectors were damaged" in r for r in index.verify(repair=True).repaired)
-        assert index.add(photos).added == 2
+        assert any("removed 3 images whose stored vectors were damaged" in r for r in index.verify(repair=True).repaired)
+        assert index.add(photos).added == 3
         assert index.verify().ok
         assert damaged_paths <= {r.path for r in index.search(photos / "coffee.jpg", k=len(index), expand=False)}
