@@ -162,8 +162,9 @@ class Graph:
 
     @property
     def dirty(self) -> bool:
-        """True when the graph in memory differs from the file (it is written at the next save)."""
-        return self._dirty
+        """True when the graph in memory differs from the file (it is written at the next save), or
+        lacks rows the store holds (committed, then a Ctrl-C before they were added)."""
+        return self._dirty or (self._ann is not None and self._store.max_id() > self._ann.max_id())
 
     @property
     def centred(self) -> bool:
@@ -229,11 +230,11 @@ class Graph:
         return ann
 
     def _catch_up(self) -> None:
-        ann = self._ann
+        """Add the stored vectors the graph lacks (ids above its largest), through `add`, so that a
+        graph not trained yet is trained (and reduced, and retrained as it grows) as usual."""
         caught_up = 0
-        for ids, vectors in self._store.vectors(self._manifest.dim, after_id=ann.max_id()):
-            with _ctrl_c_deferred():
-                ann.add(ids, vectors)
+        for ids, vectors in self._store.vectors(self._manifest.dim, after_id=self._ann.max_id(), chunk=BUILD_BATCH):
+            self.add(ids, vectors)
             caught_up += len(ids)
         if caught_up:
             if self._store.read_only:  # nothing is written: a writer (or the next writer) saves them

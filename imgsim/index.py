@@ -58,7 +58,8 @@ def index_files(path: str | os.PathLike) -> tuple[Path, Path]:
     base = Path(os.path.expanduser(text))
     if base.suffix in (".faiss", ".sqlite"):
         base = base.with_suffix("")
-    if not text or base.name in ("", ".", "..") or text.endswith(("/", os.sep)):
+    if not text or base.name in ("", ".", "..") or text.endswith(("/", os.sep)) or \
+            text.replace(os.sep, "/").rsplit("/", 1)[-1] in (".", ".."):  # "photos/." as well
         raise ImgsimError(f"index name {text!r} names a folder, not index files: give a name, such as "
                           f"{os.path.join(text, 'imgsim') if text else 'imgsim'} "
                           f"(for NAME.faiss and NAME.sqlite)")

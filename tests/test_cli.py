@@ -115,6 +115,7 @@ def test_index_file_suffix_is_accepted(tiny_index):
     (["list", "--index", "/"], "Error: index name '/' names a folder"),
     (["index", "{photos}", "--index", ".."], "Error: index name '..' names a folder"),
     (["index", "{photos}", "--index", "{tmp}/"], "Error: index name '{tmp}/' names a folder"),
+    (["info", "--index", "{tmp}/."], "Error: index name '{tmp}/.' names a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_1(tmp_path, photos, args, message):
     fill = {"tmp": tmp_path, "photos": photos}
