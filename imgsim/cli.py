@@ -39,7 +39,9 @@ class ImgsimGroup(click.Group):
             return super().invoke(ctx)
         except ImgsimError as e:  # one line, whatever a path in it holds (a newline in a file name)
             raise click.ClickException(shown(str(e))) from None
-        except sqlite3.DatabaseError as e:  # a damaged index file met where no method expected it
+        except sqlite3.DatabaseError as e:  # met where no method expected it: damage, or locked, or I/O
+            if isinstance(e, sqlite3.OperationalError) and "malformed" not in str(e):
+                raise click.ClickException(f"the index database could not be read: {e}") from None
             raise click.ClickException(f"an index database is damaged: {e}; run `imgsim verify`") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -164,7 +165,12 @@ class Graph:
     def dirty(self) -> bool:
         """True when the graph in memory differs from the file (it is written at the next save), or
         lacks rows the store holds (committed, then a Ctrl-C before they were added)."""
-        return self._dirty or (self._ann is not None and self._store.max_id() > self._ann.max_id())
+        if self._dirty or self._ann is None or self._store.read_only:
+            return self._dirty
+        try:
+            return self._store.max_id() > self._ann.max_id()
+        except sqlite3.DatabaseError:  # a damaged file: nothing sensible to write
+            return False
 
     @property
     def centred(self) -> bool:
@@ -545,7 +551,7 @@ class Graph:
         new = sorted(set(ids.tolist()) - self._damaged_reported)
         if new:
             self._damaged_reported.update(new)
-            log.warning("the stored vectors of %d images (ids %s) are damaged: they are left out of results "
+            log.warning("the stored vectors of %d image(s) (ids %s) are missing or damaged: left out of results "
                         "(`imgsim verify --repair` removes them, and the next `imgsim index` embeds them again)",
                         len(new), ", ".join(map(str, new[:10])) + (", ..." if len(new) > 10 else ""))
 

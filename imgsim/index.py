@@ -114,7 +114,10 @@ def _file_stat(path: str) -> tuple[int, int, int] | None:
     return None if stat.S_ISDIR(st.st_mode) else file_stat(st)
 
 
-def _damaged_database(sqlite_path: Path, e: sqlite3.DatabaseError) -> IndexCorruptError:
+def _damaged_database(sqlite_path: Path, e: sqlite3.DatabaseError) -> ImgsimError:
+    """An SQLite error met after opening: damage in the file, or (locked, an I/O error) not."""
+    if isinstance(e, sqlite3.OperationalError) and "malformed" not in str(e):
+        return ImgsimError(f"the index database {sqlite_path} could not be read: {e}")
     return IndexCorruptError(f"the index database {sqlite_path} is damaged: {e}; restore it, or re-index")
 
 

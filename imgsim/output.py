@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import click
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))}  # C0, DEL and C1 (U+009B is a CSI)
 
 
 def shown(path, one_line: bool = True) -> str:

@@ -107,6 +107,8 @@ def test_a_newline_in_a_file_name_keeps_one_line_per_record(tmp_path, photos):
         == ["new\nline.jpg", "plain.jpg"]
     rows = list(csv.DictReader(io.StringIO(run("list", "--index", tmp_path / "i", "--csv").stdout)))
     assert [row["path"] for row in rows] == ["new\nline.jpg", "plain.jpg"]
+    from imgsim.output import shown
+    assert shown("a\x1b[2Jb\x9b31m") == "a\\x1b[2Jb\\x9b31m"  # no terminal escapes, 7- or 8-bit
 
 
 def test_strict_exits_3_after_finishing_the_run(messy, tmp_path):

@@ -202,7 +202,7 @@ def test_damaged_vector_values_are_left_out_with_a_notice_not_ranked(made, photo
             results = index.search(photos / "coffee.jpg", k=3, expand=False, exact=exact)
             assert len(results) == 3 and all(-1 <= r.score <= 1 for r in results)
             assert not damaged_paths & {r.path for r in results} and results[0].path == want[0]
-        assert "are damaged: they are left out of results" in caplog.text
+        assert "are missing or damaged: left out of results" in caplog.text
         with pytest.raises(IndexCorruptError, match="is damaged"):
             index.similar(int(ids[1]))
         groups = index.duplicates(threshold=0.5)
@@ -222,3 +222,13 @@ def test_damaged_vector_values_are_left_out_with_a_notice_not_ranked(made, photo
         assert index.add(photos).added == 3
         assert index.verify().ok
         assert damaged_paths <= {r.path for r in index.search(photos / "coffee.jpg", k=len(index), expand=False)}
+
+
+def test_an_sqlite_error_that_is_not_damage_is_not_called_damage(tmp_path):
+    """A locked file or an I/O error met while reading is said as it is, not as "damaged ... re-index"."""
+    from imgsim.index import _damaged_database
+
+    locked = _damaged_database(tmp_path / "idx.sqlite", sqlite3.OperationalError("database is locked"))
+    assert not isinstance(locked, IndexCorruptError) and "could not be read: database is locked" in str(locked)
+    malformed = _damaged_database(tmp_path / "idx.sqlite", sqlite3.DatabaseError("database disk image is malformed"))
+    assert isinstance(malformed, IndexCorruptError) and "is damaged" in str(malformed)
