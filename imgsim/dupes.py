@@ -23,7 +23,7 @@ import numpy as np
 from .defaults import DEFAULT_THRESHOLD  # noqa: F401 (shown by the CLI; defined there)
 from .errors import ImgsimError
 from .filters import Filter
-from .scoring import damaged
+from .scoring import damaged_rows
 
 
 NEIGHBOURS = 8
@@ -151,7 +151,7 @@ def _group(index, ids: list[int], reference: set[int]) -> DupeGroup:
     members.sort(key=keeper_rank)
     keeper = members[0]
     found, vectors = index.graph.vectors([m["id"] for m in members])
-    usable = ~damaged(np.einsum("ij,ij->i", vectors, vectors))  # a vector damaged in the file scores nothing
+    usable = ~damaged_rows(vectors)  # a vector damaged in the file scores nothing
     found, vectors = found[usable], vectors[usable]
     # Scored against the keeper's vector: its own, else a byte-identical copy's (the same picture).
     same_bytes = {m["id"] for m in members if m["sha256"] == keeper["sha256"]}

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .scoring import Pool, damaged
+from .scoring import Pool, damaged_rows
 from .errors import ImgsimError, IndexCorruptError
 from .files import discard, publish
 from .hnsw import HnswParams
@@ -401,7 +401,7 @@ class Graph:
         ids = np.asarray(ids, dtype=np.int64)
         out_ids, out_scores = np.full((len(ids), k), -1, np.int64), np.full((len(ids), k), -np.inf, np.float32)
         found, queries = self.vectors(ids)
-        usable = ~damaged(np.einsum("ij,ij->i", queries, queries))
+        usable = ~damaged_rows(queries)
         if len(found) < len(ids) or not usable.all():  # a blob of the wrong size, or damaged values
             self._report_damaged(np.concatenate([np.setdiff1d(ids, found), found[~usable]]))
         rows = np.flatnonzero(np.isin(ids, found[usable]))
@@ -428,7 +428,7 @@ class Graph:
         """Fill `scores` where `at` is set with the exact score of that query and candidate: every
         candidate's vector in one pass over SQLite, then all pairs scored at once."""
         cand_ids, cand = self._store.vector_matrix(np.unique(near[at]), self._manifest.dim)
-        bad = damaged(np.einsum("ij,ij->i", cand, cand))
+        bad = damaged_rows(cand)
         if bad.any():  # never a duplicate of anything: left out, and said once
             self._report_damaged(cand_ids[bad])
             cand_ids, cand = cand_ids[~bad], cand[~bad]
@@ -488,7 +488,7 @@ class Graph:
             chunks = (self.vectors(ids[start:start + 8192]) for start in range(0, len(ids), 8192))
         prepared = self._prepare(query[None])[0]
         for found, matrix in chunks:
-            bad = damaged(np.einsum("ij,ij->i", matrix, matrix))
+            bad = damaged_rows(matrix)
             if bad.any():
                 self._report_damaged(found[bad])
                 found, matrix = found[~bad], matrix[~bad]

@@ -39,7 +39,7 @@ from .lock import WriterLock
 from .manifest import FORMAT_VERSION, Manifest
 from .models import Model, available_cpus, default_model
 from .pipeline import bounded_map, embed_files
-from .scoring import damaged
+from .scoring import damaged_rows
 from .store import ImageRow, NewImage, Store
 from .sync import Plan, file_stat, is_under, plan_sync
 
@@ -750,7 +750,7 @@ class Index:
             raise ImgsimError(f"{image} is not one indexed image" if rows else f"no image with id {image} in this index")
         row = rows[0]
         vector = self._store.vectors_by_id([row.id], self._manifest.dim).get(row.id)
-        if vector is None or damaged(np.array([np.dot(vector, vector)]))[0]:
+        if vector is None or damaged_rows(vector[None])[0]:
             raise IndexCorruptError(f"the stored vector of {row.path} (id {row.id}) is "
                                     f"{'missing' if vector is None else 'damaged'}: `imgsim verify --repair` removes "
                                     f"such entries, and the next `imgsim index` embeds their files again")

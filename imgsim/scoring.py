@@ -32,6 +32,11 @@ def damaged(squared_norms: np.ndarray, center_norm: float = 0.0) -> np.ndarray:
     return ~((squared_norms >= low) & (squared_norms <= high))
 
 
+def damaged_rows(matrix: np.ndarray) -> np.ndarray:
+    """Which rows of a float32 matrix of stored vectors are not finite unit vectors."""
+    return damaged(np.einsum("ij,ij->i", matrix, matrix))
+
+
 def _unit_bounds(center_norm: float) -> tuple[float, float]:
     return max(0.0, 1 - center_norm - UNIT_TOLERANCE) ** 2, (1 + center_norm + UNIT_TOLERANCE) ** 2
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ImgsimError
 from .models import Model
-from .scoring import damaged
+from .scoring import damaged_rows
 
 
 @dataclass
@@ -60,7 +60,7 @@ def _check_vectors(index, report: VerifyReport, repair: bool) -> None:
         rest = np.setdiff1d(store.ids(), wrong_size)
         chunks = (store.vector_matrix(rest[at:at + 8192], index.manifest.dim) for at in range(0, len(rest), 8192))
     for ids, vectors in chunks:
-        bad.append(ids[damaged(np.einsum("ij,ij->i", vectors, vectors))])
+        bad.append(ids[damaged_rows(vectors)])
     bad_ids = np.concatenate(bad)
     if not len(bad_ids):
         return
