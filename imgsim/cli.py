@@ -90,19 +90,14 @@ def filter_options(f):
 
 
 def make_filter(kwargs: dict, index) -> Filter:
-    """The filter options as a `Filter`; a `--folder` may be given as a folder on disk (see `Index.folder_keys`).
+    """The filter options as a `Filter`; a `--folder` may be given as a folder on disk (see `Index.folder_key`).
     A value the filter refuses (a date that does not exist, an unknown format) is a usage error (exit 2)."""
     try:
-        return _filter_of(kwargs, index)
+        return Filter(folders=tuple(index.folder_key(f) for f in kwargs.pop("folder")), labels=kwargs.pop("label"),
+                      formats=kwargs.pop("formats"), min_width=kwargs.pop("min_width"),
+                      min_height=kwargs.pop("min_height"), since=kwargs.pop("since"), until=kwargs.pop("until"))
     except ImgsimError as e:
         raise click.UsageError(str(e)) from None
-
-
-def _filter_of(kwargs: dict, index) -> Filter:
-    return Filter(folders=tuple(key for f in kwargs.pop("folder") for key in index.folder_keys(f)), labels=kwargs.pop("label"),
-                  formats=kwargs.pop("formats"),
-                  min_width=kwargs.pop("min_width"), min_height=kwargs.pop("min_height"),
-                  since=kwargs.pop("since"), until=kwargs.pop("until"))
 
 
 def _finite(ctx, param, value):
@@ -239,10 +234,10 @@ def print_results(printer: Printer, query: str, results: list[SearchResult], man
         printer(result.to_dict())
 
 
-def explain_empty(index, query: str | None, results: list, filter: Filter, min_score: float | None = None) -> None:
-    """Say on stderr why a search (or a listing: `query` None) printed nothing (not an error: the
-    exit code stays 0)."""
-    if results:
+def explain_empty(index, query: str | None, found, filter: Filter, min_score: float | None = None) -> None:
+    """Say on stderr why a search (or a listing: `query` None) found nothing (`found`: its results,
+    or how many; not an error: the exit code stays 0)."""
+    if found:
         return
     about = f"{shown(query)}: " if query is not None else ""
     if len(index) == 0:
@@ -373,7 +368,7 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
         raise click.UsageError("--yes goes with --move-to")
     with Index.open(index_path, read_only=not (move_to and yes), root=root) as index:
         filter = make_filter(filters, index)
-        reference = tuple(key for folder in reference for key in index.folder_keys(folder))
+        reference = tuple(index.folder_key(folder) for folder in reference)
         if move_to:
             plan_moves(index, [], move_to, reference)  # a destination it refuses: before any work
         with progress_bar("comparing") as on_progress:
@@ -439,7 +434,7 @@ def list_cmd(index_path, limit, order, root, fmt, **filters):
         for record in index.images(filter, order=order, limit=limit):
             printer(record)
             listed += 1
-        explain_empty(index, None, [None] * listed, filter)
+        explain_empty(index, None, listed, filter)
 
 
 @cli.command()

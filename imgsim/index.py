@@ -58,8 +58,7 @@ def index_files(path: str | os.PathLike) -> tuple[Path, Path]:
     base = Path(os.path.expanduser(text))
     if base.suffix in (".faiss", ".sqlite"):
         base = base.with_suffix("")
-    if not text or base.name in ("", ".", "..") or text.endswith(("/", os.sep)) or \
-            text.replace(os.sep, "/").rsplit("/", 1)[-1] in (".", ".."):  # "photos/." as well
+    if text.replace(os.sep, "/").rsplit("/", 1)[-1] in ("", ".", ".."):  # "", "/", "photos/", ".", "photos/."
         raise ImgsimError(f"index name {text!r} names a folder, not index files: give a name, such as "
                           f"{os.path.join(text, 'imgsim') if text else 'imgsim'} "
                           f"(for NAME.faiss and NAME.sqlite)")
@@ -420,8 +419,8 @@ class Index:
                 pass
         return absolute.as_posix()
 
-    def folder_keys(self, folder: str) -> tuple[str, ...]:
-        """A folder given by the user, as filters and `--reference` take it: its stored form. A
+    def folder_key(self, folder: str) -> str:
+        """A folder given by the user, as filters and `--reference` take it, in its stored form. A
         folder on disk (absolute, or relative to the working folder, through links or not) is
         stored relative to the root if it is under it, else with its absolute path (files indexed
         from outside the root); the root, or a folder holding it, is everything; text that names no
@@ -432,14 +431,14 @@ class Index:
         except (OSError, RuntimeError):  # a name too long, a loop of links: not a folder on disk
             on_disk = []
         if not on_disk:
-            return (folder,)
+            return folder
         root = self.root
         if root is not None and any(p == root or p in root.parents
                                     for p in (Path(os.path.abspath(q)) for q in on_disk)):
-            return ("",)  # the root, or a folder holding it: everything under the root
+            return ""  # the root, or a folder holding it: everything under the root
         keys = [self._key(candidate) for candidate in on_disk]  # as walked (through links), and as it is
         under_root = [key for key in keys if not key.startswith("/")]
-        return (under_root[0] if under_root else keys[0],)
+        return under_root[0] if under_root else keys[0]
 
     def resolve(self, stored_path: str) -> Path:
         """The file a stored path refers to now."""

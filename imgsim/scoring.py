@@ -15,6 +15,8 @@ without another read.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 UNIT_TOLERANCE = 1e-3
@@ -118,14 +120,12 @@ class Pool:
                     if not low <= to_center.min() <= to_center.max() <= high:  # rare: find which
                         bad = damaged(to_center, self._center_norm)
                     part[1], part[2] = to_center, bad
-                if bad is None:
-                    dots = (to_center[None] + qc - squared) / 2
-                    out.append((dots / np.sqrt(np.maximum(to_center[None] * qc, 1e-24))).astype(np.float32))
-                    continue
-                with np.errstate(invalid="ignore", over="ignore"):  # the damaged ones' arithmetic: no warnings
+                # The damaged ones' arithmetic overflows: no numpy warnings for it.
+                with np.errstate(invalid="ignore", over="ignore") if bad is not None else nullcontext():
                     dots = (to_center[None] + qc - squared) / 2
                     scores = (dots / np.sqrt(np.maximum(to_center[None] * qc, 1e-24))).astype(np.float32)
-                scores[:, bad] = np.nan
+                if bad is not None:
+                    scores[:, bad] = np.nan
                 out.append(scores)
         finally:
             faiss.omp_set_num_threads(threads)
