@@ -32,6 +32,7 @@ from .errors import (
     IndexNotFoundError,
     ReadOnlyIndexError,
 )
+from .defaults import dupes_threshold
 from .files import discard, leftover_stages, why_not_writable
 from .filters import Filter
 from .graph import Graph
@@ -836,11 +837,16 @@ class Index:
                    on_progress: ProgressFn | None = None) -> list:
         """Groups of duplicate and near-duplicate images (`DupeGroup`s, largest first); see `dupes.py`.
         `reference` folders hold originals: always keepers, never moved."""
-        from .dupes import DEFAULT_THRESHOLD, find_duplicates
+        from .dupes import find_duplicates
 
-        return find_duplicates(self, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, filter=filter,
+        return find_duplicates(self, threshold=self.dupes_threshold if threshold is None else threshold, filter=filter,
                                reference=reference, against_reference=against_reference, min_size=min_size,
                                on_progress=on_progress)
+
+    @property
+    def dupes_threshold(self) -> float:
+        """The default duplicate threshold for this index's model (`defaults.MODEL_THRESHOLDS`)."""
+        return dupes_threshold(self.manifest.model)
 
     @_guard_database
     def forget_files(self, paths: Iterable[str | os.PathLike]) -> int:

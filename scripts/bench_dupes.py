@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from imgsim import Index
-from imgsim.dupes import DEFAULT_THRESHOLD
+from imgsim.defaults import dupes_threshold
 from imgsim.models import BUNDLED_MODEL, normalize
+
+THRESHOLD = dupes_threshold(BUNDLED_MODEL)
 from imgsim.store import NewImage
 
 
@@ -86,7 +88,7 @@ def run_dupes(path: str, sample: int = 40) -> None:
             _, vector = index.graph.vectors([image_id])
             scores, near = index.graph.search(vector[0], 9, exact=True)
             for score, other in zip(scores.tolist(), near.tolist()):
-                if other != image_id and score >= DEFAULT_THRESHOLD:
+                if other != image_id and score >= THRESHOLD:
                     expected += 1
                     found += grouped.get(other, -1) == grouped.get(image_id, -2)
     print(json.dumps({"open_s": round(opened, 2), "dupes_s": round(took - opened, 2),
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.n} images (5% near-copies made): build {built:.1f} s; dupes {figures['dupes_s']} s "
               f"(open {figures['open_s']} s; {figures['cpu_s']} s of CPU in all, 2 cores; load average "
               f"{os.getloadavg()[0]:.1f}), {figures['groups']} groups, {figures['duplicates']} duplicates, "
-              f"peak memory {figures['peak_rss_mb']} MB; recall of pairs >= {DEFAULT_THRESHOLD} against an exact "
+              f"peak memory {figures['peak_rss_mb']} MB; recall of pairs >= {THRESHOLD} against an exact "
               f"scan of {figures['exact_pairs_checked']} pairs: {figures['pair_recall_vs_exact']}")
     return 0
 

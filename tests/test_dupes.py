@@ -231,3 +231,19 @@ def test_a_keeper_whose_stored_vector_is_damaged_is_scored_through_its_identical
     (group,) = [json.loads(line) for line in out.stdout.splitlines()]
     assert group["paths"][0] == "a_keeper.jpg" and set(group["paths"]) == {"a_keeper.jpg", "b_copy.jpg", "c_small.jpg"}
     assert all(isinstance(score, float) and 0.5 < score <= 1.0 for score in group["scores"]), group["scores"]
+
+
+def test_the_default_threshold_is_the_index_models(indexed, collection, tmp_path):
+    """Learned whitening spreads scores differently: an index made with efficientnet-lite0-lw groups at
+    0.74 by default, one made with plain Lite0 at 0.80 (README, "Duplicates"); the CLI says which."""
+    with Index.open(indexed, read_only=True) as index:
+        assert index.manifest.model == "efficientnet-lite0-lw" and index.dupes_threshold == 0.74
+        found = [g.paths for g in index.duplicates()]
+        assert found == [g.paths for g in index.duplicates(threshold=0.74)]
+        assert found != [g.paths for g in index.duplicates(threshold=0.80)]  # the copies scoring 0.74-0.80 join
+    plain = tmp_path / "plain"
+    with Index.create(plain, model="efficientnet-lite0") as index:
+        index.add(collection / "originals")
+        assert index.dupes_threshold == 0.80
+    help_text = run("dupes", "--help").output
+    assert "0.74 for the default model, 0.8 for others" in " ".join(help_text.split())

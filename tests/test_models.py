@@ -45,8 +45,10 @@ def http_server(tmp_path):
 
 def test_list_shows_the_bundled_model_verified():
     rows = {r["name"]: r for r in map(json.loads, run("models", "--json").stdout.splitlines())}
-    bundled = rows["efficientnet-lite0"]
-    assert bundled["installed"] and bundled["verified"] is True and bundled["dimensions"] == 1280
+    for name in ("efficientnet-lite0", "efficientnet-lite0-int8", "efficientnet-lite0-lw"):
+        bundled = rows[name]
+        assert bundled["installed"] and bundled["verified"] is True and bundled["dimensions"] == 1280
+    assert [name for name, row in rows.items() if row["default"]] == ["efficientnet-lite0-lw"]
     assert set(rows) >= {"efficientnet-lite0", "efficientnet-lite0-int8", "resnet50", "resnet50-int8"}
     assert rows["resnet50"]["dimensions"] == 2048
     plain = run("models").stdout
@@ -109,9 +111,9 @@ def test_adding_the_model_that_becomes_the_default_says_so(install_dir, tiny_mod
 
 
 def test_default_is_resnet50_once_installed(install_dir, tmp_path, photos):
-    assert default_model()[0] == "efficientnet-lite0"
+    assert default_model()[0] == "efficientnet-lite0-lw"
     result = run("index", photos, "--index", tmp_path / "a")
-    assert "model: efficientnet-lite0 (bundled; " in result.stderr
+    assert "model: efficientnet-lite0-lw (bundled; " in result.stderr
     assert "resnet50.onnx is not installed)" in result.stderr
     install_dir.mkdir()
     (install_dir / "resnet50.onnx").write_bytes(b"placeholder")
@@ -170,7 +172,7 @@ def test_pooling_names_with_regions():
 def test_the_default_model_and_why_are_listed():
     result = run("models")
     assert result.exit_code == 0
-    assert "default: efficientnet-lite0" in result.output
+    assert "default: efficientnet-lite0-lw (bundled; Lite0 with learned whitening" in result.output
 
 
 def test_a_model_file_is_hashed_once_per_version(install_dir, tiny_model_dir, monkeypatch):

@@ -1,0 +1,77 @@
+"""scripts/learn_whitening.py: the learned-whitening head written into a real model, checked against numpy,
+and what it learns: altered copies end up closer to their pictures than other pictures are."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import learn_whitening  # noqa: E402
+
+from imgsim import images as imgs  # noqa: E402
+from imgsim.models import Model, gem, normalize  # noqa: E402
+
+
+def _clipart(folder: Path, count: int) -> None:
+    """Simple drawings on transparent pages, as clip-art is: shapes of random colours and places."""
+    rng = np.random.default_rng(3)
+    folder.mkdir()
+    for i in range(count):
+        img = Image.new("RGBA", (int(rng.integers(120, 400)), int(rng.integers(120, 400))), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 6))):
+            x0, y0 = int(rng.integers(0, img.width - 40)), int(rng.integers(0, img.height - 40))
+            box = (x0, y0, x0 + int(rng.integers(20, img.width - x0)), y0 + int(rng.integers(20, img.height - y0)))
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3)) + (255,)
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        img.save(folder / f"art{i:02d}.png")
+
+
+def test_the_head_matches_numpy_and_brings_altered_copies_closer(tmp_path):
+    _clipart(tmp_path / "art", 24)
+    out = tmp_path / "lw.onnx"
+    code = learn_whitening.main(["-o", str(out), "--clipart", str(tmp_path / "art"), "--pictures", "24",
+                                 "--copies", "2", "--check"])
+    assert code == 0 and out.stat().st_size > 13_000_000  # the whole backbone plus the 1280 x 1280 head
+
+    base = Model.load("efficientnet-lite0")  # the script's default --base
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["feature_map", "embedding"]
+
+    rng = np.random.default_rng(0)
+    pictures = learn_whitening.pictures(tmp_path / "art", 24, rng)
+    copies = [learn_whitening.alter(img, rng) for img in pictures]
+
+    def vectors(images):
+        arrays = np.stack([imgs.to_array(img, base.preprocess) for img in images])
+        fmap, emb = session.run(["feature_map", "embedding"], {"input": arrays})
+        return normalize(gem(fmap, learn_whitening.GEM_P)), normalize(emb)
+
+    (plain, learned), (plain_copies, learned_copies) = vectors(pictures), vectors(copies)
+    assert np.allclose(plain, base.embed(np.stack([imgs.to_array(img, base.preprocess) for img in pictures])),
+                       atol=1e-5)  # the feature map is the base model's, untouched
+
+    def margin(x, xc):
+        """How much closer a copy is to its own picture than to the others, on average."""
+        sims = xc @ x.T
+        own = np.diag(sims)
+        others = (sims.sum(axis=1) - own) / (len(x) - 1)
+        return float(np.mean(own - others))
+
+    assert margin(learned, learned_copies) > margin(plain, plain_copies)
+
+
+def test_too_few_pictures_is_one_line(tmp_path, capsys):
+    _clipart(tmp_path / "art", 3)
+    try:
+        learn_whitening.main(["-o", str(tmp_path / "x.onnx"), "--clipart", str(tmp_path / "art"), "--pictures", "5"])
+    except SystemExit as e:
+        assert "3 PNG files, need 5" in str(e)
+    else:
+        raise AssertionError("expected SystemExit")
+    assert not (tmp_path / "x.onnx").exists()
