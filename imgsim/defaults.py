@@ -10,7 +10,7 @@ DEFAULT_THRESHOLD = 0.80
 `MODEL_THRESHOLDS`. Chosen with scripts/eval_dupes.py on real photos: see "Duplicates" in README.md
 for the precision and recall of pairs at each threshold."""
 
-MODEL_THRESHOLDS = {"efficientnet-lite0-lw": 0.74}
+MODEL_THRESHOLDS = {"efficientnet-lite0-lw": 0.74, "efficientnet-lite0-lw-int8": 0.74}
 """Models whose scores are spread differently: the learned whitening of efficientnet-lite0-lw scores
 unlike pictures lower and copies a little lower too; at 0.74 it keeps more copies and fewer false
 pairs than plain Lite0 at 0.80 (scripts/eval_dupes.py, README "Duplicates")."""

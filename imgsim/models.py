@@ -95,6 +95,17 @@ CATALOGUE: dict[str, ModelSpec] = {
             pooling="avg",
         ),
         ModelSpec(
+            name="efficientnet-lite0-lw-int8",
+            filename="efficientnet-lite0-lw.int8.onnx",
+            dim=1280,
+            preprocess=_LITE_PREPROCESS,
+            description="efficientnet-lite0-lw's head on the INT8 Lite0: the fast choice (bundled)",
+            sha256="1c499b6a67a37a7bf4358103f807d4c0adb68195084340aa36f802a9f940603d",
+            how_to_get="it ships with imgsim: reinstall imgsim, or run scripts/learn_whitening.py --head-from "
+                       "(models/README.md)",
+            pooling="avg",
+        ),
+        ModelSpec(
             name="efficientnet-lite1",
             filename="efficientnet-lite1.onnx",
             dim=1280,

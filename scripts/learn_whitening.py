@@ -2,8 +2,8 @@
 
     apt-get install -y openclipart-png            # the pictures it learns from (public domain clip-art)
     python scripts/learn_whitening.py -o models/efficientnet-lite0-lw.onnx
-    python scripts/learn_whitening.py --base efficientnet-lite0-int8 --learn-from-model efficientnet-lite0 \\
-        -o models/efficientnet-lite0-lw.int8.onnx
+    python scripts/learn_whitening.py --base efficientnet-lite0-int8 --head-from models/efficientnet-lite0-lw.onnx \\
+        -o models/efficientnet-lite0-lw.int8.onnx      # the same head on the INT8 backbone
 
 Learned whitening (Radenovic, Tolias and Chum, "Fine-tuning CNN image retrieval with no human
 annotation", 2018, section 3.3), learned without labels: every training picture is altered in
@@ -168,6 +168,16 @@ def with_head(base: onnx.ModelProto, mu: np.ndarray, w: np.ndarray) -> onnx.Mode
     return model
 
 
+def head_of(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, W) of a model this script wrote."""
+    try:
+        weights = {t.name: t for t in onnx.load(str(path)).graph.initializer}
+        return (numpy_helper.to_array(weights["lw_mean"]).astype(np.float32),
+                numpy_helper.to_array(weights["lw_matrix_f16"]).astype(np.float32))
+    except Exception as e:  # unreadable, not ONNX, or no such head
+        raise SystemExit(f"{path}: not a model with a learned-whitening head ({type(e).__name__}: {e})") from None
+
+
 def check(path: Path, mu: np.ndarray, w: np.ndarray, images: list[Image.Image], prep) -> float:
     """Largest difference between the written graph's normalised embedding and numpy's."""
     import onnxruntime as ort
@@ -186,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, required=True, help="the ONNX file to write")
     parser.add_argument("--base", default="efficientnet-lite0", help="catalogue model the head is added to")
     parser.add_argument("--learn-from-model", help="catalogue model whose descriptors the whitening is learned "
-                                                   "from (default: --base; e.g. the fp32 model for its INT8 copy)")
+                                                   "from (default: --base)")
+    parser.add_argument("--head-from", type=Path, metavar="ONNX",
+                        help="copy the head of a model this script wrote instead of learning one (e.g. the fp32 "
+                             "model's, onto its INT8 copy)")
     parser.add_argument("--clipart", type=Path, default=CLIPART, help=f"folder of PNG pictures (default {CLIPART})")
     parser.add_argument("--pictures", type=int, default=3000, help="pictures to learn from (default 3000)")
     parser.add_argument("--copies", type=int, default=3, help="altered copies of each (default 3)")
@@ -197,16 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
-    learner = Model.load(args.learn_from_model or args.base)
-    images = pictures(args.clipart, args.pictures, rng)
-    copies, pair = [], []
-    for i, img in enumerate(images):
-        for _ in range(args.copies):
-            copies.append(alter(img, rng))
-            pair.append(i)
-    print(f"{len(images)} pictures, {len(copies)} altered copies; embedding with {learner.name}", file=sys.stderr)
-    x, xa = descriptors(learner, images), descriptors(learner, copies)
-    mu, w = learn(x, xa, np.array(pair), args.shrinkage)
+    if args.head_from:
+        mu, w = head_of(args.head_from)
+        images = pictures(args.clipart, 16, rng) if args.check else []
+    else:
+        learner = Model.load(args.learn_from_model or args.base)
+        images = pictures(args.clipart, args.pictures, rng)
+        copies, pair = [], []
+        for i, img in enumerate(images):
+            for _ in range(args.copies):
+                copies.append(alter(img, rng))
+                pair.append(i)
+        print(f"{len(images)} pictures, {len(copies)} altered copies; embedding with {learner.name}", file=sys.stderr)
+        x, xa = descriptors(learner, images), descriptors(learner, copies)
+        mu, w = learn(x, xa, np.array(pair), args.shrinkage)
     base = Model.load(args.base)
     model = with_head(onnx.load(str(base.path)), mu, w)
     args.output.parent.mkdir(parents=True, exist_ok=True)

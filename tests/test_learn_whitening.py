@@ -65,6 +65,24 @@ def test_the_head_matches_numpy_and_brings_altered_copies_closer(tmp_path):
 
     assert margin(learned, learned_copies) > margin(plain, plain_copies)
 
+    # the same head onto the INT8 backbone (how efficientnet-lite0-lw-int8 is made), checked against numpy too
+    int8 = tmp_path / "lw.int8.onnx"
+    assert learn_whitening.main(["-o", str(int8), "--base", "efficientnet-lite0-int8", "--head-from", str(out),
+                                 "--clipart", str(tmp_path / "art"), "--check"]) == 0
+    for a, b in zip(learn_whitening.head_of(out), learn_whitening.head_of(int8)):
+        assert np.array_equal(a, b)
+
+
+def test_a_file_without_a_head_is_one_line(tmp_path):
+    (tmp_path / "not.onnx").write_bytes(b"not a model")
+    try:
+        learn_whitening.main(["-o", str(tmp_path / "x.onnx"), "--head-from", str(tmp_path / "not.onnx")])
+    except SystemExit as e:
+        assert "not a model with a learned-whitening head" in str(e)
+    else:
+        raise AssertionError("expected SystemExit")
+    assert not (tmp_path / "x.onnx").exists()
+
 
 def test_too_few_pictures_is_one_line(tmp_path, capsys):
     _clipart(tmp_path / "art", 3)

@@ -45,7 +45,7 @@ def http_server(tmp_path):
 
 def test_list_shows_the_bundled_model_verified():
     rows = {r["name"]: r for r in map(json.loads, run("models", "--json").stdout.splitlines())}
-    for name in ("efficientnet-lite0", "efficientnet-lite0-int8", "efficientnet-lite0-lw"):
+    for name in ("efficientnet-lite0", "efficientnet-lite0-int8", "efficientnet-lite0-lw", "efficientnet-lite0-lw-int8"):
         bundled = rows[name]
         assert bundled["installed"] and bundled["verified"] is True and bundled["dimensions"] == 1280
     assert [name for name, row in rows.items() if row["default"]] == ["efficientnet-lite0-lw"]
