@@ -108,14 +108,11 @@ def pictures(root: Path, count: int, rng: np.random.Generator) -> list[Image.Ima
 
 
 def descriptors(model: Model, images: list[Image.Image], batch: int = 32) -> np.ndarray:
-    """The base descriptor x of each image: GeM (p = 3) of the feature map, L2-normalised."""
-    prep = model.preprocess
-    out = []
-    for start in range(0, len(images), batch):
-        arrays = np.stack([imgs.to_array(img, prep) for img in images[start:start + batch]])
-        (fmap,) = model._session.run(["feature_map"], {"input": arrays})
-        out.append(normalize(gem(fmap, GEM_P)))
-    return np.concatenate(out)
+    """The base descriptor x of each image: GeM (p = 3) of the feature map, L2-normalised (`model` is
+    loaded with that pooling)."""
+    return np.concatenate([model.embed(np.stack([imgs.to_array(img, model.preprocess)
+                                                 for img in images[start:start + batch]]))
+                           for start in range(0, len(images), batch)])
 
 
 def learn(originals: np.ndarray, copies: np.ndarray, pair: np.ndarray,
@@ -134,6 +131,10 @@ def with_head(base: onnx.ModelProto, mu: np.ndarray, w: np.ndarray) -> onnx.Mode
     model = onnx.ModelProto()
     model.CopyFrom(base)
     graph = model.graph
+    if any(t.name == "lw_matrix_f16" for t in graph.initializer):
+        raise SystemExit("the base model has a learned-whitening head already: give the model without it")
+    if {"feature_map", "embedding"} - {o.name for o in graph.output}:
+        raise SystemExit("the base model needs the outputs feature_map and embedding")
     producer = {o: n for n in graph.node for o in n.output}
     old = producer["embedding"]  # the average pooling's Flatten, and the pooling if nothing else reads it
     graph.node.remove(old)
@@ -208,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="compare the written graph with numpy")
     args = parser.parse_args(argv)
+    if args.pictures < 2 or args.copies < 1:
+        parser.error("--pictures must be at least 2 and --copies at least 1")
 
     rng = np.random.default_rng(args.seed)
     if args.head_from:
         mu, w = head_of(args.head_from)
         images = pictures(args.clipart, 16, rng) if args.check else []
     else:
-        learner = Model.load(args.learn_from_model or args.base)
+        learner = Model.load(args.learn_from_model or args.base, pooling=f"gem{GEM_P:g}")
         images = pictures(args.clipart, args.pictures, rng)
         copies, pair = [], []
         for i, img in enumerate(images):
