@@ -341,8 +341,9 @@ def dupe_line(group) -> str:
 @cli.command()
 @index_option
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
-              help=f"Pairs scoring at least this are duplicates (default: {MODEL_THRESHOLDS['efficientnet-lite0-lw']} "
-              f"for the default model, {DEFAULT_THRESHOLD} for others; measured: see the README).")
+              help=f"Pairs scoring at least this are duplicates (default: the index's model's, "
+              f"{MODEL_THRESHOLDS['efficientnet-lite0-lw']} for efficientnet-lite0-lw and -lw-int8, "
+              f"{DEFAULT_THRESHOLD} for other models; `imgsim info` says which; measured: see the README).")
 @click.option("--min-size", type=ByteSize(), default=0, help="Ignore files smaller than this (e.g. 20KB).")
 @click.option("--reference", multiple=True, metavar="DIR", help="A folder of originals (relative to the index "
               "root): its files are always the keeper and never moved. Repeat for several.")
@@ -394,7 +395,9 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
             dupes_page(html_file, index, groups)
         if not move_to:
             dupes = sum(len(g.members) - 1 for g in groups)
-            warn(f"{len(groups)} group{'s' * (len(groups) != 1)}, {dupes} duplicate{'s' * (dupes != 1)}")
+            used = index.dupes_threshold if threshold is None else threshold
+            warn(f"{len(groups)} group{'s' * (len(groups) != 1)}, {dupes} duplicate{'s' * (dupes != 1)} "
+                 f"(threshold {used:g})")
             return
         moves = plan_moves(index, groups, move_to, reference)
         if not yes:
@@ -542,11 +545,13 @@ def models(ctx, as_json):
     for entry in catalogue_status():
         data = entry.to_dict()
         if as_json:
-            Printer("json")({**data, "default": data["name"] == default})
+            is_default = data["name"] == default
+            Printer("json")({**data, "default": is_default, **({"default_because": why} if is_default else {})})
             continue
         verified = {True: "sha256 verified", False: "sha256 MISMATCH", None: "no published sha256"}[entry.verified]
         where = f"{data['path']} ({data['bytes'] / 1e6:.1f} MB, {verified})" if data["installed"] else "not installed"
-        click.echo(f"{data['name']:<24} {data['dimensions']:>5}-d  {data['input_size']}px  {where}")
+        mark = "  (default)" if data["name"] == default else ""
+        click.echo(f"{data['name']:<26} {data['dimensions']:>5}-d  {data['input_size']}px  {where}{mark}")
     if not as_json:
         click.echo(f"default: {default} ({why})")
 

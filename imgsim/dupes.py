@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .defaults import DEFAULT_THRESHOLD  # noqa: F401 (shown by the CLI; defined there)
+from .defaults import DEFAULT_THRESHOLD  # noqa: F401 (re-exported; defined there)
 from .errors import ImgsimError
 from .filters import Filter
 from .scoring import damaged_rows
@@ -84,7 +84,7 @@ class _UnionFind:
         return [sorted(members) for members in out.values() if len(members) > 1]
 
 
-def find_duplicates(index, *, threshold: float = DEFAULT_THRESHOLD, filter: Filter | None = None,
+def find_duplicates(index, *, threshold: float | None = None, filter: Filter | None = None,
                     reference: Iterable[str] = (), against_reference: bool = False, min_size: int = 0,
                     on_progress: Callable[[int, int], None] | None = None) -> list[DupeGroup]:
     """Groups of duplicates in `index` (an open `Index`), largest first.
@@ -92,8 +92,11 @@ def find_duplicates(index, *, threshold: float = DEFAULT_THRESHOLD, filter: Filt
     `filter` and `min_size` (bytes) limit which images take part. `reference` folders (relative to
     the index root) hold originals: their files are always keepers and are never moved. With
     `against_reference`, only groups with a reference file are found, and reference files are not
-    compared with each other: "which of these new photos do I already have?".
+    compared with each other: "which of these new photos do I already have?". `threshold` None is the
+    index model's default (`Index.dupes_threshold`).
     """
+    if threshold is None:
+        threshold = index.dupes_threshold
     if not -1.0 <= threshold <= 1.0:
         raise ImgsimError("threshold must be between -1 and 1")
     if against_reference and not reference:

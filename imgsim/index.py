@@ -839,7 +839,7 @@ class Index:
         `reference` folders hold originals: always keepers, never moved."""
         from .dupes import find_duplicates
 
-        return find_duplicates(self, threshold=self.dupes_threshold if threshold is None else threshold, filter=filter,
+        return find_duplicates(self, threshold=threshold, filter=filter,
                                reference=reference, against_reference=against_reference, min_size=min_size,
                                on_progress=on_progress)
 
@@ -879,6 +879,7 @@ class Index:
             "metric": m.metric,
             "preprocess": m.preprocess.to_dict(),
             "pooling": m.pooling,
+            "dupes_threshold": self.dupes_threshold,
             "hnsw": m.hnsw.to_dict(),
             "graph_size": len(self.graph),
             "graph_dead": self.graph.dead_count,

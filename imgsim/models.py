@@ -91,7 +91,8 @@ CATALOGUE: dict[str, ModelSpec] = {
             preprocess=_LITE_PREPROCESS,
             description="EfficientNet-Lite0 + learned whitening (blur, crops, grey, turns), fp32 (bundled)",
             sha256="acb729f3071f47a83dfccd228a69f1ee1a598586ac344c49130b428bbbddefc0",
-            how_to_get="it ships with imgsim: reinstall imgsim, or run scripts/learn_whitening.py (models/README.md)",
+            how_to_get="it ships with imgsim: reinstall imgsim (scripts/learn_whitening.py rebuilds it byte for byte "
+                       "with the versions in models/README.md)",
             pooling="avg",
         ),
         ModelSpec(
@@ -101,8 +102,8 @@ CATALOGUE: dict[str, ModelSpec] = {
             preprocess=_LITE_PREPROCESS,
             description="efficientnet-lite0-lw's head on the INT8 Lite0: the fast choice (bundled)",
             sha256="1c499b6a67a37a7bf4358103f807d4c0adb68195084340aa36f802a9f940603d",
-            how_to_get="it ships with imgsim: reinstall imgsim, or run scripts/learn_whitening.py --head-from "
-                       "(models/README.md)",
+            how_to_get="it ships with imgsim: reinstall imgsim (scripts/learn_whitening.py --head-from rebuilds it; "
+                       "models/README.md)",
             pooling="avg",
         ),
         ModelSpec(

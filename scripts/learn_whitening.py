@@ -33,7 +33,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import eval_retrieval as er  # noqa: E402  (its everyday alterations and centre crop)
 
 from imgsim import images as imgs  # noqa: E402
-from imgsim.errors import ImageError  # noqa: E402
+from imgsim.errors import ImageError, ImgsimError  # noqa: E402
 from imgsim.models import Model, gem, normalize  # noqa: E402
 
 CLIPART = Path("/usr/share/openclipart")
@@ -86,25 +89,32 @@ def alter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return jpeg(_hard(str(kind), img, rng), int(rng.integers(60, 95)))
 
 
-def pictures(root: Path, count: int, rng: np.random.Generator) -> list[Image.Image]:
+def pictures(root: Path, count: int, rng: np.random.Generator) -> Iterator[Image.Image]:
+    """`count` pictures from a seeded order of the PNGs under `root`, decoded one at a time."""
+    if not root.is_dir():
+        raise SystemExit(f"{root}: no such folder (the default is Debian's openclipart-png: "
+                         f"apt-get install -y openclipart-png)")
     files = sorted(root.rglob("*.png"))
     if len(files) < count:
-        raise SystemExit(f"{root}: {len(files)} PNG files, need {count} (apt-get install -y openclipart-png)")
-    out = []
+        raise SystemExit(f"{root}: {len(files)} PNG files, need {count}")
+    made = 0
     for path in (files[i] for i in rng.permutation(len(files))):
-        if len(out) == count:
-            break
+        if made == count:
+            return
         try:
             img = imgs.decode(path).image
         except ImageError:
             continue
         if min(img.size) < 64:
             continue
-        width = 300 if len(out) % 2 == 0 else 640
+        width = 300 if made % 2 == 0 else 640
         if img.width > width:
             img = img.resize((width, max(1, round(img.height * width / img.width))), Image.Resampling.LANCZOS)
-        out.append(img)
-    return out
+        made += 1
+        yield img
+    if made < count:
+        raise SystemExit(f"{root}: only {made} of its PNG files could be used (decodable, at least 64 pixels), "
+                         f"need {count}")
 
 
 def descriptors(model: Model, images: list[Image.Image], batch: int = 32) -> np.ndarray:
@@ -113,6 +123,28 @@ def descriptors(model: Model, images: list[Image.Image], batch: int = 32) -> np.
     return np.concatenate([model.embed(np.stack([imgs.to_array(img, model.preprocess)
                                                  for img in images[start:start + batch]]))
                            for start in range(0, len(images), batch)])
+
+
+CHUNK = 96
+"""Pictures embedded per step (a multiple of the batch of 32, so that every batch, and the bytes of the
+file written, are what embedding all pictures and then all copies in batches of 32 gives)."""
+
+
+def learn_from(model: Model, images: Iterator[Image.Image], copies: int, rng: np.random.Generator,
+               shrinkage: float) -> tuple[np.ndarray, np.ndarray, list[Image.Image]]:
+    """(mu, W, the first 16 pictures): each picture and its `copies` altered copies embedded a chunk at
+    a time, so that only descriptors are kept (3,000 pictures held at once took 6 GB)."""
+    originals, altered, pair, first = [], [], [], []
+    while chunk := list(itertools.islice(images, CHUNK)):
+        first.extend(chunk[:16 - len(first)])
+        done = sum(len(x) for x in originals)
+        copies_of = [alter(img, rng) for img in chunk for _ in range(copies)]
+        pair.extend(done + i // copies for i in range(len(copies_of)))
+        originals.append(descriptors(model, chunk))
+        altered.append(descriptors(model, copies_of))
+    x, xa = np.concatenate(originals), np.concatenate(altered)
+    print(f"{len(x)} pictures, {len(xa)} altered copies; embedded with {model.name}", file=sys.stderr)
+    return (*learn(x, xa, np.array(pair), shrinkage), first)
 
 
 def learn(originals: np.ndarray, copies: np.ndarray, pair: np.ndarray,
@@ -169,6 +201,18 @@ def with_head(base: onnx.ModelProto, mu: np.ndarray, w: np.ndarray) -> onnx.Mode
     return model
 
 
+def refuse_unwritable(output: Path) -> None:
+    """Before any work: the folder of `output` must exist (or be creatable) and take a new file."""
+    folder = output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".{output.name}.{os.getpid()}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{output}: cannot write there ({e.strerror or e})") from None
+
+
 def head_of(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(mu, W) of a model this script wrote."""
     try:
@@ -213,24 +257,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pictures must be at least 2 and --copies at least 1")
 
     rng = np.random.default_rng(args.seed)
+    try:
+        base = Model.load(args.base)
+        learner = None if args.head_from else Model.load(args.learn_from_model or args.base, pooling=f"gem{GEM_P:g}")
+    except ImgsimError as e:
+        raise SystemExit(f"error: {e}") from None
+    refuse_unwritable(args.output)
     if args.head_from:
         mu, w = head_of(args.head_from)
-        images = pictures(args.clipart, 16, rng) if args.check else []
+        images = list(pictures(args.clipart, 16, rng)) if args.check else []
     else:
-        learner = Model.load(args.learn_from_model or args.base, pooling=f"gem{GEM_P:g}")
-        images = pictures(args.clipart, args.pictures, rng)
-        copies, pair = [], []
-        for i, img in enumerate(images):
-            for _ in range(args.copies):
-                copies.append(alter(img, rng))
-                pair.append(i)
-        print(f"{len(images)} pictures, {len(copies)} altered copies; embedding with {learner.name}", file=sys.stderr)
-        x, xa = descriptors(learner, images), descriptors(learner, copies)
-        mu, w = learn(x, xa, np.array(pair), args.shrinkage)
-    base = Model.load(args.base)
+        mu, w, images = learn_from(learner, pictures(args.clipart, args.pictures, rng), args.copies, rng,
+                                   args.shrinkage)
     model = with_head(onnx.load(str(base.path)), mu, w)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(args.output))
+    try:
+        onnx.save(model, str(args.output))
+    except OSError as e:
+        raise SystemExit(f"{args.output}: could not be written ({e.strerror or e})") from None
     digest = hashlib.sha256(args.output.read_bytes()).hexdigest()
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB, sha256 {digest})")
     if args.check:

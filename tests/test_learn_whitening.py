@@ -44,7 +44,7 @@ def test_the_head_matches_numpy_and_brings_altered_copies_closer(tmp_path):
     assert [o.name for o in session.get_outputs()] == ["feature_map", "embedding"]
 
     rng = np.random.default_rng(0)
-    pictures = learn_whitening.pictures(tmp_path / "art", 24, rng)
+    pictures = list(learn_whitening.pictures(tmp_path / "art", 24, rng))
     copies = [learn_whitening.alter(img, rng) for img in pictures]
 
     def vectors(images):
@@ -92,4 +92,26 @@ def test_too_few_pictures_is_one_line(tmp_path, capsys):
         assert "3 PNG files, need 5" in str(e)
     else:
         raise AssertionError("expected SystemExit")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_bad_arguments_are_one_line_before_any_work(tmp_path):
+    _clipart(tmp_path / "art", 4)
+    (tmp_path / "a-file").write_text("x")
+    cases = {
+        ("-o", str(tmp_path / "a-file" / "lw.onnx"), "--clipart", str(tmp_path / "art"), "--pictures", "4"):
+            "cannot write there",
+        ("-o", str(tmp_path / "x.onnx"), "--clipart", str(tmp_path / "missing")): "no such folder",
+        ("-o", str(tmp_path / "x.onnx"), "--base", "nope"): "unknown model 'nope'",
+        ("-o", str(tmp_path / "x.onnx"), "--base", "efficientnet-lite0-lw", "--head-from",
+         str(Path(__file__).resolve().parents[1] / "models" / "efficientnet-lite0-lw.onnx")):
+            "has a learned-whitening head already",
+    }
+    for argv, message in cases.items():
+        try:
+            learn_whitening.main(list(argv))
+        except SystemExit as e:
+            assert message in str(e) and "\n" not in str(e), (argv, e)
+        else:
+            raise AssertionError(f"expected SystemExit for {argv}")
     assert not (tmp_path / "x.onnx").exists()

@@ -270,8 +270,9 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
              responses=errors(400, 401, 403, 422, 503))
     async def dupes(threshold: float | None = Query(None, ge=-1, le=1, description="Pairs scoring at least this "
                                                     "are duplicates (default: the index model's, "
-                                                    f"{MODEL_THRESHOLDS['efficientnet-lite0-lw']} for the default model, "
-                                                    f"{DEFAULT_THRESHOLD} for others)."),
+                                                    f"{MODEL_THRESHOLDS['efficientnet-lite0-lw']} for "
+                                                    "efficientnet-lite0-lw and -lw-int8, "
+                                                    f"{DEFAULT_THRESHOLD} for other models)."),
                     filters: dict = Depends(search_filters)):
         """The groups `imgsim dupes` finds: `{"groups": [{"keeper": id, "members": [...]}]}`, keeper first,
         each member with its score against the keeper (`identical` for byte-identical files)."""
