@@ -1,7 +1,7 @@
 """imgsim: offline image similarity search. ONNX embeddings, a FAISS HNSW file, SQLite metadata.
 
     from imgsim import Index
-    with Index.create("photos", model="efficientnet-lite0") as index:
+    with Index.create("photos") as index:  # the default model, efficientnet-lite0-lw
         index.add("~/Pictures")
         for result in index.search("query.jpg", k=5):
             print(result.score, result.path)
