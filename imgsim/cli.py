@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_THRESHOLD, MODEL_THRESHOLDS
+from .defaults import DEFAULT_MAX_PIXELS, THRESHOLDS_SAID
 from .errors import ImgsimError
 from .filters import Filter
 from .output import Printer, format_option, shown
@@ -341,9 +341,8 @@ def dupe_line(group) -> str:
 @cli.command()
 @index_option
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
-              help=f"Pairs scoring at least this are duplicates (default: the index's model's, "
-              f"{MODEL_THRESHOLDS['efficientnet-lite0-lw']} for efficientnet-lite0-lw and -lw-int8, "
-              f"{DEFAULT_THRESHOLD} for other models; `imgsim info` says which; measured: see the README).")
+              help=f"Pairs scoring at least this are duplicates (default: {THRESHOLDS_SAID}; `imgsim info` says "
+              "which; measured: see the README).")
 @click.option("--min-size", type=ByteSize(), default=0, help="Ignore files smaller than this (e.g. 20KB).")
 @click.option("--reference", multiple=True, metavar="DIR", help="A folder of originals (relative to the index "
               "root): its files are always the keeper and never moved. Repeat for several.")

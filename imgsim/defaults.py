@@ -16,6 +16,11 @@ unlike pictures lower and copies a little lower too; at 0.74 it keeps more copie
 pairs than plain Lite0 at 0.80 (scripts/eval_dupes.py, README "Duplicates")."""
 
 
+THRESHOLDS_SAID = (f"the index model's: {MODEL_THRESHOLDS['efficientnet-lite0-lw']} for efficientnet-lite0-lw and "
+                   f"-lw-int8, {DEFAULT_THRESHOLD} for other models")
+"""The default threshold in words, for the command line's and the HTTP API's help."""
+
+
 def dupes_threshold(model: str) -> float:
     """The default duplicate threshold of an index made with `model`."""
     return MODEL_THRESHOLDS.get(model, DEFAULT_THRESHOLD)

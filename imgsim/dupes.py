@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .defaults import DEFAULT_THRESHOLD  # noqa: F401 (re-exported; defined there)
 from .errors import ImgsimError
 from .filters import Filter
 from .scoring import damaged_rows

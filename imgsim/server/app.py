@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from .. import images as imgs
 from ..errors import ImgsimError
-from ..defaults import DEFAULT_THRESHOLD, MODEL_THRESHOLDS
+from ..defaults import THRESHOLDS_SAID
 from ..index import SearchResult
 from ..models import available_cpus
 from .errors import ApiError, install_error_handlers
@@ -115,7 +115,8 @@ class Api:
             if cached is None:
                 with gen.lock:
                     groups = gen.index.duplicates(threshold=threshold, filter=filters.get("filter"))
-                cached = {"groups": [group_json(g) for g in groups], "threshold": gen.index.dupes_threshold if threshold is None else threshold}
+                used = gen.index.dupes_threshold if threshold is None else threshold
+                cached = {"groups": [group_json(g) for g in groups], "threshold": used}
                 self._dupes = {key: cached}  # one answer kept: the index may change, memory stays small
             return cached
 
@@ -269,10 +270,7 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
     @app.get("/dupes", summary="Groups of duplicate and near-duplicate images",
              responses=errors(400, 401, 403, 422, 503))
     async def dupes(threshold: float | None = Query(None, ge=-1, le=1, description="Pairs scoring at least this "
-                                                    "are duplicates (default: the index model's, "
-                                                    f"{MODEL_THRESHOLDS['efficientnet-lite0-lw']} for "
-                                                    "efficientnet-lite0-lw and -lw-int8, "
-                                                    f"{DEFAULT_THRESHOLD} for other models)."),
+                                                    f"are duplicates (default: {THRESHOLDS_SAID})."),
                     filters: dict = Depends(search_filters)):
         """The groups `imgsim dupes` finds: `{"groups": [{"keeper": id, "members": [...]}]}`, keeper first,
         each member with its score against the keeper (`identical` for byte-identical files)."""
