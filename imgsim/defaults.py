@@ -16,8 +16,9 @@ unlike pictures lower and copies a little lower too; at 0.74 it keeps more copie
 pairs than plain Lite0 at 0.80 (scripts/eval_dupes.py, README "Duplicates")."""
 
 
-THRESHOLDS_SAID = (f"the index model's: {MODEL_THRESHOLDS['efficientnet-lite0-lw']} for efficientnet-lite0-lw and "
-                   f"-lw-int8, {DEFAULT_THRESHOLD} for other models")
+THRESHOLDS_SAID = "the index model's: " + ", ".join(
+    [f"{t:g} for {' and '.join(m for m in MODEL_THRESHOLDS if MODEL_THRESHOLDS[m] == t)}"
+     for t in sorted(set(MODEL_THRESHOLDS.values()))] + [f"{DEFAULT_THRESHOLD:g} for other models"])
 """The default threshold in words, for the command line's and the HTTP API's help."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .defaults import DEFAULT_THRESHOLD  # noqa: F401 (for code that imported it here; the default is per model)
 from .errors import ImgsimError
 from .filters import Filter
 from .scoring import damaged_rows

@@ -793,6 +793,10 @@ class FeatureModel:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.model.path), options, providers=["CPUExecutionProvider"])
         self.has_feature_map = "feature_map" in {o.name for o in self.session.get_outputs()}
+        # a model whose descriptor is its graph's own `embedding` (efficientnet-lite0-lw's learned
+        # whitening) has a feature map without it: variants pooled from that map are the backbone's
+        self.head_skipped = (f"pooled from {name}'s feature map, without its own head (its backbone's figures)"
+                             if self.model.spec.pooling == "avg" and self.has_feature_map else "")
 
     def preprocess(self, p: Pass) -> imgs.Preprocess:
         base = self.model.preprocess
@@ -902,6 +906,8 @@ def evaluate_variants(configs: Sequence[Config], items: Sequence[Item], queries:
     Sides: "db" (the collection), "q" (the altered copies) and "learn" (`learn_from`, the images
     the centring and whitening are learned from when not the collection itself)."""
     fm = FeatureModel(model)
+    if fm.head_skipped:
+        log(f"note: variants are {fm.head_skipped}")
     needs: dict[Pass, dict[str, set]] = defaultdict(lambda: {"db": set(), "q": set(), "learn": set()})
     region_levels: dict[Pass, int] = defaultdict(int)
     for c in configs:
@@ -1010,6 +1016,7 @@ def evaluate_variants(configs: Sequence[Config], items: Sequence[Item], queries:
         for i, row in zip(cat_queries, cat_scores):
             order = np.argsort(-row, kind="stable")
             cat.append(order[groups[order] != items[i].group])
+        note = "; ".join(n for n in (fm.head_skipped, note) if n)
         results.append(score_rankings(c.name, items, queries, nd, cat_queries, cat, chance,
                                       cost(c, "db"), cost(c, "q"), note, ranked_scores))
     return results

@@ -103,6 +103,8 @@ def test_bad_arguments_are_one_line_before_any_work(tmp_path):
             "cannot write there",
         ("-o", str(tmp_path / "x.onnx"), "--clipart", str(tmp_path / "missing")): "no such folder",
         ("-o", str(tmp_path / "x.onnx"), "--base", "nope"): "unknown model 'nope'",
+        ("-o", str(tmp_path), "--clipart", str(tmp_path / "art")): "is a folder",
+        ("-o", str(Model.load("efficientnet-lite0").path)): "is the base model's own file",
         ("-o", str(tmp_path / "x.onnx"), "--base", "efficientnet-lite0-lw", "--head-from",
          str(Path(__file__).resolve().parents[1] / "models" / "efficientnet-lite0-lw.onnx")):
             "has a learned-whitening head already",
@@ -114,4 +116,29 @@ def test_bad_arguments_are_one_line_before_any_work(tmp_path):
             assert message in str(e) and "\n" not in str(e), (argv, e)
         else:
             raise AssertionError(f"expected SystemExit for {argv}")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_misused_options_exit_2_and_a_head_of_the_wrong_size_is_refused(tmp_path, capsys):
+    for argv in (["--shrinkage", "0"], ["--shrinkage", "-1"], ["--pictures", "-1"], ["--copies", "0"],
+                 ["--head-from", "x.onnx", "--learn-from-model", "efficientnet-lite0"]):
+        try:
+            learn_whitening.main(["-o", str(tmp_path / "x.onnx"), *argv])
+        except SystemExit as e:
+            assert e.code == 2, argv
+        else:
+            raise AssertionError(f"expected a usage error for {argv}")
+    head = tmp_path / "small-head.onnx"  # a head learned for 8-dimensional descriptors
+    import onnx
+    from onnx import helper, numpy_helper
+    graph = helper.make_graph([], "g", [], [], initializer=[
+        numpy_helper.from_array(np.zeros(8, np.float32), "lw_mean"),
+        numpy_helper.from_array(np.eye(8, dtype=np.float16), "lw_matrix_f16")])
+    onnx.save(helper.make_model(graph), str(head))
+    try:
+        learn_whitening.main(["-o", str(tmp_path / "x.onnx"), "--head-from", str(head)])
+    except SystemExit as e:
+        assert "its head is 8-d, efficientnet-lite0 gives 1280-d descriptors" in str(e)
+    else:
+        raise AssertionError("expected SystemExit")
     assert not (tmp_path / "x.onnx").exists()
