@@ -456,14 +456,19 @@ def make_queries(items: Sequence[Item], out: Path, *, per_image: int | None, see
     return queries
 
 
+def at_most_wide(img: Image.Image, width: int) -> Image.Image:
+    """`img` made `width` pixels wide (Lanczos) if it is wider, as it is otherwise."""
+    if img.width <= width:
+        return img
+    return img.resize((width, max(1, round(img.height * width / img.width))), Image.Resampling.LANCZOS)
+
+
 def shrink_originals(items: Sequence[Item], width: int, out: Path) -> list[Item]:
     """The originals as small web pictures: `width` pixels wide (Lanczos, never enlarged), JPEG quality 90,
     in the same label folders. Keys keep the original's name, so alterations stay seeded alike."""
     small = []
     for it in items:
-        img = imgs.decode(it.path).image
-        if img.width > width:
-            img = img.resize((width, max(1, round(img.height * width / img.width))), Image.Resampling.LANCZOS)
+        img = at_most_wide(imgs.decode(it.path).image, width)
         path = out / Path(it.key).with_suffix(".jpg")
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, "JPEG", quality=90)

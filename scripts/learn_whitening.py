@@ -107,9 +107,7 @@ def pictures(root: Path, count: int, rng: np.random.Generator) -> Iterator[Image
             continue
         if min(img.size) < 64:
             continue
-        width = 300 if made % 2 == 0 else 640
-        if img.width > width:
-            img = img.resize((width, max(1, round(img.height * width / img.width))), Image.Resampling.LANCZOS)
+        img = er.at_most_wide(img, 300 if made % 2 == 0 else 640)
         made += 1
         yield img
     if made < count:
@@ -137,7 +135,7 @@ def learn_from(model: Model, images: Iterator[Image.Image], copies: int, rng: np
     originals, altered, pair, first = [], [], [], []
     while chunk := list(itertools.islice(images, CHUNK)):
         first.extend(chunk[:16 - len(first)])
-        done = sum(len(x) for x in originals)
+        done = len(pair) // copies  # pictures embedded so far
         copies_of = [alter(img, rng) for img in chunk for _ in range(copies)]
         pair.extend(done + i // copies for i in range(len(copies_of)))
         originals.append(descriptors(model, chunk))
