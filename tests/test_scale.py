@@ -273,6 +273,65 @@ def test_reading_in_steps_finds_what_reading_every_candidate_finds(big, monkeypa
     assert found["staged", "rare"] == found["whole", "rare"]  # 6 images: all read, nothing to stop early
 
 
+def _walk_counter(index: Index, monkeypatch) -> list[int]:
+    """How many candidates each graph walk of a search asked for."""
+    walks: list[int] = []
+    walk = index.graph._walk
+
+    def counting(query, count, ef, allowed):
+        walks.append(count)
+        return walk(query, count, ef, allowed)
+
+    monkeypatch.setattr(index.graph, "_walk", counting)
+    return walks
+
+
+def test_a_reduced_graph_is_walked_deeper_only_where_a_shallow_walk_cannot_settle_the_top_k(tmp_path, monkeypatch):
+    """Where the codes rank as the vectors do, one shallow walk (RERANK_FIRST candidates) settles
+    nearly every search, with the results of the full walk; where they rank worse (the `big`
+    vectors), searches walk again, deeper, and soon walk fully at once."""
+    _reduce_from(monkeypatch, 1000)
+    x = _low_rank(3000, 7)
+    path = tmp_path / "idx"
+    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+        _store(index, x)
+    queries = x[::150] + 0.01
+    with Index.open(path, read_only=True) as index:
+        walks = _walk_counter(index, monkeypatch)
+        shallow = [_ids(index.search(q, k=10, expand=False)) for q in queries]
+        assert walks.count(graph.RERANK_FIRST) == len(queries)  # each began with a shallow walk
+        assert len(walks) <= 1.2 * len(queries)
+        monkeypatch.setattr(graph, "RERANK_FIRST", graph.RERANK_CANDIDATES)  # the full walk, at once
+        assert [_ids(index.search(q, k=10, expand=False)) for q in queries] == shallow
+
+
+@pytest.mark.parametrize("big", ["reduced"], indirect=True)
+def test_searches_stop_walking_shallowly_first_where_that_rarely_settles(big, monkeypatch):
+    """Here no shallow walk can settle a search (the margin is made too wide for any to): after a
+    few, searches walk fully at once, and still try a shallow walk every SHALLOW_RETRY-th time."""
+    queries = _vectors(3000, 0)[::10] + 0.01  # 300
+    monkeypatch.setattr(graph, "RERANK_MARGIN", 10.0)
+    with Index.open(big, read_only=True) as index:
+        walks = _walk_counter(index, monkeypatch)
+        for q in queries:
+            index.search(q, k=10, expand=False)
+    shallow, full = walks.count(graph.RERANK_FIRST), walks.count(graph.RERANK_CANDIDATES)
+    assert full == len(queries)
+    assert len(queries) // graph.SHALLOW_RETRY <= shallow <= len(queries) // graph.SHALLOW_RETRY + 10
+
+
+def test_shallow_walks_are_tried_while_enough_of_them_settle():
+    odds = graph._ShallowWalks()
+    assert odds.worth_trying()
+    for _ in range(10):
+        odds.record(settled=False)
+    tries = [odds.worth_trying() for _ in range(3 * graph.SHALLOW_RETRY)]
+    assert sum(tries) == 3  # one search in SHALLOW_RETRY tries again
+    for _ in range(20):
+        odds.record(settled=True)
+    assert all(odds.worth_trying() for _ in range(10))
+
+
 @pytest.mark.parametrize("made_with,after", [(40, HnswParams().ef_construction), (400, 400)])
 def test_rebuild_raises_an_older_efconstruction_to_the_default(tmp_path, made_with, after):
     """efConstruction only says how hard a build looks for links: `imgsim rebuild` of an index made
