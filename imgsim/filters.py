@@ -7,7 +7,6 @@ Repeating an option allows several values (any of them matches); different optio
 
 from __future__ import annotations
 
-import calendar
 import re
 from dataclasses import dataclass, fields
 
@@ -142,6 +141,8 @@ def _date(value: str, end: bool) -> str:
         raise ImgsimError(f"not a date: {value!r}")
     if int(year) < 1:
         raise ImgsimError(f"not a date: {value!r}")
+    import calendar  # here, not at the top: with datetime, ~5 ms of every cold command
+
     last = calendar.monthrange(int(year), int(month))[1]
     if match.group(3) is None and end:
         day = f"{last:02d}"  # the end of "2024-02" is the 29th
