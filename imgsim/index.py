@@ -787,17 +787,17 @@ class Index:
         return self._results(scores, ids, query)
 
     def _results(self, scores: np.ndarray, ids: np.ndarray, query: str | None) -> list[SearchResult]:
-        rows = self._store.rows_with_labels(ids.tolist())
+        rows = self._store.result_rows(ids.tolist())
         root = os.fspath(self.root) if self.root is not None else None  # as `resolve`, without a Path per result
         results = []
         for score, row_id in zip(scores.tolist(), ids.tolist()):
             found = rows.get(row_id)
             if found is None:
                 continue  # removed since the graph was loaded
-            row, labels = found
-            abspath = row.path if root is None or os.path.isabs(row.path) else os.path.join(root, row.path)
-            results.append(SearchResult(len(results) + 1, row.id, row.path, round(float(score), 6), row.width,
-                                        row.height, row.format, row.size, query, abspath, row.date, labels))
+            path, width, height, fmt, size, date, labels = found
+            abspath = path if root is None or os.path.isabs(path) else os.path.join(root, path)
+            results.append(SearchResult(len(results) + 1, row_id, path, round(score, 6), width, height, fmt, size,
+                                        query, abspath, date, labels))
         return results
 
     # -- browsing --------------------------------------------------------------------------------

@@ -448,22 +448,26 @@ class Store:
         self.conn.executemany("DELETE FROM labels WHERE image_id = ? AND label = ?",
                               [(int(i), label) for i in ids for label in labels])
 
-    def rows_with_labels(self, ids: Iterable[int]) -> dict[int, tuple[ImageRow, tuple[str, ...]]]:
-        """`rows_by_id` and `labels_by_id` in one query (a search's results: one SQLite round trip)."""
+    RESULT_COLUMNS = ("path", "width", "height", "format", "size", "date")
+    """What a search result shows of an image (`result_rows`)."""
+
+    def result_rows(self, ids: Iterable[int]) -> dict[int, tuple]:
+        """For each id that exists: its `RESULT_COLUMNS` and then its labels as a sorted tuple; one
+        query (a search's results: one SQLite round trip, and no `ImageRow` built for each)."""
         ids = [int(i) for i in ids]
-        found: dict[int, tuple[ImageRow, tuple[str, ...]]] = {}
-        columns = ", ".join(f"images.{c}" for c in _COLUMNS.split(", "))
+        found: dict[int, tuple] = {}
+        columns = ", ".join(f"images.{c}" for c in ("id", *self.RESULT_COLUMNS))
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for *row, label in self.conn.execute(
+            for image_id, path, *rest, label in self.conn.execute(
                     f"SELECT {columns}, labels.label FROM images LEFT JOIN labels ON labels.image_id = images.id "
                     f"WHERE images.id IN ({marks}) ORDER BY images.id, labels.label", chunk):
-                have = found.get(row[0])
+                have = found.get(image_id)
                 if have is None:
-                    found[row[0]] = (_image_row(row), () if label is None else (label,))
+                    found[image_id] = (_from_db(path), *rest, () if label is None else (label,))
                 elif label is not None:
-                    found[row[0]] = (have[0], have[1] + (label,))
+                    found[image_id] = (*have[:-1], have[-1] + (label,))
         return found
 
     def labels_by_id(self, ids: Iterable[int]) -> dict[int, list[str]]:
