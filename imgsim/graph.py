@@ -22,6 +22,7 @@ import logging
 import signal
 import sqlite3
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,7 +56,8 @@ RERANK_CANDIDATES = 64
 
 RERANK_FIRST = 32
 """A reduced graph's candidates are re-scored best first, this many first (see `Graph._rescore`); an
-unfiltered search first walks it for only this many (see `_ShallowWalks`)."""
+unfiltered search for at most half as many results first walks it for only this many (see
+`_ShallowWalks`)."""
 
 SHALLOW_WORTH = 0.6
 """A reduced graph is walked shallowly first while at least this share of such walks settle a
@@ -390,18 +392,19 @@ class Graph:
             # A reduced graph's codes rank more coarsely: its scans re-score more candidates.
             approx, ids = ann.scan(query, max(wanted, SCAN_CANDIDATES_REDUCED) if ann.reduced else wanted, allowed)
             return self._rescore(query, ids, approx if ann.reduced else None, k)
-        first = max(k, RERANK_FIRST)
-        if ann.reduced and allowed is None and ef is None and first < wanted and self._shallow.worth_trying():
+        if ann.reduced and allowed is None and ef is None and k <= RERANK_FIRST // 2 and RERANK_FIRST < wanted \
+                and self._manifest.hnsw.ef_search <= wanted and self._shallow.worth_trying():
             # A shallow walk first; the full one only if its candidates cannot settle the top k.
-            approx, ids = self._walk(query, first, first, None)
-            deeper = []
+            approx, ids = self._walk(query, RERANK_FIRST, RERANK_FIRST, None)
+            walked_deeper = False
 
             def walk_deeper() -> tuple[np.ndarray, np.ndarray]:
-                deeper.append(True)
-                return self._walk(query, wanted, max(self._manifest.hnsw.ef_search, wanted), None)
+                nonlocal walked_deeper
+                walked_deeper = True
+                return self._walk(query, wanted, wanted, None)
 
             found = self._rescore(query, ids, approx, k, deeper=walk_deeper)
-            self._shallow.record(settled=not deeper)
+            self._shallow.record(settled=not walked_deeper)
             return found
         ef = ef or self._manifest.hnsw.ef_search
         if allowed is not None:  # the walk skips nodes outside the filter: look deeper the fewer match
@@ -531,7 +534,8 @@ class Graph:
         return normalize(matrix - center) if center is not None else normalize(matrix)
 
     def _rescore(self, query: np.ndarray, ids: np.ndarray, approx: np.ndarray | None = None, k: int = 0,
-                 deeper=None) -> tuple[np.ndarray, np.ndarray, Pool, np.ndarray]:
+                 deeper: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, Pool, np.ndarray]:
         """Exact scores of `query` against the stored vectors of `ids` (scored from the float16 bytes
         as they come), best first; with their `Pool` and positions in it.
 
@@ -560,16 +564,15 @@ class Graph:
             scores = np.concatenate([scores, part]) if len(scores) else part
             if approx is not None and usable.any():
                 given = approx[start:end] if len(found) == end - start else \
-                    approx[start:end][np.isin(ids[start:end], found)]
+                    approx[start:end][_holds(found, ids[start:end])]
                 excess = max(excess, float(np.max((part - given)[usable])))
             start = end
-            settled = approx is not None and len(scores) >= k and \
+            settled = approx is not None and 0 < k <= len(scores) and \
                 np.partition(scores, len(scores) - k)[len(scores) - k] > \
                 approx[min(end, len(ids) - 1)] + excess + RERANK_MARGIN
             if end == len(ids) and deeper is not None and not settled and len(ids):
                 more_approx, more_ids = deeper()
-                # (not np.isin: its np.unique imports numpy.ma, ~20 ms of a cold search)
-                deeper, new = None, ~(more_ids[:, None] == ids[None, :]).any(axis=1)
+                deeper, new = None, ~_holds(ids, more_ids)
                 ids, approx = np.concatenate([ids, more_ids[new]]), np.concatenate([approx, more_approx[new]])
             if end == len(ids) or settled:
                 break
@@ -631,7 +634,8 @@ class _ShallowWalks:
 
 def _holds(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """For each of `wanted`, whether `ids` holds it. The graph's ids are ascending (rows are added
-    in id order), which makes this a binary search; otherwise a sort."""
+    in id order), which makes this a binary search; otherwise a sort. (Not np.isin, whose np.unique
+    imports numpy.ma: ~20 ms of a cold search.)"""
     if not len(ids):
         return np.zeros(len(wanted), bool)
     if not np.all(ids[1:] > ids[:-1]):

@@ -794,10 +794,10 @@ class Index:
             found = rows.get(row_id)
             if found is None:
                 continue  # removed since the graph was loaded
-            path, width, height, fmt, size, date, labels = found
+            path = found.path
             abspath = path if root is None or os.path.isabs(path) else os.path.join(root, path)
-            results.append(SearchResult(len(results) + 1, row_id, path, round(score, 6), width, height, fmt, size,
-                                        query, abspath, date, labels))
+            results.append(SearchResult(len(results) + 1, row_id, path, round(score, 6), found.width, found.height,
+                                        found.format, found.size, query, abspath, found.date, found.labels))
         return results
 
     # -- browsing --------------------------------------------------------------------------------

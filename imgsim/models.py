@@ -347,7 +347,7 @@ class OptimisedCache:
             return None
         try:
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            import tempfile  # writers of the cache only: ~3 ms of a cold search
+            import tempfile  # writers of the cache only (a cold search: see ann.py)
 
             return Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.folder)) / self.path.name
         except OSError:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -55,6 +55,18 @@ class ImageRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ResultRow(NamedTuple):
+    """What a search result shows of an image: columns of `images` (by name), then its labels."""
+
+    path: str
+    width: int
+    height: int
+    format: str
+    size: int
+    date: str
+    labels: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -448,15 +460,12 @@ class Store:
         self.conn.executemany("DELETE FROM labels WHERE image_id = ? AND label = ?",
                               [(int(i), label) for i in ids for label in labels])
 
-    RESULT_COLUMNS = ("path", "width", "height", "format", "size", "date")
-    """What a search result shows of an image (`result_rows`)."""
-
-    def result_rows(self, ids: Iterable[int]) -> dict[int, tuple]:
-        """For each id that exists: its `RESULT_COLUMNS` and then its labels as a sorted tuple; one
-        query (a search's results: one SQLite round trip, and no `ImageRow` built for each)."""
+    def result_rows(self, ids: Iterable[int]) -> dict[int, ResultRow]:
+        """The `ResultRow` of each id that exists, in one query (a search's results: one SQLite round
+        trip, and no `ImageRow` built for each)."""
         ids = [int(i) for i in ids]
-        found: dict[int, tuple] = {}
-        columns = ", ".join(f"images.{c}" for c in ("id", *self.RESULT_COLUMNS))
+        found: dict[int, ResultRow] = {}
+        columns = ", ".join(f"images.{c}" for c in ("id", *ResultRow._fields[:-1]))
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
@@ -465,9 +474,9 @@ class Store:
                     f"WHERE images.id IN ({marks}) ORDER BY images.id, labels.label", chunk):
                 have = found.get(image_id)
                 if have is None:
-                    found[image_id] = (_from_db(path), *rest, () if label is None else (label,))
+                    found[image_id] = ResultRow(_from_db(path), *rest, () if label is None else (label,))
                 elif label is not None:
-                    found[image_id] = (*have[:-1], have[-1] + (label,))
+                    found[image_id] = have._replace(labels=have.labels + (label,))
         return found
 
     def labels_by_id(self, ids: Iterable[int]) -> dict[int, list[str]]:

@@ -307,17 +307,36 @@ def test_a_reduced_graph_is_walked_deeper_only_where_a_shallow_walk_cannot_settl
 
 @pytest.mark.parametrize("big", ["reduced"], indirect=True)
 def test_searches_stop_walking_shallowly_first_where_that_rarely_settles(big, monkeypatch):
-    """Here no shallow walk can settle a search (the margin is made too wide for any to): after a
-    few, searches walk fully at once, and still try a shallow walk every SHALLOW_RETRY-th time."""
+    """Here no shallow walk can settle a search (the margin is made too wide for any to): each walks
+    again, fully, and finds at least what the full walk alone finds; after a few, searches walk fully
+    at once, and still try a shallow walk every SHALLOW_RETRY-th time."""
     queries = _vectors(3000, 0)[::10] + 0.01  # 300
     monkeypatch.setattr(graph, "RERANK_MARGIN", 10.0)
     with Index.open(big, read_only=True) as index:
         walks = _walk_counter(index, monkeypatch)
-        for q in queries:
-            index.search(q, k=10, expand=False)
-    shallow, full = walks.count(graph.RERANK_FIRST), walks.count(graph.RERANK_CANDIDATES)
+        found = [index.search(q, k=10, expand=False) for q in queries]
+        shallow, full = walks.count(graph.RERANK_FIRST), walks.count(graph.RERANK_CANDIDATES)
+        monkeypatch.setattr(graph, "RERANK_FIRST", graph.RERANK_CANDIDATES)  # the full walk alone
+        alone = [index.search(q, k=10, expand=False) for q in queries]
     assert full == len(queries)
     assert len(queries) // graph.SHALLOW_RETRY <= shallow <= len(queries) // graph.SHALLOW_RETRY + 10
+    for mine, theirs in zip(found, alone):  # a superset of the full walk's candidates: as good or better
+        assert np.all(np.array([r.score for r in mine]) >= np.array([r.score for r in theirs]) - 1e-6)
+        assert len({r.id for r in mine} & {r.id for r in theirs}) >= 9
+
+
+@pytest.mark.parametrize("big", ["reduced"], indirect=True)
+def test_searches_for_more_results_or_deeper_walk_the_graph_fully_at_once(big, monkeypatch):
+    """A shallow walk's 32 candidates rarely settle more than 16 results; a search with its own `ef`
+    walks as deep as it says."""
+    queries = _vectors(3000, 0)[::300] + 0.01
+    with Index.open(big, read_only=True) as index:
+        walks = _walk_counter(index, monkeypatch)
+        for q in queries:
+            index.search(q, k=graph.RERANK_FIRST // 2 + 1, expand=False)
+            index.search(q, k=10, expand=False, ef=40)
+    assert graph.RERANK_FIRST not in walks
+    assert len(walks) == 2 * len(queries)
 
 
 def test_shallow_walks_are_tried_while_enough_of_them_settle():
