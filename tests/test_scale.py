@@ -7,6 +7,7 @@ size by lowering the threshold)."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,16 +216,21 @@ def _low_rank(n: int, seed: int, noise: float = 0.3, rank: int = 6) -> np.ndarra
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_a_reduced_graph_reads_only_the_candidates_that_could_still_be_in_the_top_k(tmp_path, monkeypatch):
-    """Where the graph's codes rank as the vectors do (here: vectors whose variance lies in 6 of 48
-    dimensions, all kept by the 16-d projection), a search re-scores its best candidates first and
-    stops reading; the results are those of reading every candidate, and of an exact search."""
+def _low_rank_index(tmp_path, monkeypatch) -> tuple[Path, np.ndarray]:
+    """A reduced index of 3,000 `_low_rank` vectors, and 20 queries near some of them."""
     _reduce_from(monkeypatch, 1000)
     x = _low_rank(3000, 7)
     path = tmp_path / "idx"
     with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
         _store(index, x)
-    queries = x[::150] + 0.01
+    return path, x[::150] + 0.01
+
+
+def test_a_reduced_graph_reads_only_the_candidates_that_could_still_be_in_the_top_k(tmp_path, monkeypatch):
+    """Where the graph's codes rank as the vectors do (here: vectors whose variance lies in 6 of 48
+    dimensions, all kept by the 16-d projection), a search re-scores its best candidates first and
+    stops reading; the results are those of reading every candidate, and of an exact search."""
+    path, queries = _low_rank_index(tmp_path, monkeypatch)
     with Index.open(path, read_only=True) as index:
         assert index.info()["graph_dim"] == 16
         reads = _read_counter(index, monkeypatch)
@@ -288,14 +294,8 @@ def _walk_counter(index: Index, monkeypatch) -> list[int]:
 
 def test_a_reduced_graph_is_walked_deeper_only_where_a_shallow_walk_cannot_settle_the_top_k(tmp_path, monkeypatch):
     """Where the codes rank as the vectors do, one shallow walk (RERANK_FIRST candidates) settles
-    nearly every search, with the results of the full walk; where they rank worse (the `big`
-    vectors), searches walk again, deeper, and soon walk fully at once."""
-    _reduce_from(monkeypatch, 1000)
-    x = _low_rank(3000, 7)
-    path = tmp_path / "idx"
-    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
-        _store(index, x)
-    queries = x[::150] + 0.01
+    nearly every search, with the results of the full walk."""
+    path, queries = _low_rank_index(tmp_path, monkeypatch)
     with Index.open(path, read_only=True) as index:
         walks = _walk_counter(index, monkeypatch)
         shallow = [_ids(index.search(q, k=10, expand=False)) for q in queries]
