@@ -612,11 +612,12 @@ class Graph:
 class _ShallowWalks:
     """Whether a search should walk a reduced graph shallowly first (`RERANK_FIRST` candidates at that
     depth, about 0.6 of the full walk's time) and walk fully only if those cannot settle the top k
-    (see `Graph._rescore`). It pays where most searches settle: on features of real pictures (and
-    vectors with their spectrum) 0.85-0.93 of them did (README). Where the codes rank worse (vectors whose
-    neighbours differ by noise spread over every dimension) nearly none do, and each search would
-    walk twice: so the share that settled is followed (a moving average), and below `SHALLOW_WORTH`
-    searches walk fully at once, trying a shallow walk again every `SHALLOW_RETRY`-th search."""
+    (see `Graph._rescore`). It pays where most searches settle: 0.86-0.99 of them did on features of
+    real pictures and vectors with their spectrum (README, "A shallow walk first"). Where the codes
+    rank worse (vectors whose neighbours differ by noise spread over every dimension) nearly none
+    do, and each search would walk twice: so the share that settled is followed (a moving average),
+    and below `SHALLOW_WORTH` searches walk fully at once, trying a shallow walk again every
+    `SHALLOW_RETRY`-th search."""
 
     def __init__(self) -> None:
         self._settled = 1.0
