@@ -414,7 +414,8 @@ class Graph:
             return (*self._exact(query, k, allowed), None, nothing)
         return self._rescore(query, ids, approx if ann.reduced else None, k)
 
-    def _walk(self, query: np.ndarray, count: int, ef: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _walk(self, query: np.ndarray, count: int, ef: int,
+              allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(approximate scores, ids) of the graph walk's best `count` for one query, best first."""
         approx, ids = self.ann.search(query[None], count, ef_search=ef, allowed=allowed)
         return approx[0][ids[0] >= 0], ids[0][ids[0] >= 0]
