@@ -162,12 +162,20 @@ def phase_search(path: str, n: int, dim: int, seed: int, count: int, out: str) -
         return read_vectors(ids, dim)
 
     index.store.vector_bytes = counted
+    walk = index.graph._walk
+    walks = [0]
+
+    def walked(*args):  # how many graph walks a search makes (a shallow one first, a full one if needed)
+        walks[0] += 1
+        return walk(*args)
+
+    index.graph._walk = walked
     # The graph's recall is measured ranked by the query alone (expand=False); `expanded` times the
     # default search, whose query expansion re-ranks by design (its "recall" is its overlap).
     for name, f, expand in (("unfiltered", None, False), ("folder_1pct", folder, False),
                             ("unfiltered_again", None, False), ("expanded", None, True)):
         ms, cpu, ids = [], [], []
-        reads[0] = 0
+        reads[0] = walks[0] = 0
         for q in qs:
             t0, c0 = time.perf_counter(), time.process_time()
             results = index.search(q, k=10, filter=f, expand=expand)
@@ -176,7 +184,8 @@ def phase_search(path: str, n: int, dim: int, seed: int, count: int, out: str) -
             ids.append([r.id for r in results] + [-1] * (10 - len(results)))
         found[name] = np.asarray(ids)
         timings[name] = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-                         "cpu_p50_ms": float(np.percentile(cpu, 50)), "vectors_read": reads[0] / len(qs)}
+                         "cpu_p50_ms": float(np.percentile(cpu, 50)), "vectors_read": reads[0] / len(qs),
+                         "walks": walks[0] / len(qs)}
     center = index.manifest.center
     index.close()
     np.savez(out, center=np.zeros(0) if center is None else center, **found)
@@ -291,8 +300,8 @@ def bench(n: int, args) -> None:
         t = timings[name]
         cpu = f" (CPU p50 {t['cpu_p50_ms']:.2f} ms)" if "cpu_p50_ms" in t else ""
         print(f"Index.search k=10 {name:<15} p50 {t['p50_ms']:6.2f} ms  p99 {t['p99_ms']:6.2f} ms{cpu}  "
-              f"recall@10 {truth['recall_at_10'][name]:.3f}  vectors read {t.get('vectors_read', 0):.0f}/search",
-              flush=True)
+              f"recall@10 {truth['recall_at_10'][name]:.3f}  vectors read {t.get('vectors_read', 0):.0f}/search, "
+              f"walks {t.get('walks', 0):.2f}/search", flush=True)
     print(f"search process peak memory {rss:.0f} MB ({args.queries} queries of each kind, load average "
           f"{os.getloadavg()[0]:.1f}); exact float32 numpy scan {truth['exact_scan_ms_per_query']:.1f} ms/query",
           flush=True)
