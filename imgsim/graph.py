@@ -372,7 +372,22 @@ class Graph:
                     exact: bool = False) -> tuple[np.ndarray, np.ndarray, Pool | None, np.ndarray]:
         """As `search`, but every candidate re-scored (at least `k` where as many exist), best first,
         with the `Pool` of their vectors and each one's position in it, so that they can be scored
-        against more queries without another read (query expansion). An exact scan has no pool."""
+        against more queries without another read (query expansion). An exact scan has no pool.
+        In an index with crop views, the best candidates are scored by those too (`crops.rerank`)."""
+        scores, ids, pool, positions = self._search_pool(query, k, allowed=allowed, ef=ef, exact=exact)
+        views = len(self._manifest.preprocess.crop_views)
+        if views and len(ids):
+            from . import crops
+
+            query = normalize(np.asarray(query, dtype=np.float32).reshape(1, -1))[0]
+            scores, order = crops.rerank(self._store, views, self._manifest.dim, self._manifest.center, query,
+                                         scores, ids)
+            ids = ids[order]
+            positions = positions[order] if pool is not None else positions
+        return scores, ids, pool, positions
+
+    def _search_pool(self, query: np.ndarray, k: int, *, allowed: np.ndarray | None, ef: int | None,
+                     exact: bool) -> tuple[np.ndarray, np.ndarray, Pool | None, np.ndarray]:
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if query.shape[0] != self._manifest.dim:
             raise ImgsimError(f"query vector has {query.shape[0]} dimensions; this index has {self._manifest.dim}")

@@ -121,6 +121,13 @@ def _damaged_database(sqlite_path: Path, e: sqlite3.DatabaseError) -> ImgsimErro
     return IndexCorruptError(f"the index database {sqlite_path} is damaged: {e}; restore it, or re-index")
 
 
+def _views_text(index_views: tuple[str, ...], crop_views: tuple[str, ...]) -> str:
+    """How an index's extra views read in a message."""
+    parts = ([f"{', '.join(index_views)} averaged in"] if index_views else []) + \
+        ([f"crop views {', '.join(crop_views)}"] if crop_views else [])
+    return "; ".join(parts) or "no extra view"
+
+
 def _guard_database(method):
     """Turn SQLite errors that the open-time checks could not foresee (a file damaged or taken away
     while open) into `IndexCorruptError`, for Python users and the CLI alike."""
@@ -233,13 +240,17 @@ class Index:
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, *, model: str | None = None, root: str | os.PathLike | None = None,
-               hnsw: HnswParams | None = None, index_views: Iterable[str] = ()) -> Index:
+               hnsw: HnswParams | None = None, index_views: Iterable[str] = (),
+               crop_views: Iterable[str] = ()) -> Index:
         """Create a new, empty index at `path` (files PATH.faiss and PATH.sqlite).
 
         `model` is a catalogue name (default: resnet50 when installed, else the bundled model);
         `root` is the folder image paths are stored relative to (default: the first folder added);
-        `index_views` such as ``("centre60",)`` average each indexed image's vector with that of its
-        centre (finds tight crops; indexing about 1.3x slower; an exact copy then scores about 0.93).
+        `crop_views` such as `crops.CROP_VIEWS` (``("centre70", "centre50")``, what ``imgsim index
+        --centre-view`` uses) keep the vectors of each indexed picture's centre too, and a search's
+        best candidates score by them as well (finds tight crops; indexing embeds each picture once
+        more per view; see `crops.py`). `index_views` (older, averaged into the image's own vector
+        instead) are still accepted.
         If the `with` block of a new index fails before anything was stored, the index is removed
         again, so that a retry starts afresh.
         """
@@ -258,7 +269,7 @@ class Index:
             log.info("model: %s (%s)", model, why)
         loaded = Model.load(model)
         try:
-            preprocess = replace(loaded.preprocess, index_views=tuple(index_views))
+            preprocess = replace(loaded.preprocess, index_views=tuple(index_views), crop_views=tuple(crop_views))
         except ValueError as e:
             raise ImgsimError(str(e)) from None
         root_key = None if root is None else _relative(Path(os.path.expanduser(os.fspath(root))), sqlite_path.parent)
@@ -318,22 +329,31 @@ class Index:
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, *, model: str | None = None,
-                       root: str | os.PathLike | None = None, index_views: Iterable[str] | None = None) -> Index:
-        """Open the index at `path` for writing, or create it. A `model` (or `index_views`) other than
-        the one an existing index was made with is refused (an index holds one kind of vector)."""
+                       root: str | os.PathLike | None = None, index_views: Iterable[str] | None = None,
+                       crop_views: Iterable[str] | None = None) -> Index:
+        """Open the index at `path` for writing, or create it. A `model` (or `index_views`, or
+        `crop_views`) other than the one an existing index was made with is refused (an index holds
+        one kind of vector). None: whatever an existing index was made with. Crop views asked of an
+        index made with centre views averaged in (``--centre-view`` before crop views) are taken as
+        those: it keeps indexing as it was made."""
         _, sqlite_path = index_files(path)
         if not sqlite_path.exists():
-            return cls.create(path, model=model, root=root, index_views=index_views or ())
+            return cls.create(path, model=model, root=root, index_views=index_views or (), crop_views=crop_views or ())
         index = cls.open(path)
         if model and model != index.model_name:
             index.close()
             raise ImgsimError(f"index {path} was made with {index.model_name}, not {model}: "
                               f"use another --index for a {model} index")
-        if index_views is not None and tuple(index_views) != index.manifest.preprocess.index_views:
-            made = ", ".join(index.manifest.preprocess.index_views) or "no extra view"
+        made = index.manifest.preprocess
+        if crop_views is not None and index_views is None and made.index_views and not made.crop_views:
+            crop_views = None  # asked for centre views of an index that averages them in (older): as made
+        if (index_views is not None and tuple(index_views) != made.index_views) or \
+                (crop_views is not None and tuple(crop_views) != made.crop_views):
             index.close()
-            raise ImgsimError(f"index {path} was made with {made}: use another --index to index with "
-                              f"{', '.join(index_views) or 'no extra view'}")
+            asked = _views_text(made.index_views if index_views is None else tuple(index_views),
+                                made.crop_views if crop_views is None else tuple(crop_views))
+            raise ImgsimError(f"index {path} was made with {_views_text(made.index_views, made.crop_views)}: "
+                              f"use another --index to index with {asked}")
         return index
 
     def close(self, discard_if_fresh: bool = False) -> None:

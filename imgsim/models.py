@@ -29,9 +29,9 @@ TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
 
 # Whole-image resizing after trimming plain borders, and GeM pooling (p=3), were chosen by
 # scripts/eval_retrieval.py over centre crop and average pooling: see "How good is it" in README.md.
-# Averaging each indexed image's vector with that of its centre 60 % (`imgsim index --centre-view`)
-# is an option, not the default: it finds tight crops (grey centre crops of 300-pixel pictures:
-# recall@1 0.81 -> 0.93) but costs a little elsewhere and makes an exact copy score ~0.93, not 1.0.
+# Keeping vectors of each indexed picture's centre too (`imgsim index --centre-view`, crops.py) is an
+# option, not the default: it finds tight crops, but embeds every picture 3 times and more than
+# doubles the bytes an image takes on disk.
 # EfficientNet-Lite was trained in TensorFlow on inputs scaled as (x - 127) / 128; models/README.md
 # has the evidence (BatchNorm statistics and ImageNet classification of real photos).
 _LITE_PREPROCESS = Preprocess(
@@ -290,12 +290,13 @@ class Model:
                 out = gem(feature_map, self._gem_p)
         return normalize(out.reshape(len(batch), -1))
 
-    def embed_views(self, batch: np.ndarray) -> np.ndarray:
-        """Embed a (N, V, 3, H, W) batch of V views per image (see `images.to_views`) into (N, dim)
-        vectors: each view's vector normalised, summed per image, normalised again."""
+    def embed_views(self, batch: np.ndarray, crops: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Embed a (N, V, 3, H, W) batch of V views per image (see `images.to_views`), the last
+        `crops` of them crop views: (N, dim) vectors of the others (each view's vector normalised,
+        summed per image, normalised again) and (N, crops, dim) vectors of the crop views."""
         n, views = batch.shape[:2]
         vectors = self.embed(batch.reshape(n * views, *batch.shape[2:])).reshape(n, views, -1)
-        return normalize(vectors.sum(axis=1))
+        return normalize(vectors[:, :views - crops].sum(axis=1)), vectors[:, views - crops:]
 
 
 class OptimisedCache:

@@ -54,9 +54,11 @@ def embed_files(candidates: list[Candidate], model: Model, *, batch_size: int = 
     failures: list[tuple[str, str]] = []
 
     def flush() -> tuple[list[NewImage], list[tuple[str, str]]]:
-        vectors = model.embed_views(np.stack(arrays)) if arrays else np.empty((0, model.dim), np.float32)
-        batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v, taken, camera)
-                 for (c, (w, h, fmt, taken, camera)), v in zip(metas, vectors)]
+        crops = len(prep.crop_views)
+        vectors, crop_vectors = model.embed_views(np.stack(arrays), crops) if arrays else \
+            (np.empty((0, model.dim), np.float32), np.empty((0, crops, model.dim), np.float32))
+        batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v, taken, camera, cv if crops else None)
+                 for (c, (w, h, fmt, taken, camera)), v, cv in zip(metas, vectors, crop_vectors)]
         result = (batch, list(failures))
         arrays.clear()
         metas.clear()

@@ -83,6 +83,8 @@ class NewImage:
     vector: np.ndarray
     taken: str | None = None
     camera: str | None = None
+    crops: np.ndarray | None = None
+    """The vectors of the index's crop views (`Preprocess.crop_views`), (views, dim); None without."""
 
 
 MIGRATION_SET = "imgsim"
@@ -213,7 +215,19 @@ def _float16(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE manifest SET value = '3' WHERE key = 'format_version'")
 
 
-WRITER_ONLY_MIGRATIONS = frozenset({"003_error_file_stat", "004_export_state"})
+@_migration("006_crop_vectors")
+def _crop_vectors(db: sqlite_utils.Database) -> None:
+    """The vectors of each image's crop views (`Preprocess.crop_views`, `imgsim index --centre-view`),
+    float16, one blob of all of them per image: read for a search's best candidates (crops.py), never
+    in the graph. Indexes without crop views leave it empty."""
+    db.execute("""
+        CREATE TABLE crop_vectors (
+            id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+            vectors BLOB NOT NULL
+        )""")
+
+
+WRITER_ONLY_MIGRATIONS = frozenset({"003_error_file_stat", "004_export_state", "006_crop_vectors"})
 """Migrations that only writers need: a read-only open of a file without them is not refused."""
 
 MIGRATION_NAMES = tuple(name for name, _ in _MIGRATION_STEPS)
@@ -409,6 +423,9 @@ class Store:
             )
             ids.append(cursor.lastrowid)
             self.conn.execute("INSERT INTO vectors (id, vector) VALUES (?, ?)", (cursor.lastrowid, _to_blob(image.vector)))
+            if image.crops is not None:
+                self.conn.execute("INSERT INTO crop_vectors (id, vectors) VALUES (?, ?)",
+                                  (cursor.lastrowid, _to_blob(image.crops)))
             self.conn.execute("DELETE FROM errors WHERE path = ?", (_to_db(image.path),))
         if labels:
             self.add_labels(ids, labels)
@@ -527,6 +544,36 @@ class Store:
             found.update(self.conn.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk).fetchall())
         keep = [i for i in ids if isinstance(found.get(i), bytes) and len(found[i]) == size]
         return np.asarray(keep, np.int64), b"".join([found[i] for i in keep])
+
+    def crop_bytes(self, ids, size: int) -> tuple[np.ndarray, bytes]:
+        """(the ids that have crop-view vectors of `size` bytes, those blobs joined), in the order given.
+        A blob of another size (damaged) is left out: that image is scored by its own vector alone."""
+        ids = np.asarray(ids, dtype=np.int64).tolist()
+        marks = ",".join("?" * len(ids))
+        try:
+            found = dict(self.conn.execute(f"SELECT id, vectors FROM crop_vectors WHERE id IN ({marks})", ids))
+        except sqlite3.OperationalError as e:  # a file claiming crop views without their table
+            raise IndexCorruptError(f"{self.path} is damaged: its crop views cannot be read ({e})") from None
+        keep = [i for i in ids if isinstance(found.get(i), bytes) and len(found[i]) == size]
+        return np.asarray(keep, np.int64), b"".join([found[i] for i in keep])
+
+    def ids_with_damaged_crop_views(self, views: int, dim: int, chunk: int = 2048) -> np.ndarray:
+        """Ids of images without crop-view vectors of `views` x `dim` float16 values, or whose
+        crop-view vectors are not finite unit vectors (an index with crop views)."""
+        size = views * dim * VECTOR_BYTES
+        bad = [r[0] for r in self.conn.execute(
+            "SELECT id FROM images WHERE id NOT IN (SELECT id FROM crop_vectors WHERE typeof(vectors) = 'blob' "
+            "AND length(vectors) = ?)", (size,))]
+        last = 0
+        while rows := self.conn.execute("SELECT id, vectors FROM crop_vectors WHERE id > ? AND length(vectors) = ? "
+                                        "ORDER BY id LIMIT ?", (last, size, chunk)).fetchall():
+            matrix = blobs_to_matrix([blob for _, blob in rows], dim * views).reshape(-1, dim)
+            norms = np.einsum("ij,ij->i", matrix, matrix).reshape(len(rows), views)
+            with np.errstate(invalid="ignore"):
+                damaged = ~np.all(np.abs(norms - 1) < 2e-3, axis=1)
+            bad += [row_id for (row_id, _), d in zip(rows, damaged) if d]
+            last = rows[-1][0]
+        return np.array(sorted(bad), dtype=np.int64)
 
     def removed_ids(self) -> np.ndarray:
         """Ids of every row ever removed (ids are never reused): the graph may still hold some."""

@@ -1,7 +1,8 @@
 """`imgsim verify`: check every invariant an index relies on, and say what was found.
 
 The checks, cheapest first: SQLite's own integrity check; every row has a vector and every vector a
-row; every vector has the right size, is finite and unit-length; the FAISS file matches its manifest,
+row; every vector has the right size, is finite and unit-length (and so are the crop views of an
+index that has them); the FAISS file matches its manifest,
 holds every live id, and its dead ids are accounted for; the model file is installed and is the one
 the index was made with; the image files are where the index says.
 """
@@ -42,6 +43,7 @@ def verify(index, repair: bool = False) -> VerifyReport:
         report.repaired.append(f"removed {removed} unpaired rows and vectors (re-index to embed those files again)")
         report.problems = [p for p in report.problems if "no image row" not in p and "no vector" not in p]
     _check_vectors(index, report, repair)
+    _check_crop_views(index, report, repair)
     _check_faiss(index, report, repair)
     _check_model(index, report)
     _check_files(index, report)
@@ -74,6 +76,27 @@ def _check_vectors(index, report: VerifyReport, repair: bool) -> None:
         what = f"have the wrong size ({len(wrong_size)} of them)" if len(wrong_size) else "are not finite unit vectors"
         report.problems.append(f"{len(bad_ids)} stored vectors {what} "
                                f"(verify --repair removes them, for `imgsim index` to embed their files again)")
+
+
+def _check_crop_views(index, report: VerifyReport, repair: bool) -> None:
+    """In an index with crop views (`imgsim index --centre-view`), every image has them, as finite
+    unit vectors (a search passes over damaged ones, scoring that image by its own vector alone).
+    With `repair`, such images are removed, so that the next `imgsim index` embeds them again."""
+    views = len(index.manifest.preprocess.crop_views)
+    if not views:
+        return
+    bad = index.store.ids_with_damaged_crop_views(views, index.manifest.dim)
+    if not len(bad):
+        return
+    if repair and not index.read_only:
+        with index.store.transaction():
+            index.store.delete(bad.tolist())
+        index.graph.forget_removed()
+        report.repaired.append(f"removed {len(bad)} image{'s' * (len(bad) != 1)} whose crop views were missing or "
+                               f"damaged: the next `imgsim index` embeds their files again")
+    else:
+        report.problems.append(f"{len(bad)} images' crop views are missing or damaged (verify --repair removes "
+                               f"those images, for `imgsim index` to embed their files again)")
 
 
 def _check_faiss(index, report: VerifyReport, repair: bool) -> None:

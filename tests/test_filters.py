@@ -290,21 +290,6 @@ def test_labelling_the_root_folder_labels_everything(writable, library, monkeypa
     assert run("label", ".", "--add", "x", "--index", writable).exit_code == 1  # "." as a stored path is nothing
 
 
-def test_centre_view_is_chosen_when_an_index_is_made_and_kept(tmp_path, photos):
-    made = run("index", photos, "--index", tmp_path / "c", "--model", TINY_MODEL, "--centre-view", "--json")
-    assert made.exit_code == 0, made.output
-    with Index.open(tmp_path / "c", read_only=True) as index:
-        assert index.manifest.preprocess.index_views == ("centre60",)
-        query = photos / "coffee.jpg"
-        top = index.search(query, k=1)[0]
-        assert top.path == "coffee.jpg" and top.score < 0.9999  # the stored vector also holds the centre
-    assert run("index", photos, "--index", tmp_path / "c").exit_code == 0  # kept without saying it again
-    plain = run("index", photos, "--index", tmp_path / "p", "--model", TINY_MODEL)
-    assert plain.exit_code == 0
-    refused = run("index", photos, "--index", tmp_path / "p", "--centre-view")
-    assert refused.exit_code == 1 and "was made with no extra view" in refused.stderr
-
-
 def test_a_folder_filter_may_be_a_folder_on_disk(built, library, monkeypatch, tmp_path):
     """`--folder` and `--reference` as the user has the folder at hand: absolute, relative to the
     working folder, or through a link to it: the same images as the stored form (before, an
