@@ -82,13 +82,23 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from imgsim import Index
 from imgsim import images as imgs
+from imgsim.crops import CROP_VIEWS
 from imgsim.expand import Expansion
 from imgsim.errors import ImageError
 from imgsim.models import BUNDLED_MODEL, Model, available_cpus
 from imgsim.models import regions as model_regions
 
-PRODUCT_CONFIGS = {"imgsim": (), "imgsim-centre60": ("centre60",)}
-"""The product itself, through `Index`: as it indexes by default, and with `imgsim index --centre-view`.
+PRODUCT_CONFIGS = {
+    "imgsim": ((), ()),
+    "imgsim-crops": ((), CROP_VIEWS),
+    "imgsim-crops60": ((), ("centre60",)),
+    "imgsim-crops70-60-50": ((), ("centre70", "centre60", "centre50")),
+    "imgsim-centre60": (("centre60",), ()),
+}
+"""The product itself, through `Index`, as (index views, crop views): as it indexes by default; with
+`imgsim index --centre-view` (``imgsim-crops``: crop views, the centre 70 % and 50 %) and other
+crop views; and with the centre 60 % averaged into each image's vector (``imgsim-centre60``, what
+`--centre-view` did before crop views).
 
 Either name may end in ``+SEARCH``, how `Index.search` ranks (default: as the product does by default):
 ``+noexp`` (``expand=False``: by the query alone), ``+qe1`` (query expansion with the best match,
@@ -98,8 +108,8 @@ scores at least / below this); e.g. ``imgsim+qe1_w0.5_min0.3``. Configurations o
 share one index and one embedding of each query."""
 
 
-def product_config(name: str) -> tuple[tuple[str, ...], bool | Expansion] | None:
-    """(index views, `expand` argument) of a product configuration name; None for a variant's name."""
+def product_config(name: str) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], bool | Expansion] | None:
+    """((index views, crop views), `expand` argument) of a product configuration name; None for a variant's name."""
     base, plus, how = name.partition("+")
     if base not in PRODUCT_CONFIGS:
         return None
@@ -605,12 +615,13 @@ def evaluate_products(folder: Path, items: Sequence[Item], queries: Sequence[Que
     group_sizes = defaultdict(int)
     for it in items:
         group_sizes[it.group] += 1
-    by_views: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    by_views: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = defaultdict(list)
     for name in names:
         by_views[product_config(name)[0]].append(name)
     results = []
-    for views, members in by_views.items():
-        target = index_path if index_path and not views else work_dir / f"index-{'-'.join(('imgsim',) + views)}"
+    for (views, crop_views), members in by_views.items():
+        plain = not views and not crop_views
+        target = index_path if index_path and plain else work_dir / f"index-{members[0].partition('+')[0]}"
         log(f"{', '.join(members)}: indexing and searching through Index")
         exists = target.with_name(target.name + ".sqlite").exists()
         note = ""
@@ -619,7 +630,7 @@ def evaluate_products(folder: Path, items: Sequence[Item], queries: Sequence[Que
             note = f"existing index {target}; "
             index_ms = float("nan")
         else:
-            index = Index.create(target, model=model, root=folder, index_views=views)
+            index = Index.create(target, model=model, root=folder, index_views=views, crop_views=crop_views)
             report = index.add([it.path for it in items])
             index_ms = 1000 * report.seconds / max(1, report.embedded)
             if report.failed:
