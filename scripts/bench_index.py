@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_photos import PHOTOS, photo  # noqa: E402
 
 from imgsim import Index, models  # noqa: E402
+from imgsim.crops import CROP_VIEWS  # noqa: E402
 
 
 def make_photos(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (640, 480)) -> list[Path]:
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--pooling", help="try another pooling than the catalogue's, e.g. gem3-rmac3")
     parser.add_argument("--index-views", help="try other index views: comma-separated (e.g. centre60), or none")
     parser.add_argument("--input-size", type=int, help="try another input size than the catalogue's")
+    parser.add_argument("--centre-view", action="store_true",
+                        help="index with crop views, as `imgsim index --centre-view` does")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "imgsim-bench-photos")
     args = parser.parse_args()
 
@@ -81,7 +84,7 @@ def main() -> None:
     paths = make_photos(folder, args.images, size=size)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "bench"
-        with Index.create(base, model=args.model, root=folder) as index:
+        with Index.create(base, model=args.model, root=folder, crop_views=CROP_VIEWS if args.centre_view else ()) as index:
             first = index.sync(folder, batch_size=args.batch_size)
         with Index.open(base) as index:
             again = index.sync(folder)
@@ -104,7 +107,8 @@ def main() -> None:
 
     spec = models.CATALOGUE[args.model]
     print(f"model {args.model} (input {spec.preprocess.size}, pooling {spec.pooling}, index views "
-          f"{','.join(spec.preprocess.index_views) or 'none'}), {args.images} photos of {size[0]}x{size[1]} JPEG, "
+          f"{','.join(spec.preprocess.index_views) or 'none'}, crop views "
+          f"{','.join(CROP_VIEWS) if args.centre_view else 'none'}), {args.images} photos of {size[0]}x{size[1]} JPEG, "
           f"batch {args.batch_size}")
     print(f"first index:     {first.seconds:7.2f} s  {first.images_per_second:6.1f} images/s  (added {first.added})")
     print(f"unchanged sync:  {again.seconds:7.2f} s  ({again.seconds / first.seconds:.4f} of the first run, "
