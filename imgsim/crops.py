@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .scoring import Pool
-from .store import VECTOR_BYTES, Store
+from .store import Store
 
 CROP_VIEWS = ("centre70", "centre50")
 """The crop views `imgsim index --centre-view` keeps (README "How good is it": with the centre 60 %
@@ -41,7 +41,7 @@ def rerank(store: Store, views: int, dim: int, center: np.ndarray | None, query:
     head = min(len(ids), CROP_CANDIDATES)
     if not head:
         return scores, np.arange(len(ids))
-    found, blobs = store.crop_bytes(ids[:head], views * dim * VECTOR_BYTES)
+    found, blobs = store.crop_bytes(ids[:head], views, dim)
     if not len(found):
         return scores, np.arange(len(ids))
     pool = Pool(np.repeat(found, views), blobs, dim, center)

@@ -218,13 +218,13 @@ def _float16(db: sqlite_utils.Database) -> None:
 @_migration("006_crop_vectors")
 def _crop_vectors(db: sqlite_utils.Database) -> None:
     """The vectors of each image's crop views (`Preprocess.crop_views`, `imgsim index --centre-view`),
-    float16, one blob of all of them per image: read for a search's best candidates (crops.py), never
-    in the graph. Indexes without crop views leave it empty."""
-    db.execute("""
-        CREATE TABLE crop_vectors (
-            id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
-            vectors BLOB NOT NULL
-        )""")
+    float16, one row per view, keyed `image id * CROP_SLOTS + view` so that a page holds as many as
+    `vectors` does (one blob of all of an image's views took a whole 8 KB page alone at 1280-d) and
+    a search reads its best candidates' ones by key (crops.py); never in the graph. They go with
+    their image by a trigger. Indexes without crop views leave the table empty."""
+    db.execute("CREATE TABLE crop_vectors (id INTEGER PRIMARY KEY, vector BLOB NOT NULL)")
+    db.execute(f"CREATE TRIGGER images_crop_vectors AFTER DELETE ON images BEGIN DELETE FROM crop_vectors "
+               f"WHERE id >= old.id * {CROP_SLOTS} AND id < (old.id + 1) * {CROP_SLOTS}; END")
 
 
 WRITER_ONLY_MIGRATIONS = frozenset({"003_error_file_stat", "004_export_state", "006_crop_vectors"})
@@ -424,8 +424,9 @@ class Store:
             ids.append(cursor.lastrowid)
             self.conn.execute("INSERT INTO vectors (id, vector) VALUES (?, ?)", (cursor.lastrowid, _to_blob(image.vector)))
             if image.crops is not None:
-                self.conn.execute("INSERT INTO crop_vectors (id, vectors) VALUES (?, ?)",
-                                  (cursor.lastrowid, _to_blob(image.crops)))
+                self.conn.executemany("INSERT INTO crop_vectors (id, vector) VALUES (?, ?)",
+                                      [(cursor.lastrowid * CROP_SLOTS + view, _to_blob(vector))
+                                       for view, vector in enumerate(image.crops)])
             self.conn.execute("DELETE FROM errors WHERE path = ?", (_to_db(image.path),))
         if labels:
             self.add_labels(ids, labels)
@@ -545,34 +546,45 @@ class Store:
         keep = [i for i in ids if isinstance(found.get(i), bytes) and len(found[i]) == size]
         return np.asarray(keep, np.int64), b"".join([found[i] for i in keep])
 
-    def crop_bytes(self, ids, size: int) -> tuple[np.ndarray, bytes]:
-        """(the ids that have crop-view vectors of `size` bytes, those blobs joined), in the order given.
-        A blob of another size (damaged) is left out: that image is scored by its own vector alone."""
+    def crop_bytes(self, ids, views: int, dim: int) -> tuple[np.ndarray, bytes]:
+        """(the ids that have all `views` crop-view vectors of `dim` float16 values, those blobs
+        joined, each image's views in order), in the order given. An image with any of them missing
+        or of another size (damaged) is left out: it is scored by its own vector alone."""
         ids = np.asarray(ids, dtype=np.int64).tolist()
-        marks = ",".join("?" * len(ids))
+        keys = [i * CROP_SLOTS + view for i in ids for view in range(views)]
+        size = VECTOR_BYTES * dim
+        found: dict[int, bytes] = {}
         try:
-            found = dict(self.conn.execute(f"SELECT id, vectors FROM crop_vectors WHERE id IN ({marks})", ids))
+            for start in range(0, len(keys), 4096):
+                chunk = keys[start:start + 4096]
+                found.update(self.conn.execute(
+                    f"SELECT id, vector FROM crop_vectors WHERE id IN ({','.join('?' * len(chunk))})", chunk))
         except sqlite3.OperationalError as e:  # a file claiming crop views without their table
             raise IndexCorruptError(f"{self.path} is damaged: its crop views cannot be read ({e})") from None
-        keep = [i for i in ids if isinstance(found.get(i), bytes) and len(found[i]) == size]
-        return np.asarray(keep, np.int64), b"".join([found[i] for i in keep])
+        keep, blobs = [], []
+        for n, image_id in enumerate(ids):
+            mine = [found.get(key) for key in keys[n * views:(n + 1) * views]]
+            if all(isinstance(b, bytes) and len(b) == size for b in mine):
+                keep.append(image_id)
+                blobs += mine
+        return np.asarray(keep, np.int64), b"".join(blobs)
 
     def ids_with_damaged_crop_views(self, views: int, dim: int, chunk: int = 2048) -> np.ndarray:
-        """Ids of images without crop-view vectors of `views` x `dim` float16 values, or whose
+        """Ids of images without all `views` crop-view vectors of `dim` float16 values, or whose
         crop-view vectors are not finite unit vectors (an index with crop views)."""
-        size = views * dim * VECTOR_BYTES
-        bad = [r[0] for r in self.conn.execute(
-            "SELECT id FROM images WHERE id NOT IN (SELECT id FROM crop_vectors WHERE typeof(vectors) = 'blob' "
-            "AND length(vectors) = ?)", (size,))]
+        bad = []
         last = 0
-        while rows := self.conn.execute("SELECT id, vectors FROM crop_vectors WHERE id > ? AND length(vectors) = ? "
-                                        "ORDER BY id LIMIT ?", (last, size, chunk)).fetchall():
-            matrix = blobs_to_matrix([blob for _, blob in rows], dim * views).reshape(-1, dim)
-            norms = np.einsum("ij,ij->i", matrix, matrix).reshape(len(rows), views)
-            with np.errstate(invalid="ignore"):
-                damaged = ~np.all(np.abs(norms - 1) < 2e-3, axis=1)
-            bad += [row_id for (row_id, _), d in zip(rows, damaged) if d]
-            last = rows[-1][0]
+        while ids := [r[0] for r in self.conn.execute(
+                "SELECT id FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, chunk))]:
+            found, blobs = self.crop_bytes(ids, views, dim)
+            bad += sorted(set(ids) - set(found.tolist()))
+            if len(found):
+                matrix = blobs_to_matrix([blobs], dim * views * len(found)).reshape(-1, dim)
+                norms = np.einsum("ij,ij->i", matrix, matrix).reshape(len(found), views)
+                with np.errstate(invalid="ignore"):
+                    damaged = ~np.all(np.abs(norms - 1) < 2e-3, axis=1)
+                bad += found[damaged].tolist()
+            last = ids[-1]
         return np.array(sorted(bad), dtype=np.int64)
 
     def removed_ids(self) -> np.ndarray:
@@ -688,6 +700,9 @@ def page_size_for(dim: int) -> int:
 
 MMAP_BYTES = 1 << 40
 """How much of the file SQLite may memory-map (it caps this at its compile-time limit, 2 GB by default)."""
+
+CROP_SLOTS = 8
+"""Keys of crop-view vectors: image id x this + the view's place (at most `images.MAX_VIEWS` views)."""
 
 VECTOR_BYTES = 2
 """Bytes per dimension of a stored vector: float16, little-endian (format 3 on)."""
