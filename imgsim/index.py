@@ -37,7 +37,7 @@ from .files import discard, leftover_stages, why_not_writable
 from .filters import Filter
 from .graph import Graph
 from .lock import WriterLock
-from .manifest import FORMAT_VERSION, Manifest
+from .manifest import FORMAT_VERSION, PLAIN_FORMAT, Manifest
 from .models import Model, available_cpus, default_model
 from .pipeline import bounded_map, embed_files
 from .scoring import damaged_rows
@@ -273,7 +273,7 @@ class Index:
         except ValueError as e:
             raise ImgsimError(str(e)) from None
         root_key = None if root is None else _relative(Path(os.path.expanduser(os.fspath(root))), sqlite_path.parent)
-        manifest = Manifest(format_version=FORMAT_VERSION, model=loaded.name, model_sha256=loaded.sha256,
+        manifest = Manifest(format_version=FORMAT_VERSION if preprocess.crop_views else PLAIN_FORMAT, model=loaded.name, model_sha256=loaded.sha256,
                             dim=loaded.dim, preprocess=preprocess, hnsw=hnsw or HnswParams(),
                             pooling=loaded.pooling, root=root_key, created=time.time())
         # Built under a temporary name and linked into place whole, so a crash never leaves a half-made index.
@@ -556,14 +556,17 @@ class Index:
             source_ids = [source_id for _, source_id in plan.copies]
             vectors = self._store.vectors_by_id(source_ids, self._manifest.dim)
             sources = self._store.rows_by_id(source_ids)
+            crops = self._source_crops(source_ids)
             copies = []
             for item, source_id in plan.copies:
-                if source_id not in vectors:  # its row went with this very plan (a replaced file)
+                # Its row went with this very plan (a replaced file), or its crop views are damaged: embedded instead.
+                if source_id not in vectors or (crops is not None and source_id not in crops):
                     plan.to_embed.append(item)
                     continue
                 source = sources[source_id]
                 copies.append(NewImage(item.key, item.size, item.mtime_ns, item.sha256, source.width, source.height,
-                                       source.format, vectors[source_id], source.taken, source.camera))
+                                       source.format, vectors[source_id], source.taken, source.camera,
+                                       None if crops is None else crops[source_id]))
             new_ids = self._insert(copies, label_from_folder)
         if copies:
             graph.add(new_ids, np.stack([c.vector for c in copies]))
@@ -573,6 +576,16 @@ class Index:
         report.unchanged = plan.unchanged + len(plan.touched)
         report.removed = len(plan.removals)
         report.added = len(copies)
+
+    def _source_crops(self, ids: list[int]) -> dict[int, np.ndarray] | None:
+        """The crop-view vectors (views, dim) of each of `ids` that has them whole; None for an index
+        without crop views."""
+        views, dim = len(self._manifest.preprocess.crop_views), self._manifest.dim
+        if not views:
+            return None
+        found, blobs = self._store.crop_bytes(ids, views, dim)
+        matrix = np.frombuffer(blobs, "<f2").reshape(len(found), views, dim)
+        return dict(zip(found.tolist(), matrix))
 
     def _insert(self, images: list[NewImage], label_from_folder: bool) -> list[int]:
         """Insert rows (inside the caller's transaction), labelled by their folder's name if asked."""
@@ -706,7 +719,8 @@ class Index:
         vector instead of walking the graph, and `ef` sets how deep the graph walk looks.
         `expand` (the default) ranks the results for the query together with its best match (which
         stays first; see `imgsim.expand`); ``expand=False`` ranks them by the query alone. Either way
-        `score` is the query's own similarity to each result.
+        `score` is the query's own similarity to each result (in an index with crop views, to the
+        result or, less `crops.CROP_PENALTY`, to its best crop view, whichever is higher).
         """
         name = os.fspath(query) if isinstance(query, (str, os.PathLike)) else None
         vector = query if isinstance(query, np.ndarray) else self.embed(query)

@@ -17,9 +17,14 @@ from .errors import ImgsimError, IndexCorruptError, ModelError
 from .images import Preprocess
 from .models import parse_pooling, spec_for
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """1: the first format. 2: metadata columns (folder, name, EXIF capture time, camera) and labels.
-3: vectors stored as float16, an 8-bit quantized graph, and a table of removed ids."""
+3: vectors stored as float16, an 8-bit quantized graph, and a table of removed ids. 4: an index with
+crop views (`imgsim index --centre-view`): an older imgsim, which would add images without them,
+refuses it. Other indexes are still written as `PLAIN_FORMAT`, which older imgsims read."""
+
+PLAIN_FORMAT = 3
+"""The format of an index without crop views."""
 
 _REQUIRED = ("format_version", "model", "model_sha256", "dim", "preprocess", "hnsw")
 
