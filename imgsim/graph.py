@@ -374,11 +374,15 @@ class Graph:
         with the `Pool` of their vectors and each one's position in it, so that they can be scored
         against more queries without another read (query expansion). An exact scan has no pool.
         In an index with crop views, the best candidates are scored by those too (`crops.rerank`)."""
-        scores, ids, pool, positions = self._search_pool(query, k, allowed=allowed, ef=ef, exact=exact)
         views = len(self._manifest.preprocess.crop_views)
-        if views and len(ids):
-            from . import crops
+        if not views:
+            return self._search_pool(query, k, allowed=allowed, ef=ef, exact=exact)
+        from . import crops
 
+        # As many candidates as crop views may lift, exact scans and filtered walks' fallbacks included.
+        scores, ids, pool, positions = self._search_pool(query, max(k, crops.CROP_CANDIDATES), allowed=allowed,
+                                                         ef=ef, exact=exact)
+        if len(ids):
             query = normalize(np.asarray(query, dtype=np.float32).reshape(1, -1))[0]
             scores, order = crops.rerank(self._store, views, self._manifest.dim, self._manifest.center, query,
                                          scores, ids)
