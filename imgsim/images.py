@@ -59,6 +59,10 @@ _UNSUPPORTED = {
     ".psd": "Photoshop files are not supported",
 }
 
+MAX_VIEWS = 4
+"""At most this many index views, and as many crop views (a manifest is untrusted: thousands of
+views would make indexing build thousands of model inputs per picture)."""
+
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -88,6 +92,9 @@ class Preprocess:
     crop_views: tuple[str, ...] = ()
 
     def __post_init__(self):
+        for views in (self.index_views, self.crop_views):
+            if len(views) > MAX_VIEWS or len(set(views)) < len(views):
+                raise ValueError(f"index views {', '.join(views)}: at most {MAX_VIEWS}, each once")
         for view in self.index_views + self.crop_views:
             if not (view.startswith("centre") and view[6:].isdigit() and 10 <= int(view[6:]) <= 99):
                 raise ValueError(f"unknown index view {view!r}: use centreNN, e.g. centre70")
@@ -509,8 +516,8 @@ def _views_decode_size(prep: Preprocess) -> int:
     """Enough pixels that the smallest averaged centre view, and the largest crop view, still have
     `decode_size` on their shorter side. Smaller crop views are enlarged a little instead: asking
     for their full size made a 12-megapixel JPEG decode at a quarter of its size instead of an
-    eighth, four times the pixels (indexing with crop views 0.45x as fast as without, not 0.6x;
-    scripts/bench_index.py)."""
+    eighth, four times the pixels and their memory, for a few per cent of the indexing speed here
+    (scripts/bench_index.py: the three model runs set the pace)."""
     shares = [int(v[6:]) for v in prep.index_views] + ([max(int(v[6:]) for v in prep.crop_views)]
                                                         if prep.crop_views else [])
     return math.ceil(prep.decode_size * 100 / min(shares, default=100))
