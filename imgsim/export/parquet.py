@@ -229,7 +229,9 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
                       f"VALUES ({', '.join('?' * (len(names) + 1))})")
             total = file.metadata.num_rows
             with store.transaction():
-                store.set_manifest(preprocess=manifest["preprocess"], pooling=manifest.get("pooling") or "avg")
+                # Crop views are not exported: the imported index scores each picture by its own vector.
+                preprocess = {key: value for key, value in manifest["preprocess"].items() if key != "crop_views"}
+                store.set_manifest(preprocess=preprocess, pooling=manifest.get("pooling") or "avg")
             for record_batch in file.iter_batches(batch_size=batch_size):
                 ids, rows, vectors, labels = _checked_rows(path, record_batch, names, dim, imported)
                 try:
