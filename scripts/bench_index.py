@@ -84,7 +84,8 @@ def main() -> None:
     paths = make_photos(folder, args.images, size=size)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "bench"
-        with Index.create(base, model=args.model, root=folder, crop_views=CROP_VIEWS if args.centre_view else ()) as index:
+        with Index.create(base, model=args.model, root=folder, index_views=models.CATALOGUE[args.model].preprocess.index_views,
+                          crop_views=CROP_VIEWS if args.centre_view else ()) as index:
             first = index.sync(folder, batch_size=args.batch_size)
         with Index.open(base) as index:
             again = index.sync(folder)
