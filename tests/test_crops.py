@@ -3,15 +3,18 @@ a search's best candidates are scored by too (imgsim/crops.py). Real photos, the
 
 from __future__ import annotations
 
+import json
+import shutil
 import sqlite3
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from imgsim import ImgsimError, Index
+from imgsim import ImgsimError, Index, IndexCorruptError
 from imgsim.crops import CROP_PENALTY, CROP_VIEWS
 from imgsim.models import BUNDLED_MODEL
+from imgsim.store import CROP_SLOTS
 
 from .conftest import TINY_MODEL, read_only_folder, run
 
@@ -71,29 +74,39 @@ def test_crop_views_are_stored_beside_each_image_and_go_with_it(pair, small):
     info = index.info()
     assert info["preprocess"]["crop_views"] == list(CROP_VIEWS)
     assert "crop_views" not in pair["plain"].info()["preprocess"]
-    rows = index.store.conn.execute("SELECT count(*), min(length(vectors)), max(length(vectors)) "
+    assert info["format_version"] == 4 and pair["plain"].info()["format_version"] == 3  # older imgsims refuse it
+    rows = index.store.conn.execute("SELECT count(*), min(length(vector)), max(length(vector)) "
                                     "FROM crop_vectors").fetchone()
-    assert rows == (len(index), 2 * index.manifest.dim * len(CROP_VIEWS), 2 * index.manifest.dim * len(CROP_VIEWS))
+    assert rows == (len(index) * len(CROP_VIEWS), 2 * index.manifest.dim, 2 * index.manifest.dim)
     assert pair["plain"].store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == 0
     gone = sorted(small.iterdir())[0]
     gone.unlink()
     Image.new("RGB", (300, 200), (40, 90, 160)).save(small / "new.jpg")
     report = index.sync(small)
     assert (report.removed, report.added) == (1, 1)
-    count, distinct = index.store.conn.execute(
-        "SELECT count(*), count(DISTINCT c.id) FROM crop_vectors c JOIN images i ON i.id = c.id").fetchone()
-    assert count == distinct == len(index) == index.store.conn.execute(
+    shutil.copy(small / "new.jpg", small / "copy of new.jpg")  # a copy of a known file: no embedding
+    report = index.sync(small)
+    assert (report.added, report.embedded) == (1, 0)
+    count, images = index.store.conn.execute(
+        f"SELECT count(*), count(DISTINCT i.id) FROM crop_vectors c JOIN images i ON i.id = c.id / {CROP_SLOTS}"
+    ).fetchone()
+    assert images == len(index) and count == len(index) * len(CROP_VIEWS) == index.store.conn.execute(
         "SELECT count(*) FROM crop_vectors").fetchone()[0]
+    assert index.verify().ok
+    copy = index.search(small / "copy of new.jpg", k=2)
+    assert {r.path for r in copy} == {"new.jpg", "copy of new.jpg"}
 
 
 def test_a_crop_view_gives_up_its_penalty_to_the_picture_itself(pair, small):
     """Searched with a crop view's own vector, its picture scores by that view less the penalty."""
     index = pair["crops"]
-    image_id, blob = index.store.conn.execute("SELECT id, vectors FROM crop_vectors ORDER BY id LIMIT 1").fetchone()
-    views = np.frombuffer(blob, "<f2").reshape(len(CROP_VIEWS), -1).astype(np.float32)
-    top = index.search(views[1], k=1, expand=False)[0]
+    key, blob = index.store.conn.execute("SELECT id, vector FROM crop_vectors ORDER BY id LIMIT 1 OFFSET 1").fetchone()
+    image_id, view = divmod(key, CROP_SLOTS)
+    assert view == 1
+    view_vector = np.frombuffer(blob, "<f2").astype(np.float32)
+    top = index.search(view_vector, k=1, expand=False)[0]
     assert top.id == image_id and top.score == pytest.approx(1.0 - CROP_PENALTY, abs=2e-3)
-    exact = index.search(views[1], k=1, exact=True)[0]
+    exact = index.search(view_vector, k=1, exact=True)[0]
     assert (exact.id, exact.score) == (top.id, top.score)
 
 
@@ -103,7 +116,7 @@ def test_damaged_crop_views_are_passed_over_and_a_missing_table_is_reported(pair
     query = _grey_centre(path, 0.5)
     before = index.search(query, k=1)[0]
     with index.store.transaction():
-        index.store.conn.execute("UPDATE crop_vectors SET vectors = x'00ff' WHERE id = ?", (before.id,))
+        index.store.conn.execute("UPDATE crop_vectors SET vector = x'00ff' WHERE id = ?", (before.id * CROP_SLOTS,))
     after = index.search(query, k=3)
     assert after and before.id in [r.id for r in after]  # scored by its own vector, nothing raised
     assert next(r.score for r in after if r.id == before.id) < before.score
@@ -153,12 +166,73 @@ def test_verify_finds_damaged_crop_views_and_repair_has_them_embedded_again(pair
     index = pair["crops"]
     assert index.verify().ok
     first, second = index.store.conn.execute("SELECT id FROM images ORDER BY id LIMIT 2").fetchall()
+    third = index.store.conn.execute("SELECT id FROM images ORDER BY id LIMIT 1 OFFSET 2").fetchone()
     with index.store.transaction():
-        index.store.conn.execute("UPDATE crop_vectors SET vectors = x'0102' WHERE id = ?", first)
-        index.store.conn.execute("DELETE FROM crop_vectors WHERE id = ?", second)
+        index.store.conn.execute("UPDATE crop_vectors SET vector = x'0102' WHERE id = ?", (first[0] * CROP_SLOTS,))
+        index.store.conn.execute("DELETE FROM crop_vectors WHERE id = ?", (second[0] * CROP_SLOTS + 1,))
+        # text of a vector's length, and a vector that is not unit length
+        index.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?",
+                                 ("x" * 2 * index.manifest.dim, third[0] * CROP_SLOTS))
+        index.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?",
+                                 (np.full(index.manifest.dim, 0.5, "<f2").tobytes(), third[0] * CROP_SLOTS + 1))
     found = index.verify()
-    assert not found.ok and any("2 images' crop views are missing or damaged" in p for p in found.problems)
+    assert not found.ok and any("3 images' crop views are missing or damaged" in p for p in found.problems)
     repaired = index.verify(repair=True)
-    assert repaired.ok and any("removed 2 images whose crop views" in r for r in repaired.repaired), repaired
-    assert index.sync(small).added == 2
-    assert index.verify().ok and index.store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == len(index)
+    assert repaired.ok and any("removed 3 images whose crop views" in r for r in repaired.repaired), repaired
+    assert index.sync(small).added == 3
+    assert index.verify().ok
+    assert index.store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == len(CROP_VIEWS) * len(index)
+
+
+def test_expansion_ranks_the_crop_scores_as_it_ranks_any(pair, small):
+    """Expanded searches of a crop-view index rank exactly as query expansion over the crop-lifted
+    scores does, computed here from the results by the query alone (every image is a candidate)."""
+    index = pair["crops"]
+    lifted = 0
+    for path in sorted(small.iterdir()):
+        query = index.embed(_grey_centre(path, 0.5))
+        alone = index.search(query, k=len(index), expand=False)
+        own = index.graph.score_against(query, np.stack([index.vector(r.id) for r in alone]))
+        lifted += int(list(np.argsort(-own, kind="stable")[:5]) != list(range(5)))  # crop views changed the order
+        prepared = index.graph._prepare(np.stack([index.vector(r.id) for r in alone]))
+        expanded = np.array([r.score for r in alone]) + 0.5 * prepared @ prepared[:3].sum(axis=0)
+        expanded[0] = np.inf
+        order = np.argsort(-expanded, kind="stable")[:5]
+        found = index.search(query, k=5)
+        assert [r.id for r in found] == [alone[i].id for i in order]
+        assert [r.score for r in found] == [alone[i].score for i in order]
+    assert lifted >= 2
+
+
+def test_exact_and_filtered_searches_score_crop_views_beyond_k(pair, small):
+    index = pair["crops"]
+    for path in sorted(small.iterdir()):
+        query = _grey_centre(path, 0.4)
+        walked = index.search(query, k=1, expand=False)[0]
+        assert index.search(query, k=1, exact=True, expand=False)[0].id == walked.id
+        assert index.search(query, k=1, exact=True)[0].id == walked.id
+
+
+def test_a_parquet_export_leaves_crop_views_out_and_its_import_searches_without(pair, tmp_path):
+    pytest.importorskip("pyarrow")
+    from imgsim.export.parquet import export_parquet, import_parquet
+
+    export_parquet(pair["crops"], tmp_path / "c.parquet")
+    import_parquet(tmp_path / "c.parquet", tmp_path / "imported")
+    with Index.open(tmp_path / "imported") as imported:
+        assert imported.manifest.preprocess.crop_views == () and len(imported) == len(pair["crops"])
+        assert imported.info()["format_version"] == 3 and imported.verify().ok
+
+
+@pytest.mark.parametrize("views", [["centre50"] * 2, ["centre70", "centre60", "centre50", "centre40", "centre30"],
+                                   ["centre50"] * 5000, ["mirror"]])
+def test_a_manifest_asking_for_too_many_or_unknown_crop_views_is_refused(pair, tmp_path, views):
+    pair["crops"].close()
+    conn = sqlite3.connect(tmp_path / "crops.sqlite")
+    (stored,) = conn.execute("SELECT value FROM manifest WHERE key = 'preprocess'").fetchone()
+    conn.execute("UPDATE manifest SET value = ? WHERE key = 'preprocess'",
+                 (json.dumps({**json.loads(stored), "crop_views": views}),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(IndexCorruptError, match="invalid manifest"):
+        Index.open(tmp_path / "crops", read_only=True)
