@@ -101,6 +101,7 @@ class Manifest:
             2 <= h.M <= 256 and 1 <= h.ef_construction <= 4096 and 1 <= h.ef_search <= 4096,
             isinstance(self.root, (str, type(None))),
             16 <= p.size <= 1024 and p.size <= p.resize_to <= 2048,
+            not p.crop_views or self.format_version >= 4,  # an older imgsim could add images without them
             p.resize in ("crop", "squash") and p.interpolation in ("bilinear", "bicubic"),
             all(isinstance(v, (str, type(None))) for v in (self.faiss_sha256, self.faiss_previous_sha256)),
             isinstance(self.created, (int, float, type(None))),

@@ -128,6 +128,8 @@ def export_parquet(index: Index, path: str | os.PathLike, *, selection: Selectio
 
 def _metadata(index: Index, source: Source, count: int) -> dict:
     manifest = {key: source.manifest.get(key) for key in _MANIFEST_KEYS}
+    if isinstance(manifest.get("preprocess"), dict):  # crop views are not exported (nor imported)
+        manifest["preprocess"] = {k: v for k, v in manifest["preprocess"].items() if k != "crop_views"}
     root = index.root
     return {
         "format": FORMAT,
