@@ -331,11 +331,14 @@ class Store:
     def _pending_migrations(self) -> list[str]:
         """The migrations not yet applied to the file, in order (read with plain SQL, as sqlite-utils
         `Migrations.pending` does: the names recorded for this set in its table)."""
-        exists = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                   (MIGRATIONS_TABLE,)).fetchone()
         applied = {row[0] for row in self.conn.execute(
-            f"SELECT name FROM [{MIGRATIONS_TABLE}] WHERE migration_set = ?", (MIGRATION_SET,))} if exists else set()
+            f"SELECT name FROM [{MIGRATIONS_TABLE}] WHERE migration_set = ?", (MIGRATION_SET,))} \
+            if self.has_table(MIGRATIONS_TABLE) else set()
         return [name for name in MIGRATION_NAMES if name not in applied]
+
+    def has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 (name,)).fetchone() is not None
 
     def migrate(self) -> None:
         if self._pending_migrations():
@@ -424,8 +427,9 @@ class Store:
             ids.append(cursor.lastrowid)
             self.conn.execute("INSERT INTO vectors (id, vector) VALUES (?, ?)", (cursor.lastrowid, _to_blob(image.vector)))
             if image.crops is not None:
-                self.conn.executemany("INSERT INTO crop_vectors (id, vector) VALUES (?, ?)",
-                                      [(cursor.lastrowid * CROP_SLOTS + view, _to_blob(vector))
+                # OR REPLACE: a stray row of a damaged file in this image's slots must not block it.
+                self.conn.executemany("INSERT OR REPLACE INTO crop_vectors (id, vector) VALUES (?, ?)",
+                                      [(crop_key(cursor.lastrowid, view), _to_blob(vector))
                                        for view, vector in enumerate(image.crops)])
             self.conn.execute("DELETE FROM errors WHERE path = ?", (_to_db(image.path),))
         if labels:
@@ -550,7 +554,7 @@ class Store:
         """(the ids that have all `views` crop-view vectors of `dim` float16 values, those blobs
         joined, each image's views in order), in the order given. An image with any of them missing
         or of another size (damaged) is left out: it is scored by its own vector alone."""
-        ids = np.asarray(ids, dtype=np.int64).tolist()
+        ids = [i for i in np.asarray(ids, dtype=np.int64).tolist() if 0 <= i < MAX_CROP_IMAGE_ID]  # others: none
         keys = [i * CROP_SLOTS + view for i in ids for view in range(views)]
         size = VECTOR_BYTES * dim
         found: dict[int, bytes] = {}
@@ -573,7 +577,7 @@ class Store:
         """Ids of images without all `views` crop-view vectors of `dim` float16 values, or whose
         crop-view vectors are not finite unit vectors (an index with crop views)."""
         bad = []
-        last = 0
+        last = -(1 << 63)
         while ids := [r[0] for r in self.conn.execute(
                 "SELECT id FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, chunk))]:
             found, blobs = self.crop_bytes(ids, views, dim)
@@ -586,6 +590,19 @@ class Store:
                 bad += found[damaged].tolist()
             last = ids[-1]
         return np.array(sorted(bad), dtype=np.int64)
+
+    def stray_crop_rows(self, views: int) -> int:
+        """Crop-view rows that belong to no image's views (`views` per image; 0: an index without crop
+        views, where every row is stray): only a damaged or crafted file has them."""
+        return self.conn.execute(
+            f"SELECT count(*) FROM crop_vectors WHERE id % {CROP_SLOTS} >= ? OR id < 0 "
+            f"OR id / {CROP_SLOTS} NOT IN (SELECT id FROM images)", (views,)).fetchone()[0]
+
+    def delete_stray_crop_rows(self, views: int) -> int:
+        with self.transaction():
+            return self.conn.execute(
+                f"DELETE FROM crop_vectors WHERE id % {CROP_SLOTS} >= ? OR id < 0 "
+                f"OR id / {CROP_SLOTS} NOT IN (SELECT id FROM images)", (views,)).rowcount
 
     def removed_ids(self) -> np.ndarray:
         """Ids of every row ever removed (ids are never reused): the graph may still hold some."""
@@ -703,6 +720,17 @@ MMAP_BYTES = 1 << 40
 
 CROP_SLOTS = 8
 """Keys of crop-view vectors: image id x this + the view's place (at most `images.MAX_VIEWS` views)."""
+
+MAX_CROP_IMAGE_ID = (1 << 63) // CROP_SLOTS
+"""Images with ids from here on (only a crafted file has them) cannot have crop views: their keys
+would not fit SQLite's integers."""
+
+
+def crop_key(image_id: int, view: int) -> int:
+    """The `crop_vectors` key of an image's view."""
+    if not 0 <= image_id < MAX_CROP_IMAGE_ID:
+        raise IndexCorruptError(f"image id {image_id} is out of the range an index with crop views can hold")
+    return image_id * CROP_SLOTS + view
 
 VECTOR_BYTES = 2
 """Bytes per dimension of a stored vector: float16, little-endian (format 3 on)."""

@@ -83,6 +83,12 @@ def _check_crop_views(index, report: VerifyReport, repair: bool) -> None:
     unit vectors (a search passes over damaged ones, scoring that image by its own vector alone).
     With `repair`, such images are removed, so that the next `imgsim index` embeds them again."""
     views = len(index.manifest.preprocess.crop_views)
+    stray = index.store.stray_crop_rows(views) if index.store.has_table("crop_vectors") else 0
+    if stray and repair and not index.read_only:
+        index.store.delete_stray_crop_rows(views)
+        report.repaired.append(f"removed {stray} crop-view rows that belonged to no image")
+    elif stray:
+        report.problems.append(f"{stray} crop-view rows belong to no image (verify --repair removes them)")
     if not views:
         return
     bad = index.store.ids_with_damaged_crop_views(views, index.manifest.dim)
