@@ -379,9 +379,10 @@ class Graph:
             return self._search_pool(query, k, allowed=allowed, ef=ef, exact=exact)
         from . import crops
 
-        # As many candidates as crop views may lift, exact scans and filtered walks' fallbacks included.
-        scores, ids, pool, positions = self._search_pool(query, max(k, crops.CROP_CANDIDATES), allowed=allowed,
-                                                         ef=ef, exact=exact)
+        # Exact scans (and filtered walks' fallbacks to them) return as many as asked; walks re-score
+        # at least as many anyway, and a search for few results keeps its shallow walk.
+        scores, ids, pool, positions = self._search_pool(query, k, allowed=allowed, ef=ef, exact=exact,
+                                                         scanned=max(k, crops.CROP_CANDIDATES))
         if len(ids):
             query = normalize(np.asarray(query, dtype=np.float32).reshape(1, -1))[0]
             scores, order = crops.rerank(self._store, views, self._manifest.dim, self._manifest.center, query,
@@ -391,7 +392,8 @@ class Graph:
         return scores, ids, pool, positions
 
     def _search_pool(self, query: np.ndarray, k: int, *, allowed: np.ndarray | None, ef: int | None,
-                     exact: bool) -> tuple[np.ndarray, np.ndarray, Pool | None, np.ndarray]:
+                     exact: bool, scanned: int = 0) -> tuple[np.ndarray, np.ndarray, Pool | None, np.ndarray]:
+        """`search_pool` without crop views; an exact scan returns at least `scanned` candidates."""
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if query.shape[0] != self._manifest.dim:
             raise ImgsimError(f"query vector has {query.shape[0]} dimensions; this index has {self._manifest.dim}")
@@ -405,7 +407,7 @@ class Graph:
             if len(allowed) == 0:
                 return np.empty(0, np.float32), nothing, None, nothing
         if exact:
-            return (*self._exact(query, k, allowed), None, nothing)
+            return (*self._exact(query, max(k, scanned), allowed), None, nothing)
         wanted = max(k, RERANK_CANDIDATES if self.centred else RERANK_CANDIDATES_PLAIN)
         if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
             # A reduced graph's codes rank more coarsely: its scans re-score more candidates.
@@ -430,7 +432,7 @@ class Graph:
             ef = min(FILTER_EF_MAX, max(ef, int(ef * len(ann) / len(allowed))))
         approx, ids = self._walk(query, wanted, max(ef, wanted), allowed)
         if allowed is not None and len(ids) < min(k, len(allowed)):
-            return (*self._exact(query, k, allowed), None, nothing)
+            return (*self._exact(query, max(k, scanned), allowed), None, nothing)
         return self._rescore(query, ids, approx if ann.reduced else None, k)
 
     def _walk(self, query: np.ndarray, count: int, ef: int,

@@ -585,7 +585,8 @@ class Index:
             return None
         found, blobs = self._store.crop_bytes(ids, views, dim)
         matrix = np.frombuffer(blobs, "<f2").reshape(len(found), views, dim)
-        return dict(zip(found.tolist(), matrix))
+        whole = ~damaged_rows(matrix.reshape(-1, dim).astype(np.float32)).reshape(len(found), views).any(axis=1)
+        return dict(zip(found[whole].tolist(), matrix[whole]))
 
     def _insert(self, images: list[NewImage], label_from_folder: bool) -> list[int]:
         """Insert rows (inside the caller's transaction), labelled by their folder's name if asked."""
