@@ -209,8 +209,12 @@ def test_exact_and_filtered_searches_score_crop_views_beyond_k(pair, small):
     for path in sorted(small.iterdir()):
         query = _grey_centre(path, 0.4)
         walked = index.search(query, k=1, expand=False)[0]
-        assert index.search(query, k=1, exact=True, expand=False)[0].id == walked.id
-        assert index.search(query, k=1, exact=True)[0].id == walked.id
+        exact = index.search(query, k=1, exact=True, expand=False)[0]
+        assert (exact.id, exact.score) == pytest.approx((walked.id, walked.score), abs=1e-6)
+        ids = index.store.ids()
+        filtered = index.graph.search(index.embed(query), 1, allowed=ids[ids != walked.id], exact=True)
+        walked_f = index.graph.search(index.embed(query), 1, allowed=ids[ids != walked.id])
+        assert filtered[1][0] == walked_f[1][0] and filtered[0][0] == pytest.approx(walked_f[0][0], abs=1e-6)
 
 
 def test_a_parquet_export_leaves_crop_views_out_and_its_import_searches_without(pair, tmp_path):
@@ -236,3 +240,61 @@ def test_a_manifest_asking_for_too_many_or_unknown_crop_views_is_refused(pair, t
     conn.close()
     with pytest.raises(IndexCorruptError, match="invalid manifest"):
         Index.open(tmp_path / "crops", read_only=True)
+
+
+def test_crop_views_in_a_format_3_manifest_are_refused(pair, tmp_path):
+    """Only format 4 may have crop views: an older imgsim, which reads format 3, would add images without them."""
+    pair["crops"].close()
+    conn = sqlite3.connect(tmp_path / "crops.sqlite")
+    conn.execute("UPDATE manifest SET value = '3' WHERE key = 'format_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(IndexCorruptError, match="invalid manifest"):
+        Index.open(tmp_path / "crops", read_only=True)
+
+
+def test_stray_crop_rows_are_found_and_removed_and_never_block_new_images(pair, small):
+    index = pair["crops"]
+    top = index.store.max_id()
+    with index.store.transaction():  # where the next image's views will go, a view no image has, a lost image's
+        index.store.conn.executemany("INSERT INTO crop_vectors (id, vector) VALUES (?, x'00')",
+                                     [((top + 1) * CROP_SLOTS,), (CROP_SLOTS + 5,), ((top + 50) * CROP_SLOTS,)])
+    found = index.verify()
+    assert any("3 crop-view rows belong to no image" in p for p in found.problems), found
+    Image.new("RGB", (300, 200), (200, 90, 40)).save(small / "new.jpg")
+    assert index.sync(small).added == 1  # its rows replace the stray one in its place
+    repaired = index.verify(repair=True)
+    assert any("removed 2 crop-view rows" in r for r in repaired.repaired) and index.verify().ok, repaired
+    assert pair["plain"].verify().ok
+
+
+def test_images_whose_ids_cannot_have_crop_views_are_refused_cleanly(pair, small):
+    index = pair["crops"]
+    with index.store.transaction():
+        index.store.conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'images'", (1 << 61,))
+    Image.new("RGB", (300, 200), (20, 160, 90)).save(small / "new.jpg")
+    with pytest.raises(ImgsimError, match="out of the range"):
+        index.sync(small)
+    assert index.search(_grey_centre(sorted(small.iterdir())[0], 0.5), k=1)  # searching still works
+
+
+def test_damaged_views_touch_only_their_own_image(pair, small):
+    index = pair["crops"]
+    query = index.embed(_grey_centre(sorted(small.iterdir())[1], 0.5))
+    before = {r.id: r.score for r in index.search(query, k=len(index), expand=False)}
+    victim = max(before, key=before.get)  # the original, lifted by its crop views
+    with index.store.transaction():
+        index.store.conn.execute("DELETE FROM crop_vectors WHERE id = ?", (victim * CROP_SLOTS,))
+    after = {r.id: r.score for r in index.search(query, k=len(index), expand=False)}
+    assert {i: s for i, s in after.items() if i != victim} == {i: s for i, s in before.items() if i != victim}
+
+
+def test_a_copy_of_a_source_with_damaged_views_is_embedded(pair, small):
+    index = pair["crops"]
+    src = sorted(small.iterdir())[0]
+    sid = index.store.conn.execute("SELECT id FROM images WHERE path = ?", (src.name,)).fetchone()[0]
+    with index.store.transaction():
+        index.store.conn.execute("DELETE FROM crop_vectors WHERE id = ?", (sid * CROP_SLOTS + 1,))
+    shutil.copy(src, small / "zz copy.jpg")
+    report = index.sync(small)
+    assert (report.added, report.embedded) == (1, 1)
