@@ -28,7 +28,7 @@ more indexing)."""
 CROP_PENALTY = 0.06
 """What a crop view's score gives up against the image's own (cosine)."""
 
-CROP_CANDIDATES = 32
+CROP_CANDIDATES = 16
 """How many of a search's best candidates are scored by their crop views too."""
 
 
