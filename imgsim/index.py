@@ -273,9 +273,9 @@ class Index:
         except ValueError as e:
             raise ImgsimError(str(e)) from None
         root_key = None if root is None else _relative(Path(os.path.expanduser(os.fspath(root))), sqlite_path.parent)
-        manifest = Manifest(format_version=FORMAT_VERSION if preprocess.crop_views else PLAIN_FORMAT, model=loaded.name, model_sha256=loaded.sha256,
-                            dim=loaded.dim, preprocess=preprocess, hnsw=hnsw or HnswParams(),
-                            pooling=loaded.pooling, root=root_key, created=time.time())
+        manifest = Manifest(format_version=FORMAT_VERSION if preprocess.crop_views else PLAIN_FORMAT,
+                            model=loaded.name, model_sha256=loaded.sha256, dim=loaded.dim, preprocess=preprocess,
+                            hnsw=hnsw or HnswParams(), pooling=loaded.pooling, root=root_key, created=time.time())
         # Built under a temporary name and linked into place whole, so a crash never leaves a half-made index.
         staging = sqlite_path.with_name(f".{sqlite_path.name}.{os.getpid()}.new")
         try:

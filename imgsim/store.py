@@ -583,11 +583,10 @@ class Store:
             found, blobs = self.crop_bytes(ids, views, dim)
             bad += sorted(set(ids) - set(found.tolist()))
             if len(found):
+                from .scoring import damaged_rows  # as search and verify judge the images' own vectors
+
                 matrix = blobs_to_matrix([blobs], dim * views * len(found)).reshape(-1, dim)
-                norms = np.einsum("ij,ij->i", matrix, matrix).reshape(len(found), views)
-                with np.errstate(invalid="ignore"):
-                    damaged = ~np.all(np.abs(norms - 1) < 2e-3, axis=1)
-                bad += found[damaged].tolist()
+                bad += found[damaged_rows(matrix).reshape(len(found), views).any(axis=1)].tolist()
             last = ids[-1]
         return np.array(sorted(bad), dtype=np.int64)
 
