@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .errors import IndexCorruptError, IndexNotFoundError, ReadOnlyIndexError
+from .scoring import damaged_rows
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -555,7 +556,7 @@ class Store:
         joined, each image's views in order), in the order given. An image with any of them missing
         or of another size (damaged) is left out: it is scored by its own vector alone."""
         ids = [i for i in np.asarray(ids, dtype=np.int64).tolist() if 0 <= i < MAX_CROP_IMAGE_ID]  # others: none
-        keys = [i * CROP_SLOTS + view for i in ids for view in range(views)]
+        keys = [crop_key(i, view) for i in ids for view in range(views)]
         size = VECTOR_BYTES * dim
         found: dict[int, bytes] = {}
         try:
@@ -582,9 +583,7 @@ class Store:
                 "SELECT id FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, chunk))]:
             found, blobs = self.crop_bytes(ids, views, dim)
             bad += sorted(set(ids) - set(found.tolist()))
-            if len(found):
-                from .scoring import damaged_rows  # as search and verify judge the images' own vectors
-
+            if len(found):  # judged as search and verify judge the images' own vectors
                 matrix = blobs_to_matrix([blobs], dim * views * len(found)).reshape(-1, dim)
                 bad += found[damaged_rows(matrix).reshape(len(found), views).any(axis=1)].tolist()
             last = ids[-1]
@@ -593,15 +592,11 @@ class Store:
     def stray_crop_rows(self, views: int) -> int:
         """Crop-view rows that belong to no image's views (`views` per image; 0: an index without crop
         views, where every row is stray): only a damaged or crafted file has them."""
-        return self.conn.execute(
-            f"SELECT count(*) FROM crop_vectors WHERE id % {CROP_SLOTS} >= ? OR id < 0 "
-            f"OR id / {CROP_SLOTS} NOT IN (SELECT id FROM images)", (views,)).fetchone()[0]
+        return self.conn.execute(f"SELECT count(*) FROM crop_vectors WHERE {_STRAY_CROP_ROW}", (views,)).fetchone()[0]
 
     def delete_stray_crop_rows(self, views: int) -> int:
         with self.transaction():
-            return self.conn.execute(
-                f"DELETE FROM crop_vectors WHERE id % {CROP_SLOTS} >= ? OR id < 0 "
-                f"OR id / {CROP_SLOTS} NOT IN (SELECT id FROM images)", (views,)).rowcount
+            return self.conn.execute(f"DELETE FROM crop_vectors WHERE {_STRAY_CROP_ROW}", (views,)).rowcount
 
     def removed_ids(self) -> np.ndarray:
         """Ids of every row ever removed (ids are never reused): the graph may still hold some."""
@@ -725,11 +720,16 @@ MAX_CROP_IMAGE_ID = (1 << 63) // CROP_SLOTS
 would not fit SQLite's integers."""
 
 
+_STRAY_CROP_ROW = f"id % {CROP_SLOTS} >= ? OR id < 0 OR id / {CROP_SLOTS} NOT IN (SELECT id FROM images)"
+"""A `crop_vectors` row that is no view (the parameter: views per image) of an existing image."""
+
+
 def crop_key(image_id: int, view: int) -> int:
     """The `crop_vectors` key of an image's view."""
     if not 0 <= image_id < MAX_CROP_IMAGE_ID:
         raise IndexCorruptError(f"image id {image_id} is out of the range an index with crop views can hold")
     return image_id * CROP_SLOTS + view
+
 
 VECTOR_BYTES = 2
 """Bytes per dimension of a stored vector: float16, little-endian (format 3 on)."""

@@ -128,8 +128,8 @@ def export_parquet(index: Index, path: str | os.PathLike, *, selection: Selectio
 
 def _metadata(index: Index, source: Source, count: int) -> dict:
     manifest = {key: source.manifest.get(key) for key in _MANIFEST_KEYS}
-    if isinstance(manifest.get("preprocess"), dict):  # crop views are not exported (nor imported)
-        manifest["preprocess"] = {k: v for k, v in manifest["preprocess"].items() if k != "crop_views"}
+    if isinstance(manifest.get("preprocess"), dict):
+        manifest["preprocess"] = _without_crop_views(manifest["preprocess"])
     root = index.root
     return {
         "format": FORMAT,
@@ -231,9 +231,8 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
                       f"VALUES ({', '.join('?' * (len(names) + 1))})")
             total = file.metadata.num_rows
             with store.transaction():
-                # Crop views are not exported: the imported index scores each picture by its own vector.
-                preprocess = {key: value for key, value in manifest["preprocess"].items() if key != "crop_views"}
-                store.set_manifest(preprocess=preprocess, pooling=manifest.get("pooling") or "avg")
+                store.set_manifest(preprocess=_without_crop_views(manifest["preprocess"]),
+                                   pooling=manifest.get("pooling") or "avg")
             for record_batch in file.iter_batches(batch_size=batch_size):
                 ids, rows, vectors, labels = _checked_rows(path, record_batch, names, dim, imported)
                 try:
@@ -270,6 +269,12 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
         for leftover in (staged_faiss, staged_sqlite, Path(f"{staged_sqlite}-wal"), Path(f"{staged_sqlite}-shm")):
             leftover.unlink(missing_ok=True)
     return imported
+
+
+def _without_crop_views(preprocess: dict) -> dict:
+    """A manifest's preprocessing without crop views: they are not exported, so an exported (or
+    imported) index scores each picture by its own vector alone."""
+    return {key: value for key, value in preprocess.items() if key != "crop_views"}
 
 
 def _has_labels_table(store) -> bool:
