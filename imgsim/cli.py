@@ -178,8 +178,8 @@ def progress_bar(label: str):
               "(relative path or name, e.g. '*.gif' or 'raw/*'). Repeat for several.")
 @click.option("--label-from-folder", is_flag=True, help="Label each new image with its folder's name.")
 @click.option("--centre-view", is_flag=True, help="New index: also keep vectors of the centre 70% and 50% "
-              "of each picture, which searches score their best candidates by (finds tight crops; "
-              "indexing embeds each picture 3 times; ~5 KB more per image).")
+              "of each picture in grey, which searches score their best candidates by (finds tight crops, "
+              "grey or not; indexing embeds each picture 3 times; ~5 KB more per image).")
 @click.option("--retry-failed", is_flag=True, help="Try again the files that failed before, even if unchanged.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 if any file could not be indexed.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))

@@ -3,14 +3,15 @@
 A tight crop of a small picture (its centre half, made grey) has a global descriptor far from the
 whole picture's, and a different picture of the same look can score higher. An index made with crop
 views (`imgsim index --centre-view`; `Preprocess.crop_views`, by default the centre 70 % and 50 % of
-each side) keeps, beside each image's own vector, the vectors of those centres, embedded from the
-picture as it is indexed. They are not in the graph: the graph proposes candidates by the image's
-own vector as always, and the best `CROP_CANDIDATES` of them, once re-scored exactly, score by
-whichever is higher, their own vector or their best crop view less `CROP_PENALTY`. Measured with
-scripts/eval_retrieval.py (README "How good is it"): a crop's original is nearly always among a
-search's best 16 by the whole picture's vector, so re-scoring candidates finds as many as searching
-the crop views themselves would; the penalty keeps an exact copy (1.0) and everyday edits ahead of a
-picture that merely contains something like the query.
+each side, in grey) keeps, beside each image's own vector, the vectors of those centres, embedded
+from the picture as it is indexed. They are not in the graph: the graph proposes candidates by the
+image's own vector as always, and the best `CROP_CANDIDATES` of them, once re-scored exactly, score
+by whichever is higher, their own vector or their best crop view less `CROP_PENALTY`. Measured with
+scripts/eval_retrieval.py (README "How good is it"): grey centres find grey crops far more often
+than colour ones and colour crops as often (the whole picture's vector finds those), and re-scoring
+the best 32 candidates finds nearly as many as searching the crop views themselves would; the
+penalty keeps an exact copy (1.0) and everyday edits ahead of a picture that merely contains
+something like the query.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import numpy as np
 from .scoring import Pool
 from .store import Store
 
-CROP_VIEWS = ("centre70", "centre50")
-"""The crop views `imgsim index --centre-view` keeps (README "How good is it": with the centre 60 %
-alone grey crops were found 1.5 points less often; adding it to these, 0.4 points more for a third
-more indexing)."""
+CROP_VIEWS = ("grey70", "grey50")
+"""The crop views `imgsim index --centre-view` keeps: the centre 70 % and 50 % in grey (README "How
+good is it": in colour, as the first crop views were, grey crops were found 1.5 points less often)."""
 
 CROP_PENALTY = 0.06
 """What a crop view's score gives up against the image's own (cosine)."""
 
-CROP_CANDIDATES = 16
+CROP_CANDIDATES = 32
 """How many of a search's best candidates are scored by their crop views too."""
 
 

@@ -66,6 +66,21 @@ views would make indexing build thousands of model inputs per picture)."""
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
+VIEW_KINDS = ("centre", "grey")
+"""The kinds of index and crop views: ``centreNN`` is the centre NN % of each side of a picture,
+``greyNN`` the same in grey."""
+
+
+def parse_view(view: str) -> tuple[int, bool]:
+    """(per cent of each side, grey) of a view name such as ``centre70`` or ``grey50``; ValueError
+    for anything else (a manifest is untrusted)."""
+    kind = next((k for k in VIEW_KINDS if isinstance(view, str) and view.startswith(k)), None)
+    digits = view[len(kind):] if kind else ""
+    if not (digits.isascii() and digits.isdigit() and len(digits) == 2 and 10 <= int(digits) <= 99):
+        raise ValueError(f"unknown index view {view!r}: use centreNN or greyNN, e.g. grey70")
+    return int(digits), kind == "grey"
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How a decoded RGB image becomes a model input.
@@ -75,10 +90,10 @@ class Preprocess:
     `mean` and `std` are per RGB channel on the 0..1 scale. `trim` first cuts plain-coloured margins
     (letterbox bars, a plain background, the page around clip-art): see `trim_plain_borders`.
     `index_views` are extra views of every *indexed* image (not of queries) whose vectors are averaged
-    into its stored one: ``centreNN``, the centre NN % of each side (see `to_views`); indexes made
-    with ``--centre-view`` before its crop views had them. `crop_views` are such views kept as vectors
-    of their own beside the image's (not in the graph), which a search's best candidates are also
-    scored by (see `crops.py`).
+    into its stored one: ``centreNN``, the centre NN % of each side, or ``greyNN``, the same made
+    grey (see `to_views`); indexes made with ``--centre-view`` before its crop views had them.
+    `crop_views` are such views kept as vectors of their own beside the image's (not in the graph),
+    which a search's best candidates are also scored by (see `crops.py`).
     """
 
     size: int = 224
@@ -96,8 +111,7 @@ class Preprocess:
             if len(views) > MAX_VIEWS or len(set(views)) < len(views):
                 raise ValueError(f"index views {', '.join(views)}: at most {MAX_VIEWS}, each once")
         for view in self.index_views + self.crop_views:
-            if not (view.startswith("centre") and view[6:].isdigit() and 10 <= int(view[6:]) <= 99):
-                raise ValueError(f"unknown index view {view!r}: use centreNN, e.g. centre70")
+            parse_view(view)
 
     def to_dict(self) -> dict:
         extra = {"index_views": list(self.index_views)} if self.index_views else {}
@@ -422,13 +436,16 @@ def to_array(img: Image.Image, prep: Preprocess) -> np.ndarray:
 def to_views(img: Image.Image, prep: Preprocess) -> np.ndarray:
     """The (V, 3, size, size) arrays an indexed image is embedded from: the whole image (`to_array`),
     then each of `prep.index_views`, then each of `prep.crop_views` (``centreNN``: the centre NN %
-    of each side, cut before the borders are trimmed, as a tight crop of the picture would be)."""
+    of each side, cut before the borders are trimmed, as a tight crop of the picture would be;
+    ``greyNN``: that centre in grey, as RGB)."""
     views = [to_array(img, prep)]
     for view in prep.index_views + prep.crop_views:
-        share = int(view[6:]) / 100
+        percent, grey = parse_view(view)
+        share = percent / 100
         cw, ch = max(1, round(img.width * share)), max(1, round(img.height * share))
         left, top = (img.width - cw) // 2, (img.height - ch) // 2
-        views.append(to_array(img.crop((left, top, left + cw, top + ch)), prep))
+        crop = img.crop((left, top, left + cw, top + ch))
+        views.append(to_array(crop.convert("L").convert("RGB") if grey else crop, prep))
     return np.stack(views)
 
 
@@ -518,6 +535,6 @@ def _views_decode_size(prep: Preprocess) -> int:
     for their full size made a 12-megapixel JPEG decode at a quarter of its size instead of an
     eighth, four times the pixels and their memory, for a few per cent of the indexing speed here
     (scripts/bench_index.py: the three model runs set the pace)."""
-    shares = [int(v[6:]) for v in prep.index_views] + ([max(int(v[6:]) for v in prep.crop_views)]
-                                                        if prep.crop_views else [])
+    shares = [parse_view(v)[0] for v in prep.index_views] + ([max(parse_view(v)[0] for v in prep.crop_views)]
+                                                             if prep.crop_views else [])
     return math.ceil(prep.decode_size * 100 / min(shares, default=100))

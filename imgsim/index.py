@@ -32,12 +32,13 @@ from .errors import (
     IndexNotFoundError,
     ReadOnlyIndexError,
 )
+from .crops import CROP_VIEWS
 from .defaults import dupes_threshold
 from .files import discard, leftover_stages, why_not_writable
 from .filters import Filter
 from .graph import Graph
 from .lock import WriterLock
-from .manifest import FORMAT_VERSION, PLAIN_FORMAT, Manifest
+from .manifest import Manifest, format_for
 from .models import Model, available_cpus, default_model
 from .pipeline import bounded_map, embed_files
 from .scoring import damaged_rows
@@ -246,7 +247,7 @@ class Index:
 
         `model` is a catalogue name (default: resnet50 when installed, else the bundled model);
         `root` is the folder image paths are stored relative to (default: the first folder added);
-        `crop_views` such as `crops.CROP_VIEWS` (``("centre70", "centre50")``, what ``imgsim index
+        `crop_views` such as `crops.CROP_VIEWS` (``("grey70", "grey50")``, what ``imgsim index
         --centre-view`` uses) keep the vectors of each indexed picture's centre too, and a search's
         best candidates score by them as well (finds tight crops; indexing embeds each picture once
         more per view; see `crops.py`). `index_views` (older, averaged into the image's own vector
@@ -273,7 +274,7 @@ class Index:
         except ValueError as e:
             raise ImgsimError(str(e)) from None
         root_key = None if root is None else _relative(Path(os.path.expanduser(os.fspath(root))), sqlite_path.parent)
-        manifest = Manifest(format_version=FORMAT_VERSION if preprocess.crop_views else PLAIN_FORMAT,
+        manifest = Manifest(format_version=format_for(preprocess),
                             model=loaded.name, model_sha256=loaded.sha256, dim=loaded.dim, preprocess=preprocess,
                             hnsw=hnsw or HnswParams(), pooling=loaded.pooling, root=root_key, created=time.time())
         # Built under a temporary name and linked into place whole, so a crash never leaves a half-made index.
@@ -334,8 +335,9 @@ class Index:
         """Open the index at `path` for writing, or create it. A `model` (or `index_views`, or
         `crop_views`) other than the one an existing index was made with is refused (an index holds
         one kind of vector). None: whatever an existing index was made with. Crop views asked of an
-        index made with centre views averaged in (``--centre-view`` before crop views) are taken as
-        those: it keeps indexing as it was made."""
+        index made with centre views averaged in (``--centre-view`` before crop views), and the
+        default crop views (`crops.CROP_VIEWS`) asked of one made with others (colour crop views,
+        before grey ones), are taken as those: it keeps indexing as it was made."""
         _, sqlite_path = index_files(path)
         if not sqlite_path.exists():
             return cls.create(path, model=model, root=root, index_views=index_views or (), crop_views=crop_views or ())
@@ -345,8 +347,9 @@ class Index:
             raise ImgsimError(f"index {path} was made with {index.model_name}, not {model}: "
                               f"use another --index for a {model} index")
         made = index.manifest.preprocess
-        if crop_views is not None and index_views is None and made.index_views and not made.crop_views:
-            crop_views = None  # asked for centre views of an index that averages them in (older): as made
+        if crop_views is not None and index_views is None and (made.index_views or made.crop_views) and \
+                (not made.crop_views or tuple(crop_views) == CROP_VIEWS):
+            crop_views = None  # `--centre-view` on an index made with an older kind of centre views: as made
         if (index_views is not None and tuple(index_views) != made.index_views) or \
                 (crop_views is not None and tuple(crop_views) != made.crop_views):
             index.close()

@@ -14,17 +14,34 @@ import numpy as np
 
 from .hnsw import HnswParams
 from .errors import ImgsimError, IndexCorruptError, ModelError
-from .images import Preprocess
+from .images import Preprocess, parse_view
 from .models import parse_pooling, spec_for
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """1: the first format. 2: metadata columns (folder, name, EXIF capture time, camera) and labels.
 3: vectors stored as float16, an 8-bit quantized graph, and a table of removed ids. 4: an index with
 crop views (`imgsim index --centre-view`): an older imgsim, which would add images without them,
-refuses it. Other indexes are still written as `PLAIN_FORMAT`, which older imgsims read."""
+refuses it. 5: grey views (``greyNN``), which a format-4 imgsim does not know. Each index is written
+in the oldest format that holds it (`format_for`), so older imgsims read what they can."""
 
 PLAIN_FORMAT = 3
 """The format of an index without crop views."""
+
+CROP_FORMAT = 4
+"""The oldest format with crop views."""
+
+
+def format_for(preprocess: Preprocess) -> int:
+    """The format a new index made with this preprocessing is written in: the oldest that holds it."""
+    return max(PLAIN_FORMAT, _views_format(preprocess))
+
+
+def _views_format(preprocess: Preprocess) -> int:
+    """The oldest format that knows this preprocessing's views (0: any; older plain indexes are
+    upgraded when first opened for writing)."""
+    if any(parse_view(v)[1] for v in preprocess.index_views + preprocess.crop_views):
+        return FORMAT_VERSION
+    return CROP_FORMAT if preprocess.crop_views else 0
 
 _REQUIRED = ("format_version", "model", "model_sha256", "dim", "preprocess", "hnsw")
 
@@ -101,7 +118,7 @@ class Manifest:
             2 <= h.M <= 256 and 1 <= h.ef_construction <= 4096 and 1 <= h.ef_search <= 4096,
             isinstance(self.root, (str, type(None))),
             16 <= p.size <= 1024 and p.size <= p.resize_to <= 2048,
-            not p.crop_views or self.format_version >= 4,  # an older imgsim could add images without them
+            self.format_version >= _views_format(p),  # an older imgsim could add images without their views
             p.resize in ("crop", "squash") and p.interpolation in ("bilinear", "bicubic"),
             all(isinstance(v, (str, type(None))) for v in (self.faiss_sha256, self.faiss_previous_sha256)),
             isinstance(self.created, (int, float, type(None))),

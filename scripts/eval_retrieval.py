@@ -91,13 +91,16 @@ from imgsim.models import regions as model_regions
 PRODUCT_CONFIGS = {
     "imgsim": ((), ()),
     "imgsim-crops": ((), CROP_VIEWS),
+    "imgsim-colourcrops": ((), ("centre70", "centre50")),
+    "imgsim-grey60": ((), ("grey60",)),
+    "imgsim-grey70-60-50": ((), ("grey70", "grey60", "grey50")),
     "imgsim-crops60": ((), ("centre60",)),
     "imgsim-crops70-60-50": ((), ("centre70", "centre60", "centre50")),
     "imgsim-centre60": (("centre60",), ()),
 }
 """The product itself, through `Index`, as (index views, crop views): as it indexes by default; with
-`imgsim index --centre-view` (``imgsim-crops``: crop views, the centre 70 % and 50 %) and other
-crop views; and with the centre 60 % averaged into each image's vector (``imgsim-centre60``, what
+`imgsim index --centre-view` (``imgsim-crops``: crop views, the centre 70 % and 50 % in grey;
+``imgsim-colourcrops``: in colour, as the first crop views were) and other crop views; and with the centre 60 % averaged into each image's vector (``imgsim-centre60``, what
 `--centre-view` did before crop views).
 
 Either name may end in ``+SEARCH``, how `Index.search` ranks (default: as the product does by default):

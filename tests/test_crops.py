@@ -29,11 +29,12 @@ def _small(folder, out, width=300):
     return out
 
 
-def _grey_centre(path, share):
+def _grey_centre(path, share, grey=True):
     img = Image.open(path).convert("RGB")
     cw, ch = round(img.width * share), round(img.height * share)
     left, top = (img.width - cw) // 2, (img.height - ch) // 2
-    return ImageOps.grayscale(img.crop((left, top, left + cw, top + ch))).convert("RGB")
+    crop = img.crop((left, top, left + cw, top + ch))
+    return ImageOps.grayscale(crop).convert("RGB") if grey else crop
 
 
 @pytest.fixture
@@ -66,6 +67,8 @@ def test_tight_grey_crops_find_their_original_by_its_crop_views(pair, small, tmp
         gains.append(own["crops"] - own["plain"])
         exact = pair["crops"].search(path, k=1)[0]
         assert exact.path == path.name and exact.score == pytest.approx(1.0, abs=1e-3)
+        # the crop views are grey; a crop in colour is found as well
+        assert pair["crops"].search(_grey_centre(path, 0.5, grey=False), k=1)[0].path == path.name
     assert min(gains) >= 0 and np.median(gains) > 0.05, gains
 
 
@@ -74,7 +77,7 @@ def test_crop_views_are_stored_beside_each_image_and_go_with_it(pair, small):
     info = index.info()
     assert info["preprocess"]["crop_views"] == list(CROP_VIEWS)
     assert "crop_views" not in pair["plain"].info()["preprocess"]
-    assert info["format_version"] == 4 and pair["plain"].info()["format_version"] == 3  # older imgsims refuse it
+    assert info["format_version"] == 5 and pair["plain"].info()["format_version"] == 3  # older imgsims refuse it
     rows = index.store.conn.execute("SELECT count(*), min(length(vector)), max(length(vector)) "
                                     "FROM crop_vectors").fetchone()
     assert rows == (len(index) * len(CROP_VIEWS), 2 * index.manifest.dim, 2 * index.manifest.dim)
@@ -160,6 +163,17 @@ def test_centre_view_makes_crop_views_and_keeps_older_averaged_indexes(tmp_path,
         assert old.store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == 0
         top = old.search(photos / "coffee.jpg", k=1)[0]
         assert top.path == "coffee.jpg" and top.score < 0.9999  # the stored vector also holds the centre
+    # One made with the first crop views (in colour, format 4) goes on with them too.
+    with Index.create(tmp_path / "colour", model=TINY_MODEL, root=photos, crop_views=("centre70", "centre50")) as old:
+        assert old.info()["format_version"] == 4
+        old.add(sorted(photos.iterdir())[:3])
+    again = run("index", photos, "--index", tmp_path / "colour", "--centre-view")
+    assert again.exit_code == 0, again.output
+    with Index.open(tmp_path / "colour", read_only=True) as old:
+        assert old.manifest.preprocess.crop_views == ("centre70", "centre50") and old.info()["format_version"] == 4
+        assert old.verify().ok and len(old) == len(list(photos.iterdir()))
+    with pytest.raises(ImgsimError, match="was made with crop views centre70, centre50"):
+        Index.open_or_create(tmp_path / "colour", crop_views=("grey60",))  # other views named: refused
 
 
 def test_verify_finds_damaged_crop_views_and_repair_has_them_embedded_again(pair, small):
@@ -229,7 +243,8 @@ def test_a_parquet_export_leaves_crop_views_out_and_its_import_searches_without(
 
 
 @pytest.mark.parametrize("views", [["centre50"] * 2, ["centre70", "centre60", "centre50", "centre40", "centre30"],
-                                   ["centre50"] * 5000, ["mirror"]])
+                                   ["centre50"] * 5000, ["mirror"], ["grey5"], ["grey100"], ["greyish"],
+                                   ["grey\u0967\u0966"], [70], ["centre 70"]])
 def test_a_manifest_asking_for_too_many_or_unknown_crop_views_is_refused(pair, tmp_path, views):
     pair["crops"].close()
     conn = sqlite3.connect(tmp_path / "crops.sqlite")
@@ -242,11 +257,13 @@ def test_a_manifest_asking_for_too_many_or_unknown_crop_views_is_refused(pair, t
         Index.open(tmp_path / "crops", read_only=True)
 
 
-def test_crop_views_in_a_format_3_manifest_are_refused(pair, tmp_path):
-    """Only format 4 may have crop views: an older imgsim, which reads format 3, would add images without them."""
+@pytest.mark.parametrize("version", [3, 4])
+def test_grey_crop_views_in_an_older_format_manifest_are_refused(pair, tmp_path, version):
+    """Crop views need format 4 (an older imgsim, which reads format 3, would add images without them),
+    grey ones format 5 (a format-4 imgsim does not know them)."""
     pair["crops"].close()
     conn = sqlite3.connect(tmp_path / "crops.sqlite")
-    conn.execute("UPDATE manifest SET value = '3' WHERE key = 'format_version'")
+    conn.execute("UPDATE manifest SET value = ? WHERE key = 'format_version'", (str(version),))
     conn.commit()
     conn.close()
     with pytest.raises(IndexCorruptError, match="invalid manifest"):
@@ -298,3 +315,33 @@ def test_a_copy_of_a_source_with_damaged_views_is_embedded(pair, small):
     shutil.copy(src, small / "zz copy.jpg")
     report = index.sync(small)
     assert (report.added, report.embedded) == (1, 1)
+
+
+def test_grey_views_are_the_centre_in_grey():
+    from imgsim.images import Preprocess, parse_view, to_views
+
+    prep = Preprocess(size=32, resize_to=32, resize="squash", crop_views=("grey50", "centre50"))
+    img = Image.new("RGB", (100, 80), (200, 30, 30))
+    img.paste((20, 40, 220), (25, 20, 75, 60))  # the centre half blue, red around it
+    views = to_views(img, prep) * np.asarray(prep.std)[:, None, None] + np.asarray(prep.mean)[:, None, None]
+    whole, grey, colour = views
+    assert np.ptp(grey, axis=0).max() < 1e-5  # grey: the three channels alike
+    assert colour[2].mean() > 0.8 and colour[0].mean() < 0.1  # the blue centre, in colour
+    expected = np.asarray(Image.new("RGB", (1, 1), (20, 40, 220)).convert("L"), np.float32)[0, 0] / 255
+    assert grey[0].mean() == pytest.approx(expected, abs=2e-3)
+    assert parse_view("grey70") == (70, True) and parse_view("centre50") == (50, False)
+
+
+def test_an_index_with_grey_views_averaged_in_goes_through_parquet(tmp_path, photos):
+    """Averaged grey views (format 5) are exported; the import keeps them and their format."""
+    pytest.importorskip("pyarrow")
+    from imgsim.export.parquet import export_parquet, import_parquet
+
+    with Index.create(tmp_path / "g", model=TINY_MODEL, root=photos, index_views=("grey60",)) as index:
+        index.add(photos)
+        assert index.info()["format_version"] == 5
+        export_parquet(index, tmp_path / "g.parquet")
+    import_parquet(tmp_path / "g.parquet", tmp_path / "imported")
+    with Index.open(tmp_path / "imported") as imported:
+        assert imported.manifest.preprocess.index_views == ("grey60",) and imported.info()["format_version"] == 5
+        assert imported.verify().ok and len(imported) == len(list(photos.iterdir()))

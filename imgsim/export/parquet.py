@@ -180,6 +180,7 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
     folder exists here). Nothing is left behind if the file is refused."""
     from ..hnsw import HnswParams
     from ..images import Preprocess
+    from ..manifest import format_for
     from ..models import Model, parse_pooling, spec_for
 
     meta = read_metadata(path)
@@ -230,9 +231,10 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
             insert = (f"INSERT INTO images (id, {', '.join(quoted(n) for n in names)}) "
                       f"VALUES ({', '.join('?' * (len(names) + 1))})")
             total = file.metadata.num_rows
-            with store.transaction():
-                store.set_manifest(preprocess=_without_crop_views(manifest["preprocess"]),
-                                   pooling=manifest.get("pooling") or "avg")
+            preprocess = _without_crop_views(manifest["preprocess"])
+            with store.transaction():  # its format: averaged grey views (format 5) are exported
+                store.set_manifest(preprocess=preprocess, pooling=manifest.get("pooling") or "avg",
+                                   format_version=format_for(Preprocess.from_dict(preprocess)))
             for record_batch in file.iter_batches(batch_size=batch_size):
                 ids, rows, vectors, labels = _checked_rows(path, record_batch, names, dim, imported)
                 try:
