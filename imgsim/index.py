@@ -338,6 +338,8 @@ class Index:
         index made with centre views averaged in (``--centre-view`` before crop views), and the
         default crop views (`crops.CROP_VIEWS`) asked of one made with others (colour crop views,
         before grey ones), are taken as those: it keeps indexing as it was made."""
+        index_views = None if index_views is None else tuple(index_views)  # read more than once below
+        crop_views = None if crop_views is None else tuple(crop_views)
         _, sqlite_path = index_files(path)
         if not sqlite_path.exists():
             return cls.create(path, model=model, root=root, index_views=index_views or (), crop_views=crop_views or ())

@@ -25,10 +25,13 @@ refuses it. 5: grey views (``greyNN``), which a format-4 imgsim does not know. E
 in the oldest format that holds it (`format_for`), so older imgsims read what they can."""
 
 PLAIN_FORMAT = 3
-"""The format of an index without crop views."""
+"""The format of an index without crop views or grey views."""
 
 CROP_FORMAT = 4
 """The oldest format with crop views."""
+
+GREY_FORMAT = 5
+"""The oldest format with grey views."""
 
 
 def format_for(preprocess: Preprocess) -> int:
@@ -40,7 +43,7 @@ def _views_format(preprocess: Preprocess) -> int:
     """The oldest format that knows this preprocessing's views (0: any; older plain indexes are
     upgraded when first opened for writing)."""
     if any(parse_view(v)[1] for v in preprocess.index_views + preprocess.crop_views):
-        return FORMAT_VERSION
+        return GREY_FORMAT
     return CROP_FORMAT if preprocess.crop_views else 0
 
 _REQUIRED = ("format_version", "model", "model_sha256", "dim", "preprocess", "hnsw")
@@ -74,6 +77,10 @@ class Manifest:
         missing = [key for key in _REQUIRED if key not in data]
         if missing:
             raise IndexCorruptError(f"{source} has no {', '.join(missing)} in its manifest")
+        version = data["format_version"]
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            # before the rest is checked: a newer format may hold what this imgsim cannot read (views, keys)
+            raise ImgsimError(f"{source} was written by a newer imgsim (format {version}): upgrade imgsim to read it")
         try:
             manifest = cls(
                 format_version=data["format_version"],
@@ -96,9 +103,6 @@ class Manifest:
             sane = False
         if not sane:
             raise IndexCorruptError(f"{source} has an invalid manifest")
-        if manifest.format_version > FORMAT_VERSION:
-            raise ImgsimError(f"{source} was written by a newer imgsim (format {manifest.format_version}): "
-                              f"upgrade imgsim to read it")
         try:
             spec = spec_for(manifest.model)
         except ModelError:

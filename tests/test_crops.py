@@ -233,9 +233,10 @@ def test_exact_and_filtered_searches_score_crop_views_beyond_k(pair, small):
 
 def test_a_parquet_export_leaves_crop_views_out_and_its_import_searches_without(pair, tmp_path):
     pytest.importorskip("pyarrow")
-    from imgsim.export.parquet import export_parquet, import_parquet
+    from imgsim.export.parquet import export_parquet, import_parquet, read_metadata
 
     export_parquet(pair["crops"], tmp_path / "c.parquet")
+    assert read_metadata(tmp_path / "c.parquet")["format_version"] == 1  # crop views stay behind: any imgsim reads it
     import_parquet(tmp_path / "c.parquet", tmp_path / "imported")
     with Index.open(tmp_path / "imported") as imported:
         assert imported.manifest.preprocess.crop_views == () and len(imported) == len(pair["crops"])
@@ -335,12 +336,13 @@ def test_grey_views_are_the_centre_in_grey():
 def test_an_index_with_grey_views_averaged_in_goes_through_parquet(tmp_path, photos):
     """Averaged grey views (format 5) are exported; the import keeps them and their format."""
     pytest.importorskip("pyarrow")
-    from imgsim.export.parquet import export_parquet, import_parquet
+    from imgsim.export.parquet import export_parquet, import_parquet, read_metadata
 
     with Index.create(tmp_path / "g", model=TINY_MODEL, root=photos, index_views=("grey60",)) as index:
         index.add(photos)
         assert index.info()["format_version"] == 5
         export_parquet(index, tmp_path / "g.parquet")
+    assert read_metadata(tmp_path / "g.parquet")["format_version"] == 2  # an imgsim reading only 1 refuses it
     import_parquet(tmp_path / "g.parquet", tmp_path / "imported")
     with Index.open(tmp_path / "imported") as imported:
         assert imported.manifest.preprocess.index_views == ("grey60",) and imported.info()["format_version"] == 5

@@ -68,14 +68,14 @@ STAMP_PRECISION_FLOOR = 0.34
 # 0.991 / 0.991 / 0.983 / 0.904. The floors are lite0-lw's, so losing the whitening fails them.
 # `--centre-view` now keeps crop views (the centre 70 % and 50 % as vectors of their own, imgsim/crops.py):
 # in colour, as first made, 0.991 / 0.965 / 0.983 / 0.913 here; in grey, as since, with the best 32
-# candidates scored by them, 0.991 / 0.991 / 0.983 / 0.930 (README "How good is it"). The averaged index is
-# still checked, as indexes made that way keep it.
+# candidates scored by them, 0.991 / 0.991 / 0.983 / 0.930 (README "How good is it"; floors two queries below,
+# greycrop's above the colour views' 0.965). The averaged index is still checked, as indexes made that way keep it.
 # Query expansion (the default since issue 12) keeps the best match first, so these figures are the same
 # with and without it.
 HARD_CHECKED = ["blur-1.0", "greycrop-60", "rot-15", "hard+hard"]
 HARD_FLOORS = {
     "imgsim": {"blur": 0.98, "greycrop": 0.90, "rot": 0.97, "combined": 0.87},
-    "imgsim-crops": {"blur": 0.98, "greycrop": 0.98, "rot": 0.97, "combined": 0.92},
+    "imgsim-crops": {"blur": 0.98, "greycrop": 0.97, "rot": 0.97, "combined": 0.91},
     "imgsim-centre60": {"blur": 0.98, "greycrop": 0.98, "rot": 0.97, "combined": 0.89},
 }
 

@@ -93,6 +93,10 @@ def test_a_damaged_page_anywhere_in_the_sqlite_file_is_a_clear_error(made, photo
     ({"dim": 4096}, "dimensions"),
     ({"model": "gpt-image-9"}, "does not know"),
     ({"format_version": 99}, "newer imgsim"),
+    # a newer format's preprocessing may name views this imgsim does not know: "newer", not "invalid"
+    ({"format_version": 99, "preprocess": {"size": 224, "resize_to": 224, "resize": "squash", "interpolation":
+      "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_views": ["sharp70"]}}, "newer imgsim"),
+    ({"format_version": True}, "invalid manifest"),
     ({"root": 12}, "invalid manifest"),
 ])
 def test_crafted_manifest_is_refused(made, values, message):

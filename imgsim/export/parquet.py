@@ -27,13 +27,17 @@ import numpy as np
 from .. import __version__
 from ..errors import ImgsimError, ModelError
 from ..files import discard
+from ..images import parse_view
 from ..index import Index, index_files
 from ..store import vector_blob
 from . import require
 from .source import ALL, Batch, Selection, Source, quoted, text_of
 
 FORMAT = "imgsim-parquet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest file format this imgsim reads. 1: the first. 2: a file whose preprocessing averages grey
+views (``greyNN``) into its vectors, which an imgsim reading only 1 does not know; other files are
+still written as 1."""
 METADATA_KEY = b"imgsim"
 DEFAULT_ROW_GROUP = 8192
 ProgressFn = Callable[[int, int], None]
@@ -130,10 +134,11 @@ def _metadata(index: Index, source: Source, count: int) -> dict:
     manifest = {key: source.manifest.get(key) for key in _MANIFEST_KEYS}
     if isinstance(manifest.get("preprocess"), dict):
         manifest["preprocess"] = _without_crop_views(manifest["preprocess"])
+    grey = any(parse_view(view)[1] for view in index.manifest.preprocess.index_views)
     root = index.root
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if grey else 1,
         "imgsim_version": __version__,
         "exported": time.time(),
         "count": count,
