@@ -358,7 +358,7 @@ class Index:
             asked = _views_text(made.index_views if index_views is None else tuple(index_views),
                                 made.crop_views if crop_views is None else tuple(crop_views))
             raise ImgsimError(f"index {path} was made with {_views_text(made.index_views, made.crop_views)}: "
-                              f"use another --index to index with {asked}")
+                              f"views are chosen when an index is made, so use another --index to index with {asked}")
         return index
 
     def close(self, discard_if_fresh: bool = False) -> None:
