@@ -112,14 +112,23 @@ def search_options(f):
                      help="Rank by the query alone, not with its best match too (scores are the query's "
                           "own either way).")(f)
     f = click.option("--exact", is_flag=True, help="Compare with every image instead of walking the graph.")(f)
-    f = click.option("--min-score", type=float, callback=_finite,
-                     help="Leave out results scoring below this.")(f)
+    f = click.option("--min-score", type=click.FloatRange(-1.0, 1.0), callback=_finite,
+                     help="Leave out results scoring below this (a cosine, -1 to 1).")(f)
     f = click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")(f)
     return filter_options(f)
 
 
+def _html_target(ctx, param, value):
+    """The page's folder must be there before the work starts, not only when the page is written."""
+    if value is not None:
+        folder = Path(os.path.abspath(value)).parent
+        if not folder.is_dir():
+            raise click.BadParameter(f"cannot write {value}: the folder {folder} does not exist", ctx, param)
+    return value
+
+
 def html_option(f):
-    return click.option("--html", "html_file", type=click.Path(dir_okay=False, writable=True),
+    return click.option("--html", "html_file", type=click.Path(dir_okay=False, writable=True), callback=_html_target,
                         help="Also write a self-contained web page with thumbnails to this file.")(f)
 
 
@@ -208,12 +217,16 @@ def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folde
                             on_skip=lambda path, reason: warn(f"skipped {shown(path)}: {reason}"),
                             batch_size=batch_size, max_pixels=max_pixels, exclude=exclude,
                             label_from_folder=label_from_folder, retry_failed=retry_failed)
+        if not report.files_seen:  # a new index with nothing in it is not kept: its root would be this folder
+            index.close(discard_if_fresh=True)
+            made = index.sqlite_path.exists()
     if as_json:
         Printer("json")(report.to_dict())
     else:
         click.echo(summary_line(report))
     if not report.files_seen:
-        warn(f"no image files in {shown(folder)} (JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC...; see `imgsim index --help`)")
+        warn(f"no image files in {shown(folder)} (JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC...; see `imgsim index --help`)"
+             + ("" if made else "; no index was made"))
     if strict and (report.failed or report.known_failures):
         sys.exit(3)
 
@@ -369,6 +382,8 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
 
     if yes and not move_to:
         raise click.UsageError("--yes goes with --move-to")
+    if against_reference and not reference:
+        raise click.UsageError("--against-reference needs at least one --reference folder")
     with Index.open(index_path, read_only=not (move_to and yes), root=root) as index:
         filter = make_filter(filters, index)
         reference = tuple(index.folder_key(folder) for folder in reference)

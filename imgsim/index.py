@@ -520,15 +520,15 @@ class Index:
         # Where the files really are (a folder given through a link, `~/Pictures -> /data/photos`, is
         # walked as /data/photos), so that their paths are stored relative to the resolved root.
         sources = [s.resolve() if s.is_dir() else s.parent.resolve() / s.name for s in sources]
-        if self.root is None:
-            folders = [s for s in sources if s.is_dir()]
-            self._set_root(folders[0] if folders else Path(os.path.commonpath([s.resolve().parent for s in sources])))
         report = SyncReport()
         unreadable: list[tuple[str, str]] = []
         unsupported: list[tuple[str, str]] = []
         files = list(imgs.expand(sources, on_error=lambda path, reason: unreadable.append((str(path), reason)),
                                  exclude=tuple(exclude),
                                  on_unsupported=lambda path, reason: unsupported.append((str(path), reason))))
+        if self.root is None and files:  # the first folder with pictures (an empty one would pin it for good)
+            folders = [s for s in sources if s.is_dir()]
+            self._set_root(folders[0] if folders else Path(os.path.commonpath([s.resolve().parent for s in sources])))
         report.unsupported = len(unsupported)
         walked = [self._key(s.resolve()) for s in sources if s.is_dir()]
         plan = plan_sync(files, self._store, key=self._key, resolve=self.resolve,

@@ -414,7 +414,14 @@ def onnxruntime_module():
     variable comes too late, and `disable_telemetry_events` is what remains.
     """
     os.environ.setdefault(TELEMETRY_ENV, "1")
-    import onnxruntime
+    try:
+        import onnxruntime
+    except ImportError as e:
+        # Ctrl-C while its extension module initialises comes out as "ImportError: initialization
+        # failed" caused by the KeyboardInterrupt: an interrupt, not a broken install.
+        if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
 
     if os.environ[TELEMETRY_ENV] == "1":
         onnxruntime.disable_telemetry_events()

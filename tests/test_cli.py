@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from imgsim import Index
 from imgsim.cli import cli
 
 from .conftest import TINY_MODEL, run
@@ -42,12 +43,18 @@ def test_an_empty_folder_and_an_empty_index_say_so(tmp_path, photos):
     stderr (only the last is an error), instead of silence."""
     (tmp_path / "empty").mkdir()
     made = run("index", tmp_path / "empty", "--index", tmp_path / "idx", "--model", TINY_MODEL)
-    assert made.exit_code == 0 and "no image files in" in made.stderr
+    assert made.exit_code == 0 and "no image files in" in made.stderr and "no index was made" in made.stderr
+    assert not (tmp_path / "idx.sqlite").exists()  # else its root would be the empty folder, not the next one's
+    Index.create(tmp_path / "idx", model=TINY_MODEL).close()  # an empty index made from Python
+    again = run("index", tmp_path / "empty", "--index", tmp_path / "idx")
+    assert again.exit_code == 0 and "no image files in" in again.stderr and "no index was made" not in again.stderr
     searched = run("search", photos / "coffee.jpg", "--index", tmp_path / "idx")
     assert searched.exit_code == 0 and searched.stdout == "" and "the index is empty" in searched.stderr
     listed = run("list", "--index", tmp_path / "idx")
     assert listed.exit_code == 0 and listed.stdout == "" and "the index is empty" in listed.stderr
     run("index", photos, "--index", tmp_path / "idx")
+    with Index.open(tmp_path / "idx", read_only=True) as index:
+        assert index.root == photos  # the first folder with pictures
     folder = run("search", tmp_path / "empty", photos / "coffee.jpg", "--index", tmp_path / "idx", "-k", "1")
     assert folder.exit_code == 1 and f"Error: no image files in {tmp_path / 'empty'}" in folder.stderr
     assert "coffee.jpg" in folder.stdout  # the other query is still answered
@@ -55,7 +62,7 @@ def test_an_empty_folder_and_an_empty_index_say_so(tmp_path, photos):
         nothing = run(*command, "--index", tmp_path / "idx", "--folder", "nosuch")
         assert nothing.exit_code == 0 and nothing.stdout == "" and "no indexed image matches the filter" in nothing.stderr
     # A destination dupes would refuse is refused before the comparing, and before anything is printed.
-    inside = run("dupes", "--index", tmp_path / "idx", "--move-to", tmp_path / "empty" / "x", "--yes")
+    inside = run("dupes", "--index", tmp_path / "idx", "--move-to", photos / "x", "--yes")
     assert inside.exit_code == 1 and inside.stdout == "" and "inside the indexed folder" in inside.stderr
     queried = run("search", tmp_path / "empty", "no\nsuch.jpg", "--index", tmp_path / "idx")  # each error one line
     assert queried.exit_code == 1 and len(queried.stderr.strip().splitlines()) == 2 and "no\\x0asuch.jpg" in queried.stderr

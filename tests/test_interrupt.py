@@ -93,3 +93,28 @@ def test_ctrl_c_between_a_batch_commit_and_its_graph_add_still_saves_a_complete_
         assert report.ok and report.notes == [], report.notes
         assert index.info()["graph_size"] == 2 * interrupted_add
         assert index.manifest.graph_trained_on == 2  # trained on its first rows, so retrained as it grows
+
+
+def test_ctrl_c_while_onnxruntime_initialises_is_an_interrupt(tmp_path, photos, monkeypatch):
+    """onnxruntime turns a Ctrl-C during its import into "ImportError: initialization failed"
+    (caused by the KeyboardInterrupt): still "interrupted", exit 130, no traceback."""
+    import builtins
+
+    from click.testing import CliRunner
+
+    from imgsim.cli import cli
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "onnxruntime":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as interrupt:
+                raise ImportError("initialization failed") from interrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    result = CliRunner().invoke(cli, ["index", str(photos), "--index", str(tmp_path / "idx"), "--model", TINY_MODEL])
+    assert result.exit_code == 130 and result.stderr == "interrupted\n", (result.exit_code, result.output,
+                                                                         result.exception)

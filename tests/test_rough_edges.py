@@ -247,3 +247,29 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_folder(tmp_path, pho
         assert len(opened) == before
         with pytest.raises(ImgsimError, match="the path is empty"):
             opened.similar("")
+
+
+# -- found by the ninth round's new-user trial ---------------------------------------------------
+def test_options_out_of_range_are_usage_errors_before_any_work(tiny_index, photos, tmp_path):
+    """A score cut no cosine can pass, --against-reference alone, a page in a folder that is not
+    there: each one usage line (exit 2), before anything is searched or printed."""
+    for command in (["search", photos / "coffee.jpg"], ["similar", "coffee.jpg"]):
+        for bad in ("2", "-1.5"):
+            result = run(*command, "--index", tiny_index, "--min-score", bad)
+            assert result.exit_code == 2 and result.stdout == "" and "--min-score" in result.stderr, result.stderr
+        assert run(*command, "--index", tiny_index, "--min-score", "0.5").exit_code == 0
+        page = run(*command, "--index", tiny_index, "--html", tmp_path / "nosuch" / "page.html")
+        assert page.exit_code == 2 and page.stdout == "" and "does not exist" in page.stderr, page.stderr
+    alone = run("dupes", "--index", tiny_index, "--against-reference")
+    assert alone.exit_code == 2 and "--against-reference needs at least one --reference folder" in alone.stderr
+    page = run("dupes", "--index", tiny_index, "--html", tmp_path / "nosuch" / "page.html")
+    assert page.exit_code == 2 and page.stdout == ""
+
+
+def test_an_empty_first_folder_does_not_become_the_root(tmp_path, photos):
+    """From Python as from the command line: the root is the first folder that has pictures."""
+    (tmp_path / "empty").mkdir()
+    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+        assert index.add(tmp_path / "empty").added == 0 and index.root is None
+        assert index.add(photos).added == n_photos(photos) and index.root == photos
+        assert all(not r.path.startswith("/") for r in index.rows())
