@@ -134,6 +134,7 @@ def test_similar_uses_the_stored_vector_and_leaves_the_image_out(client, tiny_in
     assert [r["rank"] for r in similar["results"]] == [1, 2, 3, 4, 5]
     assert [r["score"] for r in similar["results"]] == pytest.approx([r["score"] for r in first[1:]], abs=1e-4)  # float16
     assert similar["query"]["id"] == rocket and similar["query"]["path"] == "rocket.jpg"
+    assert {r["query"] for r in similar["results"]} == {"rocket.jpg"}  # as `imgsim similar --json` says
     assert client.get("/similar/999999").status_code == 404
     assert client.get("/similar/0").status_code == 422
     assert client.get(f"/similar/{2**70}").status_code == 422
@@ -472,3 +473,15 @@ def test_serve_without_the_extra_says_what_to_install(tiny_index, monkeypatch):
     result = run("serve", "--index", tiny_index)
     assert result.exit_code == 1
     assert "imgsim serve needs the serve extra (fastapi is missing): pip install 'imgsim[serve]'" in result.stderr
+
+
+def test_a_port_in_use_is_one_error_line_before_the_index_loads(tiny_index):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--index", tiny_index, "--port", str(port))
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == f"Error: cannot serve on 127.0.0.1:{port}: the port is in use\n", result.stderr

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -104,7 +106,7 @@ class Api:
             row = gen.index.image(image_id)
             if row is None:
                 raise ApiError(404, f"no image {image_id} in the index")
-            results = [result_json(r, None) for r in gen.index.similar(image_id, k=k, **filters)]
+            results = [result_json(r, row.path) for r in gen.index.similar(image_id, k=k, **filters)]  # as the CLI's
         return {"results": results, "query": {"id": image_id, **row_json(row)}}
 
     def dupes(self, threshold: float | None, filters: dict) -> dict:
@@ -327,6 +329,12 @@ def run(settings: ServeSettings, quiet: bool = False) -> None:
     """Serve until interrupted (what `imgsim serve` calls)."""
     import uvicorn
 
+    listening = _listen(settings.host, settings.port)  # first: a port in use is said before the index loads
+    with listening:
+        _serve(uvicorn, listening, settings, quiet)
+
+
+def _serve(uvicorn, listening: socket.socket, settings: ServeSettings, quiet: bool) -> None:
     app = create_app(settings)
     shared: SharedIndex = app.state.api.shared
     with shared.use() as gen:
@@ -341,4 +349,22 @@ def run(settings: ServeSettings, quiet: bool = False) -> None:
         limit_concurrency=settings.max_connections, access_log=False,
         log_level="warning" if quiet else "info",
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here (as uvicorn would bind it) so that a port in use or an address
+    this machine does not have is one error line, not uvicorn's log lines and exit code 3."""
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+    except OSError as e:
+        listening.close()
+        shown = f"[{host}]" if ":" in host else host
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise ImgsimError(f"cannot serve on {shown}:{port}: {why}") from None
+    except BaseException:
+        listening.close()
+        raise
+    return listening
