@@ -264,6 +264,26 @@ def test_transient_failures_are_retried_with_backoff(tmp_path, photos):
         down = Flaky(client, {"collection_exists": [ResponseHandlingException(ConnectionError("refused"))] * 10})
         with pytest.raises(ImgsimError, match="failed 3 times .*resumes where it stopped"):
             export_qdrant(index, down, location, "other", retries=2, sleep=slept.append)
+        # A host name that does not exist is not retried (a resolver that is down for now, EAI_AGAIN, is).
+        import socket
+
+        def lookup(errno_, message):
+            try:
+                raise socket.gaierror(errno_, message)
+            except socket.gaierror as cause:
+                try:
+                    raise ConnectionError(message) from cause
+                except ConnectionError as e:
+                    return ResponseHandlingException(e)
+
+        slept.clear()
+        nowhere = Flaky(client, {"collection_exists": [lookup(socket.EAI_NONAME, "Name or service not known")] * 5})
+        with pytest.raises(ImgsimError, match="cannot reach Qdrant .*no such host .*check the URL"):
+            export_qdrant(index, nowhere, location, "other", sleep=slept.append)
+        assert slept == []
+        later = Flaky(client, {"collection_exists": [lookup(socket.EAI_AGAIN, "Temporary failure in name resolution")]})
+        assert export_qdrant(index, later, location, "other", batch_size=50, sleep=slept.append).written == len(index)
+        assert len(slept) == 1
         client.close()
 
 

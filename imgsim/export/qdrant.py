@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -103,6 +104,10 @@ class Retrying:
             try:
                 return getattr(self.client, method)(*args, **kwargs)
             except Exception as e:
+                unknown_host = _unknown_host(e)
+                if unknown_host:
+                    raise ImgsimError(f"cannot reach Qdrant at {self.where}: no such host ({unknown_host}); "
+                                      f"check the URL") from None
                 transient, message = classify(e)
                 if not transient:
                     raise ImgsimError(f"Qdrant at {self.where} refused {method}: {message}") from None
@@ -148,6 +153,19 @@ def classify(e: Exception) -> tuple[bool, str]:
     except ImportError:  # pragma: no cover
         pass
     return False, _first_line(e)
+
+
+def _unknown_host(e: BaseException) -> str | None:
+    """The resolver's answer if `e` (or what caused it) says the host name does not exist: nothing
+    that waiting would change (a temporary resolver failure, EAI_AGAIN, is retried)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror) and e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
+            return _first_line(e)
+        cause = e.__cause__ or e.__context__ or getattr(e, "source", None)  # qdrant-client keeps it as `source`
+        e = cause if isinstance(cause, BaseException) else None
+    return None
 
 
 def export_qdrant(index: Index, client, location: str, collection: str, *, selection: Selection = ALL,
