@@ -43,7 +43,7 @@ from .models import Model, available_cpus, default_model
 from .pipeline import bounded_map, embed_files
 from .scoring import damaged_rows
 from .store import ImageRow, NewImage, Store
-from .sync import Plan, file_stat, is_under, plan_sync
+from .sync import Plan, file_stat, is_under, link_stat, plan_sync
 
 log = logging.getLogger("imgsim")
 
@@ -106,12 +106,12 @@ def _refuse_unwritable(path, sqlite_path: Path) -> None:
 
 
 def _file_stat(path: str) -> tuple[int, int, int] | None:
-    """A failed file's `file_stat`, to recognise it unchanged next time; None for a folder or a
-    broken link (those are looked at again each run: it costs nothing)."""
+    """A failed file's `file_stat`, to recognise it unchanged next time (a broken link's own, as
+    `sync.link_stat`); None for a folder (looked at again each run: it costs nothing)."""
     try:
         st = os.stat(path)
     except OSError:
-        return None
+        return link_stat(path)
     return None if stat.S_ISDIR(st.st_mode) else file_stat(st)
 
 

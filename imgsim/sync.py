@@ -57,6 +57,16 @@ def file_stat(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def link_stat(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """The `file_stat` of a broken symbolic link itself (re-pointing it changes its ctime), so that an
+    unchanged one is a known failure like any other; None for anything else."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return file_stat(st) if stat.S_ISLNK(st.st_mode) else None
+
+
 def is_under(key: str, prefixes: list[str]) -> bool:
     for prefix in prefixes:
         if prefix == ".":
@@ -88,6 +98,9 @@ def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str]
             st = os.stat(path)
         except OSError as e:
             broken = os.path.islink(path) and e.errno == errno.ENOENT
+            if broken and known_failures and known_failures.get(key(path)) == link_stat(path):
+                plan.known_failed.add(key(path))
+                continue
             reason = "broken symbolic link" if broken else (e.strerror or str(e))
             plan.failures.append((str(path), reason))
             continue

@@ -199,6 +199,25 @@ def test_a_failed_file_that_changes_is_tried_again(tmp_path, photos):
         assert index.errors() == []
 
 
+def test_a_broken_link_is_a_known_failure_until_it_changes(tmp_path, photos):
+    """As any failed file: said once, then counted, not tried and said at every run; tried again once
+    it points somewhere (a picture now) or is made again."""
+    link = photos / "gone.jpg"
+    link.symlink_to(tmp_path / "nowhere.jpg")
+    with Index.create(tmp_path / "i", model=TINY_MODEL) as index:
+        first = index.sync(photos)
+        assert first.failed == 1 and first.failures[0][1] == "broken symbolic link"
+        again = index.sync(photos)
+        assert (again.failed, again.known_failures) == (0, 1)
+        link.unlink()
+        link.symlink_to(tmp_path / "elsewhere.jpg")  # made again, still broken: tried, and said, again
+        remade = index.sync(photos)
+        assert (remade.failed, remade.known_failures) == (1, 0)
+        Image.new("RGB", (40, 30), "blue").save(tmp_path / "elsewhere.jpg")
+        fixed = index.sync(photos)
+        assert (fixed.added, fixed.failed, fixed.known_failures) == (1, 0, 0) and index.errors() == []
+
+
 def test_add_leaves_known_failures_alone_and_retry_failed_tries_them(tmp_path, photos):
     broken = photos / "broken.jpg"
     broken.write_bytes(b"x" * 100)
