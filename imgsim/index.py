@@ -105,6 +105,16 @@ def _refuse_unwritable(path, sqlite_path: Path) -> None:
                                      f"searched (read-only)")
 
 
+def _first_root(sources: list[Path], files: list[Path]) -> Path:
+    """The root of an index that has none yet: the first source folder that holds one of the files
+    found (else the first folder given; for files alone, the folder they share)."""
+    folders = [s for s in sources if s.is_dir()]
+    for folder in folders:
+        if any(f.is_relative_to(folder) for f in files):
+            return folder
+    return folders[0] if folders else Path(os.path.commonpath([s.parent for s in sources]))
+
+
 def _file_stat(path: str) -> tuple[int, int, int] | None:
     """A failed file's `file_stat`, to recognise it unchanged next time (a broken link's own, as
     `sync.link_stat`); None for a folder (looked at again each run: it costs nothing)."""
@@ -526,9 +536,8 @@ class Index:
         files = list(imgs.expand(sources, on_error=lambda path, reason: unreadable.append((str(path), reason)),
                                  exclude=tuple(exclude),
                                  on_unsupported=lambda path, reason: unsupported.append((str(path), reason))))
-        if self.root is None and files:  # the first folder with pictures (an empty one would pin it for good)
-            folders = [s for s in sources if s.is_dir()]
-            self._set_root(folders[0] if folders else Path(os.path.commonpath([s.resolve().parent for s in sources])))
+        if self.root is None and (files or unreadable):  # an empty folder would pin it for good
+            self._set_root(_first_root(sources, files))
         report.unsupported = len(unsupported)
         walked = [self._key(s.resolve()) for s in sources if s.is_dir()]
         plan = plan_sync(files, self._store, key=self._key, resolve=self.resolve,

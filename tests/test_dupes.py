@@ -119,7 +119,7 @@ def test_reference_folders_keep_and_against_reference_answers_what_do_i_have(ind
     assert all(sum(p.startswith("originals/") for p in g.paths) == 1 for g in have)
     missing = run("dupes", "--index", indexed, "--reference", "nowhere")
     assert missing.exit_code == 1 and "no indexed images under the reference" in missing.stderr
-    assert run("dupes", "--index", indexed, "--against-reference").exit_code == 1
+    assert run("dupes", "--index", indexed, "--against-reference").exit_code == 2  # a usage error
 
 
 def test_move_to_moves_only_non_keepers_and_can_be_undone(collection, indexed, tmp_path):

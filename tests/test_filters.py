@@ -117,13 +117,15 @@ def test_min_score_ef_and_exact(index, library):
     assert [r.id for r in index.search(query, k=5, ef=5)][0] == results[0].id
 
 
-def test_an_empty_result_says_why_on_stderr(index, library):
+def test_an_empty_result_says_why_on_stderr(index, library, tmp_path):
     """Not an error (exit code 0, nothing on stdout), but not silence either; -q keeps it quiet."""
     query = next(library.rglob("*.jpg"))
     target = next(iter(index.rows()))
+    noise = tmp_path / "noise.png"  # no indexed copy: nothing scores 1
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
     for args, why in ((("search", query, "--folder", "nowhere"), "no indexed image matches the filter"),
                       (("similar", target.path, "--label", "nothing-has-this"), "no indexed image matches the filter"),
-                      (("search", query, "--min-score", "1.5"), "no result scores at least 1.5")):
+                      (("search", noise, "--min-score", "1"), "no result scores at least 1.0")):
         result = run(*args, "--index", index.sqlite_path)
         assert result.exit_code == 0 and result.stdout == "" and why in result.stderr, result.stderr
         quiet = run(*args, "--index", index.sqlite_path, "-q")

@@ -292,3 +292,5 @@ def test_an_empty_first_folder_does_not_become_the_root(tmp_path, photos):
         assert index.add(tmp_path / "empty").added == 0 and index.root is None
         assert index.add(photos).added == n_photos(photos) and index.root == photos
         assert all(not r.path.startswith("/") for r in index.rows())
+    with Index.create(tmp_path / "several", model=TINY_MODEL) as index:  # several sources, the empty one first
+        assert index.add([tmp_path / "empty", photos]).added == n_photos(photos) and index.root == photos

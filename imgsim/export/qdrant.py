@@ -107,7 +107,8 @@ class Retrying:
                 unknown_host = _unknown_host(e)
                 if unknown_host:
                     raise ImgsimError(f"cannot reach Qdrant at {self.where}: no such host ({unknown_host}); "
-                                      f"check the URL") from None
+                                      f"check the URL, or run the export again once a service just started "
+                                      f"has its name") from None
                 transient, message = classify(e)
                 if not transient:
                     raise ImgsimError(f"Qdrant at {self.where} refused {method}: {message}") from None

@@ -329,42 +329,64 @@ def run(settings: ServeSettings, quiet: bool = False) -> None:
     """Serve until interrupted (what `imgsim serve` calls)."""
     import uvicorn
 
-    listening = _listen(settings.host, settings.port)  # first: a port in use is said before the index loads
-    with listening:
-        _serve(uvicorn, listening, settings, quiet)
+    sockets = _listen(settings.host, settings.port)  # first: a port in use is said before the index loads
+    try:
+        _serve(uvicorn, sockets, settings, quiet)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
-def _serve(uvicorn, listening: socket.socket, settings: ServeSettings, quiet: bool) -> None:
+def _serve(uvicorn, sockets: list[socket.socket], settings: ServeSettings, quiet: bool) -> None:
     app = create_app(settings)
     shared: SharedIndex = app.state.api.shared
     with shared.use() as gen:
         count = len(gen.index)
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    log.info("serving %s (%d images) at http://%s:%d/%s", settings.index, count, shown_host, settings.port,
+    port = sockets[0].getsockname()[1]  # the port given, or the one the system chose for port 0
+    log.info("serving %s (%d images) at http://%s:%d/%s (Ctrl-C to stop)", settings.index, count, shown_host, port,
              " (browsers: open /?token=TOKEN once)" if settings.token else "")
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port,
+        app, host=settings.host, port=port,
         proxy_headers=False,  # never take the client's address from X-Forwarded-For: loopback checks rely on it
         server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
         limit_concurrency=settings.max_connections, access_log=False,
         log_level="warning" if quiet else "info",
     )
-    uvicorn.Server(config).run(sockets=[listening])
+    uvicorn.Server(config).run(sockets=sockets)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound here (as uvicorn would bind it) so that a port in use or an address
-    this machine does not have is one error line, not uvicorn's log lines and exit code 3."""
-    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """The server's sockets, bound and listening before anything else happens, so that a port in use
+    or an address this machine does not have is one error line (not uvicorn's log lines, exit code 3,
+    or a traceback if another server took the port while the index loaded). As asyncio's
+    `create_server` (what uvicorn does given a host) binds them: every address the host name resolves
+    to ("" and None: every interface), IPv6 ones IPv6-only."""
+    shown = f"[{host}]" if ":" in host else host
     try:
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((host, port))
+        addresses = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ImgsimError(f"cannot serve on {shown}:{port}: {e.strerror or e}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # the port the system chose for the first address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(2048)
     except OSError as e:
-        listening.close()
-        shown = f"[{host}]" if ":" in host else host
+        for sock in sockets:
+            sock.close()
         why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         raise ImgsimError(f"cannot serve on {shown}:{port}: {why}") from None
     except BaseException:
-        listening.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return listening
+    return sockets
