@@ -360,13 +360,13 @@ class Index:
                               f"use another --index for a {model} index")
         made = index.manifest.preprocess
         if crop_views is not None and index_views is None and (made.index_views or made.crop_views) and \
-                (not made.crop_views or tuple(crop_views) == CROP_VIEWS):
+                (not made.crop_views or crop_views == CROP_VIEWS):
             crop_views = None  # `--centre-view` on an index made with an older kind of centre views: as made
-        if (index_views is not None and tuple(index_views) != made.index_views) or \
-                (crop_views is not None and tuple(crop_views) != made.crop_views):
+        if (index_views is not None and index_views != made.index_views) or \
+                (crop_views is not None and crop_views != made.crop_views):
             index.close()
-            asked = _views_text(made.index_views if index_views is None else tuple(index_views),
-                                made.crop_views if crop_views is None else tuple(crop_views))
+            asked = _views_text(made.index_views if index_views is None else index_views,
+                                made.crop_views if crop_views is None else crop_views)
             raise ImgsimError(f"index {path} was made with {_views_text(made.index_views, made.crop_views)}: "
                               f"views are chosen when an index is made, so use another --index to index with {asked}")
         return index
