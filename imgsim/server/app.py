@@ -380,13 +380,11 @@ def _listen(host: str, port: int) -> list[socket.socket]:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
             sock.listen(2048)
-    except OSError as e:
+    except BaseException as e:
         for sock in sockets:
             sock.close()
+        if not isinstance(e, OSError):
+            raise
         why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         raise ImgsimError(f"cannot serve on {shown}:{port}: {why}") from None
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
     return sockets
