@@ -518,9 +518,28 @@ def _resize_shorter(img: Image.Image, target: int, resample: Image.Resampling) -
 
 
 def load_array(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Decoded]:
-    """`decode` then `to_array`: what searching does with a query file."""
+    """`decode` then `to_array`: one picture as the model sees it."""
     decoded = decode(path, prep.decode_size, max_pixels)
     return to_array(decoded.image, prep), decoded
+
+
+def query_arrays(img: Image.Image, prep: Preprocess) -> np.ndarray:
+    """The (N, 3, size, size) arrays a search compares for an RGB query picture: the picture
+    itself, then, where it looks turned onto a plain canvas (`upright.find_turn`), the picture
+    turned back upright. The index holds each picture as it is: see `Index.search`."""
+    from .upright import find_turn, undo_turn
+
+    arrays = [to_array(img, prep)]
+    angle = find_turn(img)
+    if angle is not None:
+        arrays.append(to_array(undo_turn(img, angle), prep))
+    return np.stack(arrays)
+
+
+def load_query(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Decoded]:
+    """`decode` then `query_arrays`: what searching does with a query file."""
+    decoded = decode(path, prep.decode_size, max_pixels)
+    return query_arrays(decoded.image, prep), decoded
 
 
 def load_views(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Decoded]:

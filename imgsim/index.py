@@ -712,16 +712,21 @@ class Index:
     # -- searching -------------------------------------------------------------------------------
     def embed(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
         """The normalised embedding of an image file or a PIL image, as this index's model sees it."""
-        prep = self.model.preprocess
+        return self.model.embed(imgs.to_array(self._query_picture(image), self.model.preprocess)[None])[0]
+
+    def query_vectors(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
+        """The vectors a search with this image compares, as an (N, dim) array: its embedding, and
+        where it looks turned onto a plain canvas (black corners: `imgsim.upright`), the embedding
+        of the picture turned back upright (one more model run, for such queries only)."""
+        return self.model.embed(imgs.query_arrays(self._query_picture(image), self.model.preprocess))
+
+    def _query_picture(self, image: str | os.PathLike | Image.Image) -> Image.Image:
         if isinstance(image, Image.Image):
-            array = imgs.to_array(imgs.to_rgb(image), prep)
-        else:
-            path = os.path.expanduser(os.fspath(image))
-            try:
-                array, _ = imgs.load_array(path, prep)
-            except ImageError as e:
-                raise ImageError(f"cannot read query {os.fspath(image)}: {e}") from None
-        return self.model.embed(array[None])[0]
+            return imgs.to_rgb(image)
+        try:
+            return imgs.decode(os.path.expanduser(os.fspath(image)), self.model.preprocess.decode_size).image
+        except ImageError as e:
+            raise ImageError(f"cannot read query {os.fspath(image)}: {e}") from None
 
     @_guard_database
     def search(self, query: Query, k: int = 10, *, filter: Filter | None = None, min_score: float | None = None,
@@ -736,11 +741,27 @@ class Index:
         stays first; see `imgsim.expand`); ``expand=False`` ranks them by the query alone. Either way
         `score` is the query's own similarity to each result (in an index with crop views, to the
         result or, less `crops.CROP_PENALTY`, to its best crop view, whichever is higher).
+
+        An image that looks turned onto a plain canvas is searched both as it is and turned back
+        upright (`query_vectors`), and the results of whichever finds the closer best match are
+        returned. A 2-d array of vectors (`query_vectors`' rows) is searched that way too.
         """
         name = os.fspath(query) if isinstance(query, (str, os.PathLike)) else None
-        vector = query if isinstance(query, np.ndarray) else self.embed(query)
-        return self._search_vector(vector, k, filter=filter, min_score=min_score, exact=exact, ef=ef, query=name,
-                                   expand=expand)
+        vectors = np.asarray(query) if isinstance(query, np.ndarray) else self.query_vectors(query)
+        return self._search_views(vectors, k, filter=filter, min_score=min_score, exact=exact, ef=ef, query=name,
+                                  expand=expand)
+
+    def _search_views(self, vectors: np.ndarray, k: int, **how) -> list[SearchResult]:
+        """`_search_vector` for one vector, or for each row of a 2-d array (views of one query): the
+        results whose best match scores highest (the first view's on a tie)."""
+        if vectors.ndim != 2 or len(vectors) < 2:
+            return self._search_vector(vectors, k, **how)
+        best: list[SearchResult] | None = None
+        for vector in vectors:
+            found = self._search_vector(vector, k, **how)
+            if best is None or (found and (not best or found[0].score > best[0].score)):
+                best = found
+        return best
 
     @_guard_database
     def search_many(self, queries: Iterable[str | os.PathLike], k: int = 10, *, filter: Filter | None = None,
@@ -762,22 +783,24 @@ class Index:
 
         def decode(path: Path):
             try:
-                return path, imgs.load_array(path, prep)[0], None
+                return path, imgs.load_query(path, prep)[0], None
             except ImageError as e:
                 return path, None, f"cannot read query {path}: {e}"
 
         pending: list[tuple[Path, np.ndarray | None, str | None]] = []
 
         def flush() -> Iterator[QueryOutcome]:
-            arrays = [a for _, a, _ in pending if a is not None]
-            vectors = iter(self.model.embed(np.stack(arrays))) if arrays else iter(())
+            arrays = [a for _, a, _ in pending if a is not None]  # each (views, 3, size, size)
+            vectors = self.model.embed(np.concatenate(arrays)) if arrays else None
+            at = 0
             for path, array, error in pending:
                 if array is None:
                     yield QueryOutcome(str(path), [], error)
                 else:
-                    yield QueryOutcome(str(path), self._search_vector(next(vectors), k, filter=filter,
-                                                                      min_score=min_score, exact=exact, ef=ef,
-                                                                      query=str(path), expand=expand))
+                    views, at = vectors[at:at + len(array)], at + len(array)
+                    yield QueryOutcome(str(path), self._search_views(views, k, filter=filter, min_score=min_score,
+                                                                     exact=exact, ef=ef, query=str(path),
+                                                                     expand=expand))
             pending.clear()
 
         for item in bounded_map(decode, files, workers=available_cpus(), window=2 * batch_size):

@@ -107,22 +107,27 @@ Either name may end in ``+SEARCH``, how `Index.search` ranks (default: as the pr
 ``+noexp`` (``expand=False``: by the query alone), ``+qe1`` (query expansion with the best match,
 re-scoring the first walk's candidates; ``qe2``: the best two), with ``_`` separated options: ``walk`` (a second graph walk
 instead), ``w0.5`` (the neighbour's weight), ``min0.5`` / ``max0.9`` (expand only when the best match
-scores at least / below this); e.g. ``imgsim+qe1_w0.5_min0.3``. Configurations on the same index
-share one index and one embedding of each query."""
+scores at least / below this); e.g. ``imgsim+qe1_w0.5_min0.3``; and ``noturn`` (alone or among those): a query that
+looks turned onto a plain canvas is searched only as it is, not also turned back upright as the product does
+(``imgsim+noturn``, ``imgsim-crops+noexp_noturn``). Configurations on the same index share one index and one
+embedding of each query."""
 
 
-def product_config(name: str) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], bool | Expansion] | None:
-    """((index views, crop views), `expand` argument) of a product configuration name; None for a variant's name."""
+def product_config(name: str) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], bool | Expansion, bool] | None:
+    """((index views, crop views), `expand` argument, whether turned queries are also searched
+    upright) of a product configuration name; None for a variant's name."""
     base, plus, how = name.partition("+")
     if base not in PRODUCT_CONFIGS:
         return None
-    if not plus:
-        return PRODUCT_CONFIGS[base], True
-    if how == "noexp":
-        return PRODUCT_CONFIGS[base], False
-    parts = how.split("_")
+    parts = how.split("_") if plus else []
+    turn = "noturn" not in parts
+    parts = [part for part in parts if part != "noturn"]
+    if not parts:
+        return PRODUCT_CONFIGS[base], True, turn
+    if parts == ["noexp"]:
+        return PRODUCT_CONFIGS[base], False, turn
     if not (first := re.fullmatch(r"qe(\d+)", parts[0])):
-        raise ValueError(f"{name}: the search after + should be noexp or qeN[_OPTION...]")
+        raise ValueError(f"{name}: the search after + should be noexp, noturn or qeN[_OPTION...]")
     kwargs: dict = {"neighbours": int(first.group(1))}
     for part in parts[1:]:
         if part == "walk":
@@ -131,7 +136,7 @@ def product_config(name: str) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], 
             kwargs[{"w": "weight", "min": "min_score", "max": "max_score"}[m.group(1)]] = float(m.group(2))
         else:
             raise ValueError(f"{name}: unknown search option {part!r}")
-    return PRODUCT_CONFIGS[base], Expansion(**kwargs)
+    return PRODUCT_CONFIGS[base], Expansion(**kwargs), turn
 
 DEFAULT_CONFIGS = [
     "imgsim",
@@ -650,14 +655,14 @@ def evaluate_products(folder: Path, items: Sequence[Item], queries: Sequence[Que
                         np.array([s for _, s in found], dtype=np.float64))
 
             started = time.perf_counter()
-            vectors = [index.embed(q.path) for q in queries]
+            vectors = [index.query_vectors(q.path) for q in queries]  # a turned one: as is, then upright
             embed_ms = 1000 * (time.perf_counter() - started) / len(queries) if queries else math.nan
             prep = index.info()["preprocess"]
             shown = ", ".join(f"{key} {value}" for key, value in prep.items() if key not in ("mean", "std"))
             for name in members:
-                expand = product_config(name)[1]
+                _, expand, turn = product_config(name)
                 started = time.perf_counter()
-                found = [index.search(v, k=k, expand=expand) for v in vectors]
+                found = [index.search(v if turn else v[0], k=k, expand=expand) for v in vectors]
                 search_ms = 1000 * (time.perf_counter() - started) / len(queries) if queries else math.nan
                 nd, nd_scores = zip(*(ranked(r) for r in found)) if queries else ((), ())
                 cat = []

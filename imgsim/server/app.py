@@ -94,9 +94,9 @@ class Api:
     def search_upload(self, upload, k: int, filters: dict) -> dict:
         with self.shared.use() as gen:
             decoded = decode_upload(upload, gen.model.preprocess.decode_size, self.settings.max_pixels)
-            vector = gen.model.embed(imgs.to_array(decoded.image, gen.model.preprocess)[None])[0]
+            vectors = gen.model.embed(imgs.query_arrays(decoded.image, gen.model.preprocess))  # as Index.search
             with gen.lock:
-                results = gen.index.search(vector, k=k, **filters)
+                results = gen.index.search(vectors, k=k, **filters)
             query = {"filename": upload.filename, "width": decoded.width, "height": decoded.height,
                      "format": decoded.format}
             return {"results": [result_json(r, upload.filename) for r in results], "query": query}
