@@ -8,9 +8,10 @@ blurred, often not at all. The turn can be read off the canvas itself: for a tur
 the tilted picture's rectangle is known from the canvas size alone, so each candidate t predicts
 where the plain triangles are; the right one is where they are plain (fill-coloured) and the
 picture's edge, just inside them, is not. `find_turn` tests every whole degree in `TURN_RANGE`
-either way on a small copy (then tenths around the best), and `undo_turn` turns the picture back
-and cuts out its upright rectangle. About 1 ms for most pictures (their corners differ), ~15 ms for
-one with plain corners; measured on turned photos (tests/test_upright.py) to within half a degree.
+either way on a small copy (then tenths around the best on one twice as large), and `undo_turn`
+turns the picture back and cuts out its upright rectangle. About 1 ms for most pictures (their
+corners differ), a few ms for one with plain corners; measured on turned photos
+(tests/test_upright.py) to within half a degree.
 
 Only a clear case counts: all four corners of the canvas the same plain colour, at least
 `MIN_PLAIN_SHARE` of the predicted triangles that colour, and at least `MIN_EDGE_SHARE` of a band
@@ -32,7 +33,8 @@ TURN_STEP = 1.0
 """The coarse search's step in degrees; the best one is then refined to a tenth of a degree."""
 
 SAMPLE_SIDE = 160
-"""The canvas is judged on a copy this many pixels on its longer side."""
+"""The canvas is judged on a copy this many pixels on its longer side (the coarse search on one
+half as large)."""
 
 FILL_TOLERANCE = 24
 """How far (per channel, 0-255) a pixel may be from the fill colour and count as fill (JPEG noise)."""
@@ -47,6 +49,45 @@ EDGE_BAND = 0.03
 """That band's width, as a share of the canvas's shorter side."""
 
 
+class _Canvas:
+    """Which pixels of a reduced copy of a picture are its corners' fill colour, and where each is."""
+
+    def __init__(self, img: Image.Image, side: int, fill: np.ndarray | None = None):
+        scale = side / max(img.size)
+        small = img.resize((max(8, round(img.width * scale)), max(8, round(img.height * scale))),
+                           Image.Resampling.BILINEAR) if scale < 1 else img
+        pixels = np.asarray(small, dtype=np.int16)
+        self.h, self.w = pixels.shape[:2]
+        if fill is None:
+            corners = np.stack([pixels[0, 0], pixels[0, -1], pixels[-1, 0], pixels[-1, -1]])
+            if int(np.max(corners.max(axis=0) - corners.min(axis=0))) <= FILL_TOLERANCE:
+                fill = np.median(corners, axis=0).astype(np.int16)
+        self.fill = fill  # None: the corners are not one plain colour
+        if fill is not None:
+            self.plain = np.abs(pixels - fill).max(axis=2) <= FILL_TOLERANCE
+            # pixel centres relative to the canvas's centre (y down), as a row and a column
+            self.px = (np.arange(self.w, dtype=np.float32) + 0.5 - self.w / 2)[None, :]
+            self.py = (np.arange(self.h, dtype=np.float32) + 0.5 - self.h / 2)[:, None]
+
+    def judge(self, angle: float) -> float | None:
+        """How well a turn by `angle` explains the canvas (higher is better), or None if it fails a test:
+        the predicted triangles' plain pixels, less three times their other pixels (a turn too small
+        predicts too little of the plain area, one too large reaches into the picture)."""
+        w, h = self.w, self.h
+        inside = _distance_inside(angle, w, h, self.px, self.py)
+        if inside is None:
+            return None
+        outside = inside < -0.25 * max(w, h) / SAMPLE_SIDE  # clear of the edge's own blended pixels
+        band = (inside > 1.0) & (inside <= 1.0 + EDGE_BAND * min(w, h))
+        total = int(outside.sum())
+        if total < 0.01 * w * h or band.sum() < 8:
+            return None
+        filled = int(self.plain[outside].sum())
+        if filled < MIN_PLAIN_SHARE * total or (~self.plain[band]).mean() < MIN_EDGE_SHARE:
+            return None
+        return filled - 3.0 * (total - filled)
+
+
 def find_turn(img: Image.Image) -> float | None:
     """The angle (degrees, counter-clockwise as `Image.rotate` takes it) by which `img` looks
     turned on a plain canvas, or None where it does not clearly look so."""
@@ -56,53 +97,30 @@ def find_turn(img: Image.Image) -> float | None:
     factor = max(small.size) // (2 * SAMPLE_SIDE)
     if factor > 1:  # a large picture: box-averaged first (cheap), then resized
         small = small.reduce(factor)
-    scale = SAMPLE_SIDE / max(small.size)
-    if scale < 1:
-        small = small.resize((max(8, round(small.width * scale)), max(8, round(small.height * scale))),
-                             Image.Resampling.BILINEAR)
-    pixels = np.asarray(small, dtype=np.int16)
-    h, w = pixels.shape[:2]
-    corners = np.stack([pixels[0, 0], pixels[0, -1], pixels[-1, 0], pixels[-1, -1]])
-    if int(np.max(corners.max(axis=0) - corners.min(axis=0))) > FILL_TOLERANCE:
-        return None  # the corners are not one plain colour
-    fill = np.median(corners, axis=0)
-    plain = np.max(np.abs(pixels - fill), axis=2) <= FILL_TOLERANCE
-    ys, xs = np.mgrid[0:h, 0:w]
-    # pixel centres, relative to the canvas's centre (y down)
-    px, py = xs + 0.5 - w / 2, ys + 0.5 - h / 2
+    coarse = _Canvas(small, SAMPLE_SIDE // 2)
+    if coarse.fill is None:
+        return None
     best: tuple[float, float] | None = None  # (score, angle)
-
-    def judge(angle: float) -> float | None:
-        """How well a turn by `angle` explains the canvas (higher is better), or None if it fails a test:
-        the predicted triangles' plain pixels, less three times their other pixels (a turn too small
-        predicts too little of the plain area, one too large reaches into the picture)."""
-        inside = _distance_inside(angle, w, h, px, py)
-        if inside is None:
-            return None
-        outside = inside < -0.25  # clear of the edge's own anti-aliased pixels
-        band = (inside > 1.0) & (inside <= 1.0 + EDGE_BAND * min(w, h))
-        total = int(outside.sum())
-        if total < 0.01 * w * h or band.sum() < 8:
-            return None
-        filled = int(plain[outside].sum())
-        if filled < MIN_PLAIN_SHARE * total or (~plain[band]).mean() < MIN_EDGE_SHARE:
-            return None
-        return filled - 3.0 * (total - filled)
-
     low, high = TURN_RANGE
     for sign in (1, -1):
         for step in np.arange(low, high + 1e-9, TURN_STEP):
-            score = judge(sign * float(step))
+            score = coarse.judge(sign * float(step))
             if score is not None and (best is None or score > best[0]):
                 best = (score, sign * float(step))
     if best is None:
         return None
-    for fine in np.arange(abs(best[1]) - TURN_STEP + 0.1, abs(best[1]) + TURN_STEP - 0.05, 0.1):
-        candidate = math.copysign(float(fine), best[1])
-        score = judge(candidate)
-        if score is not None and score > best[0]:
-            best = (score, candidate)
-    return round(best[1], 1)
+    fine = _Canvas(small, SAMPLE_SIDE, coarse.fill)
+    found: tuple[float, float] | None = None
+    for step, reach in ((0.25, TURN_STEP), (0.1, 0.2)):  # quarters of a degree, then tenths
+        around = abs(best[1] if found is None else found[1])
+        for size in np.arange(around - reach, around + reach + 1e-9, step):
+            candidate = math.copysign(round(float(size), 2), best[1])
+            score = fine.judge(candidate)
+            if score is not None and (found is None or score > found[0]):
+                found = (score, candidate)
+        if found is None:
+            return None
+    return round(found[1], 1)
 
 
 def _distance_inside(angle: float, w: int, h: int, px: np.ndarray, py: np.ndarray) -> np.ndarray | None:
