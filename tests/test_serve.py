@@ -89,6 +89,9 @@ def test_search_matches_the_cli(client, tiny_index, photos, tmp_path, photo_imag
     queries = {"coffee.jpg": (photos / "coffee.jpg").read_bytes()}
     for variant, data in transformed_copies(photo_images["rocket"]).items():
         queries[f"rocket-{variant}.jpg"] = data
+    turned = io.BytesIO()  # searched as is and upright, as the CLI does (imgsim/upright.py)
+    photo_images["rocket"].rotate(12, Image.Resampling.BICUBIC, expand=True).save(turned, "JPEG", quality=90)
+    queries["rocket-turned.jpg"] = turned.getvalue()
     for name, data in queries.items():
         query_file = tmp_path / name
         query_file.write_bytes(data)
