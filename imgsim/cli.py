@@ -751,7 +751,8 @@ def import_parquet_cmd(file, index_path, root):
 @quiet_option
 def embed(files, index_path, raw, as_json):
     """Print the query vector of each image FILE for this index's exports: embedded with its model and,
-    from 200 images on, centred as `imgsim export qdrant` centred the points, so Qdrant ranks as imgsim."""
+    from 200 images on, centred as `imgsim export qdrant` centred the points, so Qdrant ranks as imgsim
+    (as `imgsim search --exact --no-expand`; the picture as it is, a turned one not also upright)."""
     import numpy as np
 
     from .export.state import query_centre, query_vector

@@ -532,7 +532,9 @@ def query_arrays(img: Image.Image, prep: Preprocess) -> np.ndarray:
     arrays = [to_array(img, prep)]
     angle = find_turn(img)
     if angle is not None:
-        arrays.append(to_array(undo_turn(img, angle), prep))
+        # turned back at no more than twice the size the model needs (a large PNG turned in full took seconds)
+        factor = min(img.size) // (2 * max(prep.resize_to, prep.size))
+        arrays.append(to_array(undo_turn(img.reduce(factor) if factor > 1 else img, angle), prep))
     return np.stack(arrays)
 
 

@@ -744,7 +744,8 @@ class Index:
 
         An image that looks turned onto a plain canvas is searched both as it is and turned back
         upright (`query_vectors`), and the results of whichever finds the closer best match are
-        returned. A 2-d array of vectors (`query_vectors`' rows) is searched that way too.
+        returned. A 2-d array of vectors is taken as such views of *one* query (`query_vectors`'
+        rows) and searched that way: one list of results, not one per row.
         """
         name = os.fspath(query) if isinstance(query, (str, os.PathLike)) else None
         vectors = np.asarray(query) if isinstance(query, np.ndarray) else self.query_vectors(query)
@@ -754,6 +755,8 @@ class Index:
     def _search_views(self, vectors: np.ndarray, k: int, **how) -> list[SearchResult]:
         """`_search_vector` for one vector, or for each row of a 2-d array (views of one query): the
         results whose best match scores highest (the first view's on a tie)."""
+        if vectors.ndim == 2 and not len(vectors):
+            raise ImgsimError("no query vector: the array has no rows")
         if vectors.ndim != 2 or len(vectors) < 2:
             return self._search_vector(vectors, k, **how)
         best: list[SearchResult] | None = None

@@ -8,10 +8,10 @@ blurred, often not at all. The turn can be read off the canvas itself: for a tur
 the tilted picture's rectangle is known from the canvas size alone, so each candidate t predicts
 where the plain triangles are; the right one is where they are plain (fill-coloured) and the
 picture's edge, just inside them, is not. `find_turn` tests every whole degree in `TURN_RANGE`
-either way on a small copy (then tenths around the best on one twice as large), and `undo_turn`
-turns the picture back and cuts out its upright rectangle. About 1 ms for most pictures (their
-corners differ), a few ms for one with plain corners; measured on turned photos
-(tests/test_upright.py) to within half a degree.
+either way on a small copy (then quarters and tenths around the best on one twice as large), and
+`undo_turn` turns the picture back and cuts out its upright rectangle. Most pictures are settled
+at once, whatever their size, by their corners (not one plain colour); one with plain corners
+costs ~5-20 ms. Measured on turned photos (tests/test_upright.py) to within half a degree.
 
 Only a clear case counts: all four corners of the canvas the same plain colour, at least
 `MIN_PLAIN_SHARE` of the predicted triangles that colour, and at least `MIN_EDGE_SHARE` of a band
@@ -93,27 +93,32 @@ def find_turn(img: Image.Image) -> float | None:
     turned on a plain canvas, or None where it does not clearly look so."""
     if min(img.size) < 16:
         return None
-    small = img.convert("RGB")
+    if not _plain_corners(img):
+        return None  # most pictures: decided at any size from four small patches
+    small = img
     factor = max(small.size) // (2 * SAMPLE_SIDE)
     if factor > 1:  # a large picture: box-averaged first (cheap), then resized
-        small = small.reduce(factor)
+        small = small.reduce(factor) if small.mode in _REDUCIBLE else small.convert("RGB").reduce(factor)
+    if small.mode != "RGB":
+        small = small.convert("RGB")
     coarse = _Canvas(small, SAMPLE_SIDE // 2)
     if coarse.fill is None:
         return None
     best: tuple[float, float] | None = None  # (score, angle)
     low, high = TURN_RANGE
     for sign in (1, -1):
-        for step in np.arange(low, high + 1e-9, TURN_STEP):
+        # a few degrees past the range: a larger turn's best fit must not pass for its largest one
+        for step in np.arange(low, high + 2 * TURN_STEP + 1e-9, TURN_STEP):
             score = coarse.judge(sign * float(step))
             if score is not None and (best is None or score > best[0]):
                 best = (score, sign * float(step))
-    if best is None:
+    if best is None or abs(best[1]) > high:
         return None
     fine = _Canvas(small, SAMPLE_SIDE, coarse.fill)
     found: tuple[float, float] | None = None
     for step, reach in ((0.25, TURN_STEP), (0.1, 0.2)):  # quarters of a degree, then tenths
         around = abs(best[1] if found is None else found[1])
-        for size in np.arange(around - reach, around + reach + 1e-9, step):
+        for size in np.arange(max(low, around - reach), min(high, around + reach) + 1e-9, step):
             candidate = math.copysign(round(float(size), 2), best[1])
             score = fine.judge(candidate)
             if score is not None and (found is None or score > found[0]):
@@ -121,6 +126,27 @@ def find_turn(img: Image.Image) -> float | None:
         if found is None:
             return None
     return round(found[1], 1)
+
+
+_REDUCIBLE = frozenset({"RGB", "L", "RGBA", "LA", "I", "F", "CMYK"})
+"""Modes `Image.reduce` takes (a palette picture is converted first)."""
+
+CORNER_PATCH = 0.02
+"""`_plain_corners` looks at squares this share of the shorter side (at least 2 pixels) in each corner."""
+
+
+def _plain_corners(img: Image.Image) -> bool:
+    """Whether the four corners are one plain colour (each corner patch's mean within
+    `FILL_TOLERANCE` of the others), looked at in the picture itself at whatever size."""
+    side = max(2, round(min(img.size) * CORNER_PATCH))
+    w, h = img.size
+    means = []
+    for left, top in ((0, 0), (w - side, 0), (0, h - side), (w - side, h - side)):
+        patch = img.crop((left, top, left + side, top + side))
+        means.append(np.asarray(patch if patch.mode == "RGB" else patch.convert("RGB"), dtype=np.float32)
+                     .reshape(-1, 3).mean(axis=0))
+    means = np.stack(means)
+    return bool(np.isfinite(means).all()) and float(np.max(means.max(axis=0) - means.min(axis=0))) <= FILL_TOLERANCE
 
 
 def _distance_inside(angle: float, w: int, h: int, px: np.ndarray, py: np.ndarray) -> np.ndarray | None:
@@ -142,7 +168,8 @@ def _distance_inside(angle: float, w: int, h: int, px: np.ndarray, py: np.ndarra
 
 
 def undo_turn(img: Image.Image, angle: float) -> Image.Image:
-    """`img` (turned by `angle` onto a grown canvas) turned back, its upright rectangle cut out."""
+    """`img` (turned by `angle` onto a grown canvas) turned back, its upright rectangle cut out
+    (at the picture's own size: a caller that needs fewer pixels reduces it first)."""
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(abs(angle)))
     det = c * c - s * s
     if det <= 0:  # 45 degrees or more: no upright rectangle is determined by the canvas

@@ -170,3 +170,34 @@ def test_a_turned_grey_crop_finds_its_original_upright_and_a_turned_copy_finds_i
     shown = [json.loads(line) for line in run("search", queries / "astronaut.jpg", "--index", tmp_path / "idx",
                                               "-k", "1", "--json").stdout.splitlines()]
     assert shown[0]["path"] == "astronaut.jpg"
+
+
+def test_turns_past_the_range_and_odd_pictures_are_left_alone(photo_images):
+    camera = _small(photo_images["camera"] if "camera" in photo_images else next(iter(photo_images.values())))
+    assert find_turn(_turned(camera, -35)) is None  # past 30 degrees: not taken for its largest fit
+    turned = camera.rotate(9, Image.Resampling.BICUBIC, expand=True)
+    for mode in ("P", "LA", "RGBA", "L", "I", "F", "CMYK", "1"):
+        found = find_turn(turned.convert(mode))
+        assert found is None or abs(found - 9) <= 0.5, mode
+    for size in ((1, 1), (16, 16), (1, 5000), (5000, 3)):
+        assert find_turn(Image.new("RGB", size, (0, 0, 0))) is None
+
+
+def test_a_large_turned_picture_is_turned_back_reduced(photo_images):
+    prep = Model.load(BUNDLED_MODEL).preprocess
+    big = photo_images["coffee"].convert("RGB").resize((3000, 2000))
+    arrays = query_arrays(big.rotate(-12, Image.Resampling.BICUBIC, expand=True), prep)
+    assert arrays.shape == (2, 3, prep.size, prep.size)
+    small = query_arrays(_small(big, 600).rotate(-12, Image.Resampling.BICUBIC, expand=True), prep)
+    assert np.abs(arrays[1] - small[1]).mean() < 0.15  # the same upright picture, at any size
+
+
+def test_an_empty_array_of_views_is_a_clear_error(small_photos, tmp_path):
+    from imgsim import ImgsimError
+
+    with Index.create(tmp_path / "idx") as index:
+        index.add(small_photos)
+        with pytest.raises(ImgsimError, match="no query vector"):
+            index.search(np.empty((0, index.manifest.dim), np.float32))
+        views = index.query_vectors(_turned(_small(Image.open(small_photos / "coffee.jpg")), 10))
+        assert len(views) == 2 and index.search(views, k=1)  # the tiny test model, turned query: two views
