@@ -375,7 +375,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I") or img.mode == "F":
         return Image.fromarray(_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
     if (img.mode == "P" and "transparency" in img.info) or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
+        rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")  # Pillow has no La -> RGBA
         background = Image.new("RGBA", rgba.size, backdrop(rgba))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")

@@ -91,6 +91,17 @@ def test_every_mode_becomes_rgb(tmp_path, mode, maker, expected):
     assert np.allclose(np.asarray(decoded.image)[1, 1], expected, atol=3)
 
 
+def test_premultiplied_modes_become_rgb_too():
+    """Pillow's premultiplied-alpha modes (a PIL image handed to `Index.search`): La has no direct
+    conversion to RGBA."""
+    from imgsim.images import to_rgb
+
+    for img in (Image.new("LA", (4, 4), (200, 255)).convert("La"),
+                Image.new("RGBA", (4, 4), (200, 0, 0, 255)).convert("RGBa")):
+        rgb = to_rgb(img)
+        assert rgb.mode == "RGB" and np.asarray(rgb)[1, 1].max() >= 195
+
+
 def test_palette_transparency_goes_onto_white(tmp_path):
     img = Image.new("P", (4, 4), 0)
     img.putpalette([0, 0, 0] * 256)
