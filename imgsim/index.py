@@ -759,6 +759,7 @@ class Index:
             raise ImgsimError("no query vector: the array has no rows")
         if vectors.ndim != 2 or len(vectors) < 2:
             return self._search_vector(vectors, k, **how)
+        how["allowed"], how["filter"] = self._allowed(how["filter"]), None  # the filter's ids read once
         best: list[SearchResult] | None = None
         for vector in vectors:
             found = self._search_vector(vector, k, **how)
@@ -833,19 +834,26 @@ class Index:
                                       query=row.path, skip=row.id, expand=expand)
         return results[:k]
 
+    def _allowed(self, filter: Filter | None) -> np.ndarray | None:
+        """The ids a filter lets through (None: no filter)."""
+        if filter is None or filter.empty:
+            return None
+        where, params = filter.where()
+        return self._store.ids_where(where, params)
+
     def _search_vector(self, vector: np.ndarray, k: int, *, filter: Filter | None, min_score: float | None,
                        exact: bool, ef: int | None, query: str | None, skip: int | None = None,
-                       expand: bool | expansion.Expansion = False) -> list[SearchResult]:
+                       expand: bool | expansion.Expansion = False,
+                       allowed: np.ndarray | None = None) -> list[SearchResult]:
+        """One query vector's results; `allowed`, where given instead of `filter`, is `_allowed(filter)`."""
         if k < 1:
             raise ImgsimError("k must be at least 1")
         if ef is not None and not 1 <= ef <= 4096:
             raise ImgsimError("ef must be between 1 and 4096")
         if min_score is not None and not np.isfinite(min_score):
             raise ImgsimError(f"min_score must be a number, not {min_score}")
-        allowed = None
-        if filter is not None and not filter.empty:
-            where, params = filter.where()
-            allowed = self._store.ids_where(where, params)
+        if filter is not None:
+            allowed = self._allowed(filter)
         how = expansion.resolve(expand)
         if how is not None:  # ranked for the query and its best match; the scores stay the query's own
             scores, ids = expansion.search(self.graph, np.asarray(vector, dtype=np.float32), k, how, allowed=allowed,

@@ -183,8 +183,3 @@ def undo_turn(img: Image.Image, angle: float) -> Image.Image:
         return img
     return back.crop(box)
 
-
-def upright(img: Image.Image) -> Image.Image:
-    """`img` turned back if it clearly looks turned on a plain canvas (see `find_turn`), else itself."""
-    angle = find_turn(img)
-    return img if angle is None else undo_turn(img, angle)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from imgsim import Index
+from imgsim import Filter, Index
 from imgsim.images import query_arrays
 from imgsim.models import BUNDLED_MODEL, Model
 from imgsim.upright import find_turn, undo_turn
@@ -201,3 +201,6 @@ def test_an_empty_array_of_views_is_a_clear_error(small_photos, tmp_path):
             index.search(np.empty((0, index.manifest.dim), np.float32))
         views = index.query_vectors(_turned(_small(Image.open(small_photos / "coffee.jpg")), 10))
         assert len(views) == 2 and index.search(views, k=1)  # the tiny test model, turned query: two views
+        # a filter holds for both views (its ids read once)
+        assert index.search(views, k=3, filter=Filter(formats=("png",))) == []
+        assert index.search(views, k=3, filter=Filter(formats=("jpeg",))) == index.search(views, k=3)
