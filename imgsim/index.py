@@ -755,6 +755,8 @@ class Index:
     def _search_views(self, vectors: np.ndarray, k: int, **how) -> list[SearchResult]:
         """`_search_vector` for one vector, or for each row of a 2-d array (views of one query): the
         results whose best match scores highest (the first view's on a tie)."""
+        if vectors.ndim > 2:
+            raise ImgsimError(f"a query is a vector, or a 2-d array of one query's views; not a {vectors.ndim}-d array")
         if vectors.ndim == 2 and not len(vectors):
             raise ImgsimError("no query vector: the array has no rows")
         if vectors.ndim != 2 or len(vectors) < 2:

@@ -24,15 +24,23 @@ R = TypeVar("R")
 
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
-    """Like `ThreadPoolExecutor.map`, in order, but with at most `window` results pending at once."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future] = deque()
+    """Like `ThreadPoolExecutor.map`, in order, but with at most `window` results pending at once.
+    If the caller stops early (a Ctrl-C, an error, a consumer that breaks off), the work still
+    queued is cancelled and none of it is waited for: a Ctrl-C in a search over a folder of large
+    pictures waited for every queued decode (up to `window` of them, seconds)."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    pending: deque[Future] = deque()
+    try:
         for item in items:
             pending.append(pool.submit(fn, item))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def embed_files(candidates: list[Candidate], model: Model, *, batch_size: int = 16,

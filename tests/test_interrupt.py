@@ -118,3 +118,25 @@ def test_ctrl_c_while_onnxruntime_initialises_is_an_interrupt(tmp_path, photos, 
     result = CliRunner().invoke(cli, ["index", str(photos), "--index", str(tmp_path / "idx"), "--model", TINY_MODEL])
     assert result.exit_code == 130 and result.stderr == "interrupted\n", (result.exit_code, result.output,
                                                                          result.exception)
+
+
+def test_work_still_queued_is_dropped_when_its_consumer_stops():
+    """A Ctrl-C (or any early stop) during a search over a folder of large pictures waited for every
+    decode already queued: now the queued ones are cancelled and the running one is not waited for."""
+    import threading
+
+    from imgsim.pipeline import bounded_map
+
+    started, gate = [], threading.Event()
+
+    def work(item: int) -> int:
+        started.append(item)
+        if item:
+            gate.wait(1)  # never set while the consumer closes: waiting for all of them took ~9 s
+        return item
+
+    results = bounded_map(work, range(20), workers=1, window=10)
+    assert next(results) == 0
+    results.close()  # as a KeyboardInterrupt at the consumer's `yield` would
+    assert started in ([0], [0, 1])  # item 1 perhaps begun (and not waited for); 2-9 never started
+    gate.set()

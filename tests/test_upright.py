@@ -199,6 +199,8 @@ def test_an_empty_array_of_views_is_a_clear_error(small_photos, tmp_path):
         index.add(small_photos)
         with pytest.raises(ImgsimError, match="no query vector"):
             index.search(np.empty((0, index.manifest.dim), np.float32))
+        with pytest.raises(ImgsimError, match="not a 3-d array"):
+            index.search(np.ones((2, 2, index.manifest.dim), np.float32))
         views = index.query_vectors(_turned(_small(Image.open(small_photos / "coffee.jpg")), 10))
         assert len(views) == 2 and index.search(views, k=1)  # the tiny test model, turned query: two views
         # a filter holds for both views (its ids read once)
