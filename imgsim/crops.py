@@ -1,25 +1,32 @@
 """Crop views: a search's best candidates scored by the centres of their pictures too.
 
 A tight crop of a small picture (its centre half, made grey) has a global descriptor far from the
-whole picture's, and a different picture of the same look can score higher. An index made with crop
-views (`imgsim index --centre-view`; `Preprocess.crop_views`, by default the centre 70 % and 50 % of
-each side, in grey) keeps, beside each image's own vector, the vectors of those centres, embedded
-from the picture as it is indexed. They are not in the graph: the graph proposes candidates by the
-image's own vector as always, and the best `CROP_CANDIDATES` of them, once re-scored exactly, score
-by whichever is higher, their own vector or their best crop view less `CROP_PENALTY`. Measured with
-scripts/eval_retrieval.py (README "How good is it"): grey centres find grey crops far more often
-than colour ones and colour crops as often (the whole picture's vector finds those), and re-scoring
-the best 32 candidates finds nearly as many as searching the crop views themselves would; the
-penalty keeps an exact copy (1.0) and everyday edits ahead of a picture that merely contains
-something like the query.
+whole picture's, and a different picture of the same look can score higher. An index keeps, beside
+each image's own vector, the vectors of its centre (`Preprocess.crop_views`: by default
+`DEFAULT_CROP_VIEWS`, the centre 60 % of each side in grey; `imgsim index --centre-view`:
+`CROP_VIEWS`, 70 % and 50 %; `--no-centre-view`: none), embedded from the picture as it is indexed
+and stored as 2-bit codes (`crop_codes.py`). They are not in the graph: the graph proposes
+candidates by the image's own vector as always, and the best `CROP_CANDIDATES` of them, once
+re-scored exactly, score by whichever is higher, their own vector or their best crop view less
+`CROP_PENALTY`. Measured with scripts/eval_retrieval.py (README "How good is it"): grey centres find
+grey crops far more often than colour ones and colour crops as often (the whole picture's vector
+finds those), and re-scoring the best 32 candidates finds nearly as many as searching the crop
+views themselves would; the penalty keeps an exact copy (1.0) and everyday edits ahead of a picture
+that merely contains something like the query.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import crop_codes
 from .scoring import Pool
 from .store import Store
+
+DEFAULT_CROP_VIEWS = ("grey60",)
+"""The crop view every new index keeps unless told otherwise: the centre 60 % in grey (README "How
+good is it", seventh step: one model run more a picture, 320 bytes, and tight grey crops found at
+0.97-0.98 instead of 0.84)."""
 
 CROP_VIEWS = ("grey70", "grey50")
 """The crop views `imgsim index --centre-view` keeps: the centre 70 % and 50 % in grey (README "How
@@ -33,19 +40,22 @@ CROP_CANDIDATES = 32
 
 
 def rerank(store: Store, views: int, dim: int, center: np.ndarray | None, query: np.ndarray,
-           scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+           scores: np.ndarray, ids: np.ndarray, code: str = crop_codes.FLOAT16) -> tuple[np.ndarray, np.ndarray]:
     """(new scores, order) of candidates (`scores`, `ids`: re-scored exactly, best first) once the
-    first `CROP_CANDIDATES` are also scored by their `views` crop-view vectors: each scores the
-    higher of its own score and its best crop view's less `CROP_PENALTY`. `order` sorts them again
-    (stable: ties keep the graph's order)."""
+    first `CROP_CANDIDATES` are also scored by their `views` crop views (stored as `code` says):
+    each scores the higher of its own score and its best crop view's less `CROP_PENALTY`. `order`
+    sorts them again (stable: ties keep the graph's order)."""
     head = min(len(ids), CROP_CANDIDATES)
     if not head:
         return scores, np.arange(len(ids))
-    found, blobs = store.crop_bytes(ids[:head], views, dim)
+    found, blobs = store.crop_bytes(ids[:head], views, crop_codes.blob_size(code, dim))
     if not len(found):
         return scores, np.arange(len(ids))
-    pool = Pool(np.repeat(found, views), blobs, dim, center)
-    by_view = pool.scores(query[None])[0].reshape(len(found), views)
+    if code == crop_codes.FLOAT16:
+        by_view = Pool(np.repeat(found, views), blobs, dim, center).scores(query[None])[0]
+    else:
+        by_view = centred_cosines(crop_codes.decode(code, blobs, len(found) * views, dim), query, center)
+    by_view = by_view.reshape(len(found), views)
     best = np.max(np.where(np.isnan(by_view), -np.inf, by_view), axis=1) - CROP_PENALTY  # NaN: damaged
     position = {i: n for n, i in enumerate(ids[:head].tolist())}
     rows = np.array([position[i] for i in found.tolist()], np.int64)
@@ -53,3 +63,12 @@ def rerank(store: Store, views: int, dim: int, center: np.ndarray | None, query:
     new[rows] = np.maximum(scores[rows], best.astype(scores.dtype))
     order = np.argsort(-new, kind="stable")
     return new[order], order
+
+
+def centred_cosines(matrix: np.ndarray, query: np.ndarray, center: np.ndarray | None) -> np.ndarray:
+    """The cosine of `query` with each row of `matrix`, both taken around `center` (as `Pool.scores`)."""
+    if center is not None:
+        matrix = matrix - center
+        query = query - center
+    norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(query)
+    return (matrix @ query / np.maximum(norms, 1e-12)).astype(np.float32)

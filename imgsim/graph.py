@@ -386,7 +386,7 @@ class Graph:
         if len(ids):
             query = normalize(np.asarray(query, dtype=np.float32).reshape(1, -1))[0]
             scores, order = crops.rerank(self._store, views, self._manifest.dim, self._manifest.center, query,
-                                         scores, ids)
+                                         scores, ids, self._manifest.preprocess.crop_code)
             ids = ids[order]
             positions = positions[order] if pool is not None else positions
         return scores, ids, pool, positions

@@ -21,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, features
 
+from . import crop_codes
 from .defaults import DEFAULT_MAX_PIXELS  # noqa: F401 (shown by the CLI; defined there)
 from .errors import ImageError
 
@@ -93,7 +94,8 @@ class Preprocess:
     into its stored one: ``centreNN``, the centre NN % of each side, or ``greyNN``, the same made
     grey (see `to_views`); indexes made with ``--centre-view`` before its crop views had them.
     `crop_views` are such views kept as vectors of their own beside the image's (not in the graph),
-    which a search's best candidates are also scored by (see `crops.py`).
+    which a search's best candidates are also scored by (see `crops.py`), stored as `crop_code`
+    says (`crop_codes.py`: float16 in indexes made before format 6, 2-bit codes since).
     """
 
     size: int = 224
@@ -105,8 +107,11 @@ class Preprocess:
     trim: bool = False
     index_views: tuple[str, ...] = ()
     crop_views: tuple[str, ...] = ()
+    crop_code: str = crop_codes.FLOAT16
 
     def __post_init__(self):
+        if self.crop_code not in crop_codes.CODES:
+            raise ValueError(f"unknown crop-view code {self.crop_code!r}")
         for views in (self.index_views, self.crop_views):
             if len(views) > MAX_VIEWS or len(set(views)) < len(views):
                 raise ValueError(f"index views {', '.join(views)}: at most {MAX_VIEWS}, each once")
@@ -117,6 +122,8 @@ class Preprocess:
         extra = {"index_views": list(self.index_views)} if self.index_views else {}
         if self.crop_views:
             extra["crop_views"] = list(self.crop_views)
+        if self.crop_code != crop_codes.FLOAT16:
+            extra["crop_code"] = self.crop_code
         return {
             "size": self.size,
             "resize_to": self.resize_to,
@@ -140,6 +147,7 @@ class Preprocess:
             trim=bool(data.get("trim", False)),
             index_views=tuple(str(v) for v in data.get("index_views", ())),
             crop_views=tuple(str(v) for v in data.get("crop_views", ())),
+            crop_code=data.get("crop_code", crop_codes.FLOAT16),
         )
 
     @property
@@ -539,23 +547,25 @@ def query_arrays(img: Image.Image, prep: Preprocess) -> np.ndarray:
 
 
 def load_query(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Decoded]:
-    """`decode` then `query_arrays`: what searching does with a query file."""
-    decoded = decode(path, prep.decode_size, max_pixels)
+    """`decode` then `query_arrays`: what searching does with a query file (decoded at the size
+    indexing decodes it at, so that a copy of an indexed file is the same picture to the model)."""
+    decoded = decode(path, index_decode_size(prep), max_pixels)
     return query_arrays(decoded.image, prep), decoded
 
 
 def load_views(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Decoded]:
     """`decode` then `to_views`: what indexing does with each file."""
-    decoded = decode(path, _views_decode_size(prep), max_pixels)
+    decoded = decode(path, index_decode_size(prep), max_pixels)
     return to_views(decoded.image, prep), decoded
 
 
-def _views_decode_size(prep: Preprocess) -> int:
-    """Enough pixels that the smallest averaged centre view, and the largest crop view, still have
-    `decode_size` on their shorter side. Smaller crop views are enlarged a little instead: asking
-    for their full size made a 12-megapixel JPEG decode at a quarter of its size instead of an
-    eighth, four times the pixels and their memory, for a few per cent of the indexing speed here
-    (scripts/bench_index.py: the three model runs set the pace)."""
+def index_decode_size(prep: Preprocess) -> int:
+    """The shorter side indexing decodes a picture at (a query too, `load_query`, so that a copy of an
+    indexed JPEG is decoded to the same pixels): enough that the smallest averaged centre view, and
+    the largest crop view, still have `decode_size` on theirs. Smaller crop views are enlarged a
+    little instead: asking for their full size made a 12-megapixel JPEG decode at a quarter of its
+    size instead of an eighth, four times the pixels and their memory, for a few per cent of the
+    indexing speed here (scripts/bench_index.py: the model runs set the pace)."""
     shares = [parse_view(v)[0] for v in prep.index_views] + ([max(parse_view(v)[0] for v in prep.crop_views)]
                                                              if prep.crop_views else [])
     return math.ceil(prep.decode_size * 100 / min(shares, default=100))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import crop_codes
 from . import expand as expansion
 from . import images as imgs
 from .hnsw import HnswParams
@@ -32,7 +33,7 @@ from .errors import (
     IndexNotFoundError,
     ReadOnlyIndexError,
 )
-from .crops import CROP_VIEWS
+from .crops import CROP_VIEWS, DEFAULT_CROP_VIEWS
 from .defaults import dupes_threshold
 from .files import discard, leftover_stages, why_not_writable
 from .filters import Filter
@@ -252,16 +253,18 @@ class Index:
     @classmethod
     def create(cls, path: str | os.PathLike, *, model: str | None = None, root: str | os.PathLike | None = None,
                hnsw: HnswParams | None = None, index_views: Iterable[str] = (),
-               crop_views: Iterable[str] = ()) -> Index:
+               crop_views: Iterable[str] = DEFAULT_CROP_VIEWS) -> Index:
         """Create a new, empty index at `path` (files PATH.faiss and PATH.sqlite).
 
         `model` is a catalogue name (default: resnet50 when installed, else the bundled model);
         `root` is the folder image paths are stored relative to (default: the first folder added);
-        `crop_views` such as `crops.CROP_VIEWS` (``("grey70", "grey50")``, what ``imgsim index
-        --centre-view`` uses) keep the vectors of each indexed picture's centre too, and a search's
-        best candidates score by them as well (finds tight crops; indexing embeds each picture once
-        more per view; see `crops.py`). `index_views` (older, averaged into the image's own vector
-        instead) are still accepted.
+        `crop_views` keep the vectors of each indexed picture's centre too (as 2-bit codes), and a
+        search's best candidates score by them as well (finds tight crops, grey or not; indexing
+        embeds each picture once more per view; see `crops.py`): by default
+        `crops.DEFAULT_CROP_VIEWS` (``("grey60",)``, the centre 60 % in grey), `crops.CROP_VIEWS`
+        (``("grey70", "grey50")``) with ``imgsim index --centre-view``, none (``()``) with
+        ``--no-centre-view``. `index_views` (older, averaged into the image's own vector instead)
+        are still accepted.
         If the `with` block of a new index fails before anything was stored, the index is removed
         again, so that a retry starts afresh.
         """
@@ -280,7 +283,9 @@ class Index:
             log.info("model: %s (%s)", model, why)
         loaded = Model.load(model)
         try:
-            preprocess = replace(loaded.preprocess, index_views=tuple(index_views), crop_views=tuple(crop_views))
+            crop_views = tuple(crop_views)
+            preprocess = replace(loaded.preprocess, index_views=tuple(index_views), crop_views=crop_views,
+                                 crop_code=crop_codes.TWO_BIT if crop_views else crop_codes.FLOAT16)
         except ValueError as e:
             raise ImgsimError(str(e)) from None
         root_key = None if root is None else _relative(Path(os.path.expanduser(os.fspath(root))), sqlite_path.parent)
@@ -344,23 +349,24 @@ class Index:
                        crop_views: Iterable[str] | None = None) -> Index:
         """Open the index at `path` for writing, or create it. A `model` (or `index_views`, or
         `crop_views`) other than the one an existing index was made with is refused (an index holds
-        one kind of vector). None: whatever an existing index was made with. Crop views asked of an
-        index made with centre views averaged in (``--centre-view`` before crop views), and the
-        default crop views (`crops.CROP_VIEWS`) asked of one made with others (colour crop views,
-        before grey ones), are taken as those: it keeps indexing as it was made."""
+        one kind of vector). None: whatever an existing index was made with, and
+        `crops.DEFAULT_CROP_VIEWS` for a new one. `crops.CROP_VIEWS` (``--centre-view``) asked of
+        an index made with centre views averaged in (``--centre-view`` before crop views) or with
+        colour crop views (before grey ones) are taken as those: it keeps indexing as it was made."""
         index_views = None if index_views is None else tuple(index_views)  # read more than once below
         crop_views = None if crop_views is None else tuple(crop_views)
         _, sqlite_path = index_files(path)
         if not sqlite_path.exists():
-            return cls.create(path, model=model, root=root, index_views=index_views or (), crop_views=crop_views or ())
+            return cls.create(path, model=model, root=root, index_views=index_views or (),
+                              crop_views=DEFAULT_CROP_VIEWS if crop_views is None else crop_views)
         index = cls.open(path)
         if model and model != index.model_name:
             index.close()
             raise ImgsimError(f"index {path} was made with {index.model_name}, not {model}: "
                               f"use another --index for a {model} index")
         made = index.manifest.preprocess
-        if crop_views is not None and index_views is None and (made.index_views or made.crop_views) and \
-                (not made.crop_views or crop_views == CROP_VIEWS):
+        if crop_views == CROP_VIEWS and index_views is None and (made.index_views or made.crop_views) and \
+                (not made.crop_views or all(not imgs.parse_view(v)[1] for v in made.crop_views)):
             crop_views = None  # `--centre-view` on an index made with an older kind of centre views: as made
         if (index_views is not None and index_views != made.index_views) or \
                 (crop_views is not None and crop_views != made.crop_views):
@@ -591,16 +597,22 @@ class Index:
         report.removed = len(plan.removals)
         report.added = len(copies)
 
-    def _source_crops(self, ids: list[int]) -> dict[int, np.ndarray] | None:
-        """The crop-view vectors (views, dim) of each of `ids` that has them whole; None for an index
-        without crop views."""
-        views, dim = len(self._manifest.preprocess.crop_views), self._manifest.dim
+    def _source_crops(self, ids: list[int]) -> dict[int, tuple[bytes, ...]] | None:
+        """The crop views, as stored, of each of `ids` that has them whole; None for an index without
+        crop views."""
+        prep, dim = self._manifest.preprocess, self._manifest.dim
+        views = len(prep.crop_views)
         if not views:
             return None
-        found, blobs = self._store.crop_bytes(ids, views, dim)
-        matrix = np.frombuffer(blobs, "<f2").reshape(len(found), views, dim)
-        whole = ~damaged_rows(matrix.reshape(-1, dim).astype(np.float32)).reshape(len(found), views).any(axis=1)
-        return dict(zip(found[whole].tolist(), matrix[whole]))
+        size = crop_codes.blob_size(prep.crop_code, dim)
+        found, blobs = self._store.crop_bytes(ids, views, size)
+        whole = np.ones(len(found), bool)
+        if prep.crop_code == crop_codes.FLOAT16:  # 2-bit codes are whole whenever their length is right
+            matrix = crop_codes.decode(prep.crop_code, blobs, len(found) * views, dim)
+            whole = ~damaged_rows(matrix).reshape(len(found), views).any(axis=1)
+        each = [tuple(blobs[(n * views + v) * size:(n * views + v + 1) * size] for v in range(views))
+                for n in range(len(found))]
+        return {i: crops for i, crops, ok in zip(found.tolist(), each, whole) if ok}
 
     def _insert(self, images: list[NewImage], label_from_folder: bool) -> list[int]:
         """Insert rows (inside the caller's transaction), labelled by their folder's name if asked."""
@@ -724,7 +736,7 @@ class Index:
         if isinstance(image, Image.Image):
             return imgs.to_rgb(image)
         try:
-            return imgs.decode(os.path.expanduser(os.fspath(image)), self.model.preprocess.decode_size).image
+            return imgs.decode(os.path.expanduser(os.fspath(image)), imgs.index_decode_size(self.model.preprocess)).image
         except ImageError as e:
             raise ImageError(f"cannot read query {os.fspath(image)}: {e}") from None
 

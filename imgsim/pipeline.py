@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from . import crop_codes
 from . import images as imgs
 from .errors import ImageError
 from .models import Model, available_cpus
@@ -65,7 +66,8 @@ def embed_files(candidates: list[Candidate], model: Model, *, batch_size: int = 
         crops = len(prep.crop_views)
         vectors, crop_vectors = model.embed_views(np.stack(arrays), crops) if arrays else \
             (np.empty((0, model.dim), np.float32), np.empty((0, crops, model.dim), np.float32))
-        batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v, taken, camera, cv if crops else None)
+        batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v, taken, camera,
+                          tuple(crop_codes.encode(prep.crop_code, cv)) if crops else None)
                  for (c, (w, h, fmt, taken, camera)), v, cv in zip(metas, vectors, crop_vectors)]
         result = (batch, list(failures))
         arrays.clear()

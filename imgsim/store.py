@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from . import crop_codes
 from .errors import IndexCorruptError, IndexNotFoundError, ReadOnlyIndexError
 from .scoring import damaged_rows
 
@@ -84,8 +85,8 @@ class NewImage:
     vector: np.ndarray
     taken: str | None = None
     camera: str | None = None
-    crops: np.ndarray | None = None
-    """The vectors of the index's crop views (`Preprocess.crop_views`), (views, dim); None without."""
+    crops: tuple[bytes, ...] | None = None
+    """The index's crop views (`Preprocess.crop_views`) as stored (`crop_codes.encode`); None without."""
 
 
 MIGRATION_SET = "imgsim"
@@ -430,8 +431,8 @@ class Store:
             if image.crops is not None:
                 # OR REPLACE: a stray row of a damaged file in this image's slots must not block it.
                 self.conn.executemany("INSERT OR REPLACE INTO crop_vectors (id, vector) VALUES (?, ?)",
-                                      [(crop_key(cursor.lastrowid, view), _to_blob(vector))
-                                       for view, vector in enumerate(image.crops)])
+                                      [(crop_key(cursor.lastrowid, view), blob)
+                                       for view, blob in enumerate(image.crops)])
             self.conn.execute("DELETE FROM errors WHERE path = ?", (_to_db(image.path),))
         if labels:
             self.add_labels(ids, labels)
@@ -551,13 +552,12 @@ class Store:
         keep = [i for i in ids if isinstance(found.get(i), bytes) and len(found[i]) == size]
         return np.asarray(keep, np.int64), b"".join([found[i] for i in keep])
 
-    def crop_bytes(self, ids, views: int, dim: int) -> tuple[np.ndarray, bytes]:
-        """(the ids that have all `views` crop-view vectors of `dim` float16 values, those blobs
-        joined, each image's views in order), in the order given. An image with any of them missing
-        or of another size (damaged) is left out: it is scored by its own vector alone."""
+    def crop_bytes(self, ids, views: int, size: int) -> tuple[np.ndarray, bytes]:
+        """(the ids that have all `views` crop-view blobs of `size` bytes (`crop_codes.blob_size`),
+        those blobs joined, each image's views in order), in the order given. An image with any of
+        them missing or of another size (damaged) is left out: it is scored by its own vector alone."""
         ids = [i for i in np.asarray(ids, dtype=np.int64).tolist() if 0 <= i < MAX_CROP_IMAGE_ID]  # others: none
         keys = [crop_key(i, view) for i in ids for view in range(views)]
-        size = VECTOR_BYTES * dim
         found: dict[int, bytes] = {}
         try:
             for start in range(0, len(keys), 4096):
@@ -574,16 +574,16 @@ class Store:
                 blobs += mine
         return np.asarray(keep, np.int64), b"".join(blobs)
 
-    def ids_with_damaged_crop_views(self, views: int, dim: int, chunk: int = 2048) -> np.ndarray:
-        """Ids of images without all `views` crop-view vectors of `dim` float16 values, or whose
-        crop-view vectors are not finite unit vectors (an index with crop views)."""
+    def ids_with_damaged_crop_views(self, views: int, dim: int, code: str, chunk: int = 2048) -> np.ndarray:
+        """Ids of images without all `views` crop views of `dim` dimensions stored as `code` says,
+        or (float16 ones) whose vectors are not finite unit vectors (an index with crop views)."""
         bad = []
         last = -(1 << 63)
         while ids := [r[0] for r in self.conn.execute(
                 "SELECT id FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, chunk))]:
-            found, blobs = self.crop_bytes(ids, views, dim)
+            found, blobs = self.crop_bytes(ids, views, crop_codes.blob_size(code, dim))
             bad += sorted(set(ids) - set(found.tolist()))
-            if len(found):  # judged as search and verify judge the images' own vectors
+            if len(found) and code == crop_codes.FLOAT16:  # judged as search and verify judge the images' own vectors
                 matrix = blobs_to_matrix([blobs], dim * views * len(found)).reshape(-1, dim)
                 bad += found[damaged_rows(matrix).reshape(len(found), views).any(axis=1)].tolist()
             last = ids[-1]

@@ -91,7 +91,7 @@ def _check_crop_views(index, report: VerifyReport, repair: bool) -> None:
         report.problems.append(f"{stray} crop-view rows belong to no image (verify --repair removes them)")
     if not views:
         return
-    bad = index.store.ids_with_damaged_crop_views(views, index.manifest.dim)
+    bad = index.store.ids_with_damaged_crop_views(views, index.manifest.dim, index.manifest.preprocess.crop_code)
     if not len(bad):
         return
     if repair and not index.read_only:

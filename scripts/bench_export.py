@@ -40,7 +40,7 @@ def make(work: Path, count: int) -> dict:
     rng = np.random.default_rng(0)
     centres = np.abs(rng.normal(size=(64, DIM))).astype(np.float32)
     started = time.perf_counter()
-    with Index.create(work / "src", model=MODEL, root=work) as index:
+    with Index.create(work / "src", model=MODEL, root=work, crop_views=()) as index:  # synthetic vectors
         for start in range(0, count, 2000):
             n = min(2000, count - start)
             vectors = centres[rng.integers(0, 64, n)] + 0.8 * np.abs(rng.normal(size=(n, DIM))).astype(np.float32)

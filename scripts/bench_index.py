@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_photos import PHOTOS, photo  # noqa: E402
 
 from imgsim import Index, models  # noqa: E402
-from imgsim.crops import CROP_VIEWS  # noqa: E402
+from imgsim.crops import CROP_VIEWS, DEFAULT_CROP_VIEWS  # noqa: E402
 
 
 def make_photos(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (640, 480)) -> list[Path]:
@@ -66,8 +66,11 @@ def main() -> None:
     parser.add_argument("--pooling", help="try another pooling than the catalogue's, e.g. gem3-rmac3")
     parser.add_argument("--index-views", help="try other index views: comma-separated (e.g. centre60), or none")
     parser.add_argument("--input-size", type=int, help="try another input size than the catalogue's")
-    parser.add_argument("--centre-view", action="store_true",
-                        help="index with crop views, as `imgsim index --centre-view` does")
+    views = parser.add_mutually_exclusive_group()
+    views.add_argument("--centre-view", action="store_true",
+                       help="index with the crop views of `imgsim index --centre-view` (default: its default one)")
+    views.add_argument("--no-centre-view", action="store_true",
+                       help="index without crop views, as `imgsim index --no-centre-view` does")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "imgsim-bench-photos")
     args = parser.parse_args()
 
@@ -79,13 +82,14 @@ def main() -> None:
             index_views=(spec.preprocess.index_views if not args.index_views
                          else () if args.index_views == "none" else tuple(args.index_views.split(","))))
         models.CATALOGUE[args.model] = dataclasses.replace(spec, preprocess=prep, pooling=args.pooling or spec.pooling)
+    crop_views = CROP_VIEWS if args.centre_view else () if args.no_centre_view else DEFAULT_CROP_VIEWS
     size = tuple(int(v) for v in args.size.lower().split("x"))
     folder = args.cache / (str(args.images) if size == (640, 480) else f"{args.images}-{size[0]}x{size[1]}")
     paths = make_photos(folder, args.images, size=size)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "bench"
         with Index.create(base, model=args.model, root=folder, index_views=models.CATALOGUE[args.model].preprocess.index_views,
-                          crop_views=CROP_VIEWS if args.centre_view else ()) as index:
+                          crop_views=crop_views) as index:
             first = index.sync(folder, batch_size=args.batch_size)
         with Index.open(base) as index:
             again = index.sync(folder)
@@ -109,7 +113,7 @@ def main() -> None:
     spec = models.CATALOGUE[args.model]
     print(f"model {args.model} (input {spec.preprocess.size}, pooling {spec.pooling}, index views "
           f"{','.join(spec.preprocess.index_views) or 'none'}, crop views "
-          f"{','.join(CROP_VIEWS) if args.centre_view else 'none'}), {args.images} photos of {size[0]}x{size[1]} JPEG, "
+          f"{','.join(crop_views) or 'none'}), {args.images} photos of {size[0]}x{size[1]} JPEG, "
           f"batch {args.batch_size}")
     print(f"first index:     {first.seconds:7.2f} s  {first.images_per_second:6.1f} images/s  (added {first.added})")
     print(f"unchanged sync:  {again.seconds:7.2f} s  ({again.seconds / first.seconds:.4f} of the first run, "

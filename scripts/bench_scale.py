@@ -16,9 +16,10 @@ them with the real bundled model. Each phase runs in its own process, so that it
     index scores with) computed in the same run,
   - `imgsim search photo.jpg` from a cold process (real model, real photo): wall time and peak memory.
 
-`--crop-views` makes indexes with crop views (`imgsim index --centre-view`): each image also gets two
-crop-view vectors (its own vector plus noise, made unit length: what is measured is their cost on
-disk and in a search, not what they find).
+`--crop-views` says which crop views the indexes keep: ``default`` (as `imgsim index` makes them: one,
+the grey centre 60 %), ``centre`` (`--centre-view`: two) or ``none`` (`--no-centre-view`). Synthetic
+ones: the image's own vector plus noise, made unit length and stored as the index stores crop views
+(2-bit codes): what is measured is their cost on disk and in a search, not what they find.
 
 Figures are noisy on a shared machine: compare sizes within one run.
 """
@@ -48,8 +49,8 @@ CLUSTER_SIZE = 50
 
 
 # -- synthetic embeddings ------------------------------------------------------------------------
-CROP_VIEWS = os.environ.get("IMGSIM_BENCH_CROP_VIEWS") == "1"
-"""Whether the indexes have crop views (`--crop-views`)."""
+CROP_VIEWS = os.environ.get("IMGSIM_BENCH_CROP_VIEWS", "default")
+"""Which crop views the indexes keep (`--crop-views`): default, centre or none."""
 
 SPECTRUM = float(os.environ.get("IMGSIM_BENCH_SPECTRUM", "0"))
 """0: every direction varies as much as any other (isotropic: the default, and the hardest case for
@@ -113,13 +114,15 @@ def phase_build(path: str, n: int, dim: int, seed: int, ef_construction: int = 0
     start = time.perf_counter()
     t_sql = t_graph = 0.0
     hnsw = HnswParams(ef_construction=ef_construction) if ef_construction else None
-    from imgsim.crops import CROP_VIEWS as VIEWS
+    from imgsim import crop_codes
+    from imgsim.crops import CROP_VIEWS as CENTRE, DEFAULT_CROP_VIEWS
 
-    views = VIEWS if CROP_VIEWS else ()
+    views = {"default": DEFAULT_CROP_VIEWS, "centre": CENTRE, "none": ()}[CROP_VIEWS]
     rng = np.random.default_rng([seed, 7])
     with Index.create(path, model=MODEL, root=root, hnsw=hnsw, crop_views=views) as index:
         assert index.manifest.dim == dim, f"{MODEL} has {index.manifest.dim} dimensions, not {dim}"
         store, graph = index.store, index.graph
+        code = index.manifest.preprocess.crop_code
         graph.ann  # loaded before rows exist, as `Index.add` does, so that no row is added twice
         for first in range(0, n, CHUNK):
             count = min(CHUNK, n - first)
@@ -130,7 +133,7 @@ def phase_build(path: str, n: int, dim: int, seed: int, ef_construction: int = 0
                 crops /= np.linalg.norm(crops, axis=2, keepdims=True)
             images = [NewImage(f"f{i % FOLDERS:02d}/img{i:07d}.jpg", 150_000 + i % 5000, 1_700_000_000_000_000_000 + i,
                                hashlib.sha256(i.to_bytes(8, "little")).hexdigest(), 1024, 768, "JPEG", x[j],
-                               crops=None if crops is None else crops[j])
+                               crops=None if crops is None else tuple(crop_codes.encode(code, crops[j])))
                       for j, i in enumerate(range(first, first + count))]
             for at in range(0, count, add_batch):  # `imgsim index` commits and adds one batch of 16 at a time
                 t0 = time.perf_counter()
@@ -282,7 +285,7 @@ def photo_file(workdir: Path) -> Path:
 
 def bench(n: int, args) -> None:
     dim = args.dim
-    folder = Path(args.workdir) / f"n{n}{'-crops' if args.crop_views else ''}"
+    folder = Path(args.workdir) / f"n{n}{'' if args.crop_views == 'none' else '-' + args.crop_views}"
     if folder.exists() and not args.reuse:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -366,10 +369,11 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/imgsim-scale")
     parser.add_argument("--keep", action="store_true", help="Keep the indexes afterwards.")
     parser.add_argument("--reuse", action="store_true", help="Reuse an index kept by an earlier run.")
-    parser.add_argument("--crop-views", action="store_true",
-                        help="Indexes with crop views (`imgsim index --centre-view`), synthetic ones.")
+    parser.add_argument("--crop-views", choices=("default", "centre", "none"), default="default",
+                        help="The indexes' crop views (synthetic): as `imgsim index` makes them (default), "
+                             "with --centre-view (centre) or --no-centre-view (none).")
     args = parser.parse_args()
-    os.environ["IMGSIM_BENCH_CROP_VIEWS"] = "1" if args.crop_views else "0"
+    os.environ["IMGSIM_BENCH_CROP_VIEWS"] = args.crop_views
     os.environ["IMGSIM_CACHE"] = str(Path(args.workdir) / "checked-cache")  # see the open phase
     os.environ["IMGSIM_BENCH_SPECTRUM"] = str(args.spectrum)  # the phases, each a child, make the same vectors
     import faiss
@@ -379,7 +383,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE.parent).stdout.strip()
     print(f"vectors: {'isotropic' if not args.spectrum else f'spectrum k^-{args.spectrum:g}'}"
-          f"{', with crop views' if args.crop_views else ''}; imgsim {__version__} at {commit}, faiss {faiss.__version__}, {os.cpu_count()} cores, "
+          f", crop views: {args.crop_views}; imgsim {__version__} at {commit}, faiss {faiss.__version__}, {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}", flush=True)
     for n in args.n:
         bench(n, args)

@@ -82,14 +82,15 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from imgsim import Index
 from imgsim import images as imgs
-from imgsim.crops import CROP_VIEWS
+from imgsim.crops import CROP_VIEWS, DEFAULT_CROP_VIEWS
 from imgsim.expand import Expansion
 from imgsim.errors import ImageError
 from imgsim.models import BUNDLED_MODEL, Model, available_cpus
 from imgsim.models import regions as model_regions
 
 PRODUCT_CONFIGS = {
-    "imgsim": ((), ()),
+    "imgsim": ((), DEFAULT_CROP_VIEWS),
+    "imgsim-plain": ((), ()),
     "imgsim-crops": ((), CROP_VIEWS),
     "imgsim-colourcrops": ((), ("centre70", "centre50")),
     "imgsim-grey60": ((), ("grey60",)),
@@ -98,7 +99,9 @@ PRODUCT_CONFIGS = {
     "imgsim-crops70-60-50": ((), ("centre70", "centre60", "centre50")),
     "imgsim-centre60": (("centre60",), ()),
 }
-"""The product itself, through `Index`, as (index views, crop views): as it indexes by default; with
+"""The product itself, through `Index`, as (index views, crop views): as it indexes by default (one crop
+view, the centre 60 % in grey, since the seventh step of issue 12; ``imgsim-grey60`` is the same); with
+`imgsim index --no-centre-view` (``imgsim-plain``: no crop view, the default before); with
 `imgsim index --centre-view` (``imgsim-crops``: crop views, the centre 70 % and 50 % in grey;
 ``imgsim-colourcrops``: in colour, as the first crop views were) and other crop views; and with the centre 60 % averaged into each image's vector (``imgsim-centre60``, what
 `--centre-view` did before crop views).
@@ -628,8 +631,8 @@ def evaluate_products(folder: Path, items: Sequence[Item], queries: Sequence[Que
         by_views[product_config(name)[0]].append(name)
     results = []
     for (views, crop_views), members in by_views.items():
-        plain = not views and not crop_views
-        target = index_path if index_path and plain else work_dir / f"index-{members[0].partition('+')[0]}"
+        default = (views, crop_views) == PRODUCT_CONFIGS["imgsim"]
+        target = index_path if index_path and default else work_dir / f"index-{members[0].partition('+')[0]}"
         log(f"{', '.join(members)}: indexing and searching through Index")
         exists = target.with_name(target.name + ".sqlite").exists()
         note = ""

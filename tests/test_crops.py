@@ -1,5 +1,7 @@
-"""Crop views (`imgsim index --centre-view`): each picture's centre kept as vectors of its own, which
-a search's best candidates are scored by too (imgsim/crops.py). Real photos, the bundled model."""
+"""Crop views (by default the centre 60 % in grey; `imgsim index --centre-view`: 70 % and 50 %): each
+picture's centre kept as vectors of its own, which a search's best candidates are scored by too
+(imgsim/crops.py), stored as 2-bit codes (imgsim/crop_codes.py; float16 in indexes made before).
+Real photos, the bundled model."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from imgsim import ImgsimError, Index, IndexCorruptError
-from imgsim.crops import CROP_PENALTY, CROP_VIEWS
+from imgsim import ImgsimError, Index, IndexCorruptError, crop_codes
+from imgsim.crops import CROP_PENALTY, CROP_VIEWS, DEFAULT_CROP_VIEWS
 from imgsim.models import BUNDLED_MODEL
 from imgsim.store import CROP_SLOTS
 
@@ -43,11 +45,19 @@ def small(photos, tmp_path):
 
 
 @pytest.fixture
+def float16_crop_views(monkeypatch):
+    """New indexes with crop views store them as float16, as imgsim did before format 6."""
+    monkeypatch.setattr(crop_codes, "TWO_BIT", crop_codes.FLOAT16)
+
+
+@pytest.fixture
 def pair(small, tmp_path):
-    """The same small photos indexed twice with the bundled model: plainly, and with crop views."""
+    """The same small photos indexed with the bundled model: plainly, with the crop views of
+    `--centre-view`, and as by default (its one crop view)."""
     indexes = {}
-    for name, views in (("plain", ()), ("crops", CROP_VIEWS)):
-        index = Index.create(tmp_path / name, model=BUNDLED_MODEL, root=small, crop_views=views)
+    for name, views in (("plain", ()), ("crops", CROP_VIEWS), ("default", None)):
+        kwargs = {} if views is None else {"crop_views": views}
+        index = Index.create(tmp_path / name, model=BUNDLED_MODEL, root=small, **kwargs)
         assert index.add(small).added == len(list(small.iterdir()))
         indexes[name] = index
     yield indexes
@@ -55,32 +65,37 @@ def pair(small, tmp_path):
         index.close()
 
 
-def test_tight_grey_crops_find_their_original_by_its_crop_views(pair, small, tmp_path):
-    """A grey centre half of each photo: with crop views its original comes first every time, scoring
-    higher than the whole picture's vector alone makes it; the photo itself still scores 1.0."""
+@pytest.mark.parametrize("kind", ["crops", "default"])
+def test_tight_grey_crops_find_their_original_by_its_crop_views(pair, small, tmp_path, kind):
+    """A grey centre half of each photo: with crop views (by default, or --centre-view's) its
+    original comes first every time, scoring higher than the whole picture's vector alone makes it;
+    the photo itself still scores 1.0."""
     gains = []
     for path in sorted(small.iterdir()):
         query = _grey_centre(path, 0.5)
         found = {name: index.search(query, k=3) for name, index in pair.items()}
-        assert found["crops"][0].path == path.name, (path.name, [r.path for r in found["crops"]])
+        assert found[kind][0].path == path.name, (path.name, [r.path for r in found[kind]])
         own = {name: next((r.score for r in results if r.path == path.name), -1.0) for name, results in found.items()}
-        gains.append(own["crops"] - own["plain"])
-        exact = pair["crops"].search(path, k=1)[0]
+        gains.append(own[kind] - own["plain"])
+        exact = pair[kind].search(path, k=1)[0]
         assert exact.path == path.name and exact.score == pytest.approx(1.0, abs=1e-3)
         # the crop views are grey; a crop in colour is found as well
-        assert pair["crops"].search(_grey_centre(path, 0.5, grey=False), k=1)[0].path == path.name
+        assert pair[kind].search(_grey_centre(path, 0.5, grey=False), k=1)[0].path == path.name
     assert min(gains) >= 0 and np.median(gains) > 0.05, gains
 
 
-def test_crop_views_are_stored_beside_each_image_and_go_with_it(pair, small):
-    index = pair["crops"]
+@pytest.mark.parametrize("kind", ["crops", "default"])
+def test_crop_views_are_stored_beside_each_image_and_go_with_it(pair, small, kind):
+    index = pair[kind]
+    views = CROP_VIEWS if kind == "crops" else DEFAULT_CROP_VIEWS
     info = index.info()
-    assert info["preprocess"]["crop_views"] == list(CROP_VIEWS)
+    assert info["preprocess"]["crop_views"] == list(views) and info["preprocess"]["crop_code"] == "2bit"
     assert "crop_views" not in pair["plain"].info()["preprocess"]
-    assert info["format_version"] == 5 and pair["plain"].info()["format_version"] == 3  # older imgsims refuse it
+    assert "crop_code" not in pair["plain"].info()["preprocess"]
+    assert info["format_version"] == 6 and pair["plain"].info()["format_version"] == 3  # older imgsims refuse it
     rows = index.store.conn.execute("SELECT count(*), min(length(vector)), max(length(vector)) "
                                     "FROM crop_vectors").fetchone()
-    assert rows == (len(index) * len(CROP_VIEWS), 2 * index.manifest.dim, 2 * index.manifest.dim)
+    assert rows == (len(index) * len(views), index.manifest.dim // 4, index.manifest.dim // 4)  # 320 bytes
     assert pair["plain"].store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == 0
     gone = sorted(small.iterdir())[0]
     gone.unlink()
@@ -93,7 +108,7 @@ def test_crop_views_are_stored_beside_each_image_and_go_with_it(pair, small):
     count, images = index.store.conn.execute(
         f"SELECT count(*), count(DISTINCT i.id) FROM crop_vectors c JOIN images i ON i.id = c.id / {CROP_SLOTS}"
     ).fetchone()
-    assert images == len(index) and count == len(index) * len(CROP_VIEWS) == index.store.conn.execute(
+    assert images == len(index) and count == len(index) * len(views) == index.store.conn.execute(
         "SELECT count(*) FROM crop_vectors").fetchone()[0]
     assert index.verify().ok
     copy = index.search(small / "copy of new.jpg", k=2)
@@ -106,7 +121,7 @@ def test_a_crop_view_gives_up_its_penalty_to_the_picture_itself(pair, small):
     key, blob = index.store.conn.execute("SELECT id, vector FROM crop_vectors ORDER BY id LIMIT 1 OFFSET 1").fetchone()
     image_id, view = divmod(key, CROP_SLOTS)
     assert view == 1
-    view_vector = np.frombuffer(blob, "<f2").astype(np.float32)
+    view_vector = crop_codes.decode(crop_codes.TWO_BIT, blob, 1, index.manifest.dim)[0]
     top = index.search(view_vector, k=1, expand=False)[0]
     assert top.id == image_id and top.score == pytest.approx(1.0 - CROP_PENALTY, abs=2e-3)
     exact = index.search(view_vector, k=1, exact=True)[0]
@@ -149,13 +164,25 @@ def test_centre_view_makes_crop_views_and_keeps_older_averaged_indexes(tmp_path,
         top = index.search(photos / "coffee.jpg", k=1)[0]
         assert top.path == "coffee.jpg" and top.score == pytest.approx(1.0, abs=1e-3)  # its own vector, as it is
     assert run("index", photos, "--index", tmp_path / "c").exit_code == 0  # kept without saying it again
-    plain = run("index", photos, "--index", tmp_path / "p", "--model", TINY_MODEL)
+    plain = run("index", photos, "--index", tmp_path / "p", "--model", TINY_MODEL, "--no-centre-view")
     assert plain.exit_code == 0
+    with Index.open(tmp_path / "p", read_only=True) as index:
+        assert index.manifest.preprocess.crop_views == () and index.info()["format_version"] == 3
+        assert index.store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == 0
     refused = run("index", photos, "--index", tmp_path / "p", "--centre-view")
     assert refused.exit_code == 1 and "was made with no extra view: views are chosen when an index is made" \
         in refused.stderr
+    default = run("index", photos, "--index", tmp_path / "d", "--model", TINY_MODEL)
+    assert default.exit_code == 0
+    with Index.open(tmp_path / "d", read_only=True) as index:
+        assert index.manifest.preprocess.crop_views == DEFAULT_CROP_VIEWS and index.info()["format_version"] == 6
+        assert index.store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == len(index)
+    for flag in ("--centre-view", "--no-centre-view"):
+        refused = run("index", photos, "--index", tmp_path / "d", flag)
+        assert refused.exit_code == 1 and "was made with crop views grey60: views are chosen" in refused.stderr
+    assert run("index", photos, "--index", tmp_path / "d").exit_code == 0
     # An index made by --centre-view before crop views (the centre averaged into each vector) goes on so.
-    with Index.create(tmp_path / "old", model=TINY_MODEL, root=photos, index_views=("centre60",)) as old:
+    with Index.create(tmp_path / "old", model=TINY_MODEL, root=photos, index_views=("centre60",), crop_views=()) as old:
         old.add(sorted(photos.iterdir())[:3])
     again = run("index", photos, "--index", tmp_path / "old", "--centre-view")
     assert again.exit_code == 0, again.output
@@ -164,7 +191,11 @@ def test_centre_view_makes_crop_views_and_keeps_older_averaged_indexes(tmp_path,
         assert old.store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == 0
         top = old.search(photos / "coffee.jpg", k=1)[0]
         assert top.path == "coffee.jpg" and top.score < 0.9999  # the stored vector also holds the centre
-    # One made with the first crop views (in colour, format 4) goes on with them too.
+
+
+def test_indexes_with_float16_crop_views_go_on_as_made(tmp_path, photos, float16_crop_views):
+    """Indexes made before format 6 (crop views stored as float16) are searched, indexed and verified
+    as they were made: one made with the first crop views (in colour, format 4) by --centre-view too."""
     with Index.create(tmp_path / "colour", model=TINY_MODEL, root=photos, crop_views=("centre70", "centre50")) as old:
         assert old.info()["format_version"] == 4
         old.add(sorted(photos.iterdir())[:3])
@@ -173,8 +204,24 @@ def test_centre_view_makes_crop_views_and_keeps_older_averaged_indexes(tmp_path,
     with Index.open(tmp_path / "colour", read_only=True) as old:
         assert old.manifest.preprocess.crop_views == ("centre70", "centre50") and old.info()["format_version"] == 4
         assert old.verify().ok and len(old) == len(list(photos.iterdir()))
+        assert old.store.conn.execute("SELECT min(length(vector)) FROM crop_vectors").fetchone()[0] == 2 * old.manifest.dim
     with pytest.raises(ImgsimError, match="was made with crop views centre70, centre50"):
         Index.open_or_create(tmp_path / "colour", crop_views=("grey60",))  # other views named: refused
+    with Index.create(tmp_path / "grey", model=TINY_MODEL, root=photos, crop_views=CROP_VIEWS) as old:
+        assert old.info()["format_version"] == 5 and "crop_code" not in old.info()["preprocess"]
+        old.add(sorted(photos.iterdir())[:3])
+        dim = old.manifest.dim
+    with Index.open_or_create(tmp_path / "grey") as old:  # what a fifth-round index meets now
+        assert old.add(sorted(photos.iterdir())[3:]).added == len(list(photos.iterdir())) - 3
+        sizes = old.store.conn.execute("SELECT min(length(vector)), max(length(vector)) FROM crop_vectors").fetchone()
+        assert sizes == (2 * dim, 2 * dim) and old.verify().ok
+        top = old.search(_grey_centre(photos / "coffee.jpg", 0.5), k=1)[0]
+        assert top.path == "coffee.jpg"
+        first = old.store.conn.execute("SELECT id FROM images ORDER BY id LIMIT 1").fetchone()[0]
+        with old.store.transaction():  # a float16 view that is not unit length is damaged
+            old.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?",
+                                   (np.full(dim, 0.5, "<f2").tobytes(), first * CROP_SLOTS))
+        assert any("1 images' crop views are missing or damaged" in p for p in old.verify().problems)
 
 
 def test_verify_finds_damaged_crop_views_and_repair_has_them_embedded_again(pair, small):
@@ -185,9 +232,9 @@ def test_verify_finds_damaged_crop_views_and_repair_has_them_embedded_again(pair
     with index.store.transaction():
         index.store.conn.execute("UPDATE crop_vectors SET vector = x'0102' WHERE id = ?", (first[0] * CROP_SLOTS,))
         index.store.conn.execute("DELETE FROM crop_vectors WHERE id = ?", (second[0] * CROP_SLOTS + 1,))
-        # text of a vector's length, and a vector that is not unit length
+        # text of a code's length, and a float16 vector where a code belongs
         index.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?",
-                                 ("x" * 2 * index.manifest.dim, third[0] * CROP_SLOTS))
+                                 ("x" * (index.manifest.dim // 4), third[0] * CROP_SLOTS))
         index.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?",
                                  (np.full(index.manifest.dim, 0.5, "<f2").tobytes(), third[0] * CROP_SLOTS + 1))
     found = index.verify()
@@ -232,16 +279,39 @@ def test_exact_and_filtered_searches_score_crop_views_beyond_k(pair, small):
         assert filtered[1][0] == walked_f[1][0] and filtered[0][0] == pytest.approx(walked_f[0][0], abs=1e-6)
 
 
-def test_a_parquet_export_leaves_crop_views_out_and_its_import_searches_without(pair, tmp_path):
-    pytest.importorskip("pyarrow")
-    from imgsim.export.parquet import export_parquet, import_parquet, read_metadata
+@pytest.mark.parametrize("kind", ["crops", "default"])
+def test_a_parquet_export_carries_crop_views_and_its_import_searches_alike(pair, small, tmp_path, kind):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
 
-    export_parquet(pair["crops"], tmp_path / "c.parquet")
-    assert read_metadata(tmp_path / "c.parquet")["format_version"] == 1  # crop views stay behind: any imgsim reads it
+    from imgsim.export.parquet import CROP_COLUMN, export_parquet, import_parquet, read_metadata
+
+    index = pair[kind]
+    export_parquet(index, tmp_path / "c.parquet")
+    assert read_metadata(tmp_path / "c.parquet")["format_version"] == 1  # any imgsim imports it (without them)
+    table = pq.read_table(tmp_path / "c.parquet")
+    assert set(map(len, table.column(CROP_COLUMN).to_pylist())) == {len(index.manifest.preprocess.crop_views) * 320}
     import_parquet(tmp_path / "c.parquet", tmp_path / "imported")
+    queries = [_grey_centre(path, 0.5) for path in sorted(small.iterdir())]
     with Index.open(tmp_path / "imported") as imported:
-        assert imported.manifest.preprocess.crop_views == () and len(imported) == len(pair["crops"])
-        assert imported.info()["format_version"] == 3 and imported.verify().ok
+        assert imported.manifest.preprocess == index.manifest.preprocess and len(imported) == len(index)
+        assert imported.info()["format_version"] == 6 and imported.verify().ok
+        for query in queries:
+            assert [(r.id, r.score) for r in imported.search(query, k=3)] == \
+                [(r.id, r.score) for r in index.search(query, k=3)]
+    # A file without the column (an older imgsim's export) is imported without crop views.
+    pq.write_table(table.drop_columns([CROP_COLUMN]).replace_schema_metadata(table.schema.metadata),
+                   tmp_path / "old.parquet")
+    import_parquet(tmp_path / "old.parquet", tmp_path / "old")
+    with Index.open(tmp_path / "old") as old:
+        assert old.manifest.preprocess.crop_views == () and old.info()["format_version"] == 3 and old.verify().ok
+    # Crop views of the wrong size are refused, and nothing is left behind.
+    column = pa.array([b"x" * 7] * len(table), pa.binary())
+    pq.write_table(table.set_column(table.schema.get_field_index(CROP_COLUMN), CROP_COLUMN, column),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(ImgsimError, match="crop views of image .* are 7 bytes"):
+        import_parquet(tmp_path / "bad.parquet", tmp_path / "bad")
+    assert not list(tmp_path.glob("*bad.sqlite*"))
 
 
 @pytest.mark.parametrize("views", [["centre50"] * 2, ["centre70", "centre60", "centre50", "centre40", "centre30"],
@@ -259,10 +329,11 @@ def test_a_manifest_asking_for_too_many_or_unknown_crop_views_is_refused(pair, t
         Index.open(tmp_path / "crops", read_only=True)
 
 
-@pytest.mark.parametrize("version", [3, 4])
+@pytest.mark.parametrize("version", [3, 4, 5])
 def test_grey_crop_views_in_an_older_format_manifest_are_refused(pair, tmp_path, version):
     """Crop views need format 4 (an older imgsim, which reads format 3, would add images without them),
-    grey ones format 5 (a format-4 imgsim does not know them)."""
+    grey ones format 5 (a format-4 imgsim does not know them), 2-bit codes format 6 (a format-5
+    imgsim would take them for damaged float16 vectors)."""
     pair["crops"].close()
     conn = sqlite3.connect(tmp_path / "crops.sqlite")
     conn.execute("UPDATE manifest SET value = ? WHERE key = 'format_version'", (str(version),))
@@ -339,7 +410,7 @@ def test_an_index_with_grey_views_averaged_in_goes_through_parquet(tmp_path, pho
     pytest.importorskip("pyarrow")
     from imgsim.export.parquet import export_parquet, import_parquet, read_metadata
 
-    with Index.create(tmp_path / "g", model=TINY_MODEL, root=photos, index_views=("grey60",)) as index:
+    with Index.create(tmp_path / "g", model=TINY_MODEL, root=photos, index_views=("grey60",), crop_views=()) as index:
         index.add(photos)
         assert index.info()["format_version"] == 5
         export_parquet(index, tmp_path / "g.parquet")
@@ -348,3 +419,27 @@ def test_an_index_with_grey_views_averaged_in_goes_through_parquet(tmp_path, pho
     with Index.open(tmp_path / "imported") as imported:
         assert imported.manifest.preprocess.index_views == ("grey60",) and imported.info()["format_version"] == 5
         assert imported.verify().ok and len(imported) == len(list(photos.iterdir()))
+
+
+def test_two_bit_codes_keep_what_a_view_is_scored_by(pair):
+    """Real crop views coded in 320 bytes score as their float32 vectors do: each coded view is far
+    closer to its own vector than to any other picture's, coding it again gives the same bytes, and
+    a blob of the wrong length is refused."""
+    index = pair["default"]
+    dim = index.manifest.dim
+    blobs = [b for (b,) in index.store.conn.execute("SELECT vector FROM crop_vectors ORDER BY id")]
+    coded = crop_codes.decode(crop_codes.TWO_BIT, b"".join(blobs), len(blobs), dim)
+    assert coded.dtype == np.float32 and coded.shape == (len(blobs), dim)
+    assert crop_codes.encode(crop_codes.TWO_BIT, coded) == blobs
+    assert np.allclose(np.linalg.norm(coded, axis=1), 1, atol=1e-5)
+    from imgsim import images as imgs  # the same pictures' grey centres, as float32 vectors from the model
+
+    records = sorted(index.images(), key=lambda r: r["id"])
+    arrays = np.stack([imgs.load_views(r["abspath"], index.model.preprocess)[0] for r in records])
+    originals = index.model.embed_views(arrays, 1)[1][:, 0]
+    cosines = coded @ originals.T
+    assert np.diag(cosines).mean() > 0.85 and np.all(np.argmax(cosines, axis=1) == np.arange(len(blobs)))
+    with pytest.raises(ValueError, match="not 2 crop views"):
+        crop_codes.decode(crop_codes.TWO_BIT, b"".join(blobs[:2])[:-1], 2, dim)
+    assert crop_codes.blob_size(crop_codes.TWO_BIT, 2048) == 512 and crop_codes.blob_size(crop_codes.FLOAT16, 3) == 6
+    assert len(crop_codes.encode(crop_codes.TWO_BIT, np.ones((1, 5), np.float32) / 5 ** 0.5)[0]) == 2

@@ -112,7 +112,9 @@ def test_min_score_ef_and_exact(index, library):
     query = next(library.rglob("*.jpg"))
     results = index.search(query, k=len(index))
     cut = results[3].score
-    assert [r.id for r in index.search(query, k=len(index), min_score=cut)] == [r.id for r in results[:4]]
+    # scores need not fall steadily down an expanded ranking: the cut keeps, in order, those at or above it
+    assert [r.id for r in index.search(query, k=len(index), min_score=cut)] == \
+        [r.id for r in results if r.score >= cut]
     assert [r.id for r in index.search(query, k=5, exact=True)] == [r.id for r in results[:5]]
     assert [r.id for r in index.search(query, k=5, ef=5)][0] == results[0].id
 
@@ -264,7 +266,7 @@ def test_old_index_is_migrated_with_its_metadata(tmp_path, photos):
     """An index made before metadata columns existed gains folder, name and date when opened for writing."""
     import sqlite3
 
-    build_index(tmp_path / "idx", photos)
+    build_index(tmp_path / "idx", photos, crop_views=())  # format 1 had none
     conn = sqlite3.connect(tmp_path / "idx.sqlite")
     conn.executescript("""
         DROP TABLE labels; DROP INDEX images_folder; DROP INDEX images_format; DROP INDEX images_date;

@@ -356,7 +356,7 @@ def test_an_index_from_format_2_is_migrated_to_float16_and_a_quantized_graph(tmp
 
     from imgsim.faiss_format import validate
 
-    with Index.create(tmp_path / "idx", model=TINY_MODEL) as index:
+    with Index.create(tmp_path / "idx", model=TINY_MODEL, crop_views=()) as index:  # format 2 had none
         index.add(photos)
         before = [(r.path, r.score) for r in index.search(photos / "coffee.jpg", k=3)]
         float32 = {i: v.astype("<f4").tobytes() for i, v in index.store.vectors_by_id(

@@ -135,7 +135,7 @@ def test_similar_uses_the_stored_vector_and_leaves_the_image_out(client, tiny_in
     assert expanded[0]["id"] == similar["results"][0]["id"] and rocket not in [r["id"] for r in expanded]
     assert [r["id"] for r in similar["results"]] == [r["id"] for r in first[1:]]
     assert [r["rank"] for r in similar["results"]] == [1, 2, 3, 4, 5]
-    assert [r["score"] for r in similar["results"]] == pytest.approx([r["score"] for r in first[1:]], abs=1e-4)  # float16
+    assert [r["score"] for r in similar["results"]] == pytest.approx([r["score"] for r in first[1:]], abs=2e-4)  # the stored float16 vector, against crop views too
     assert similar["query"]["id"] == rocket and similar["query"]["path"] == "rocket.jpg"
     assert {r["query"] for r in similar["results"]} == {"rocket.jpg"}  # as `imgsim similar --json` says
     assert client.get("/similar/999999").status_code == 404

@@ -1,8 +1,10 @@
 """An index as one Parquet file, and back.
 
 One row per image: `id`, `path` (UTF-8; `path_bytes` holds the raw name of a file whose name is not
-UTF-8), every other column of the index's `images` table, `labels` (a list of strings), and `vector`
-(a fixed-size list of float32, L2-normalised). The file's key-value metadata holds, under the key
+UTF-8), every other column of the index's `images` table, `labels` (a list of strings), `vector`
+(a fixed-size list of float32, L2-normalised), and in an index with crop views `crop_views`: the
+image's crop views as the index stores them (`crop_codes.py`), joined (null if it lacks them). An
+imgsim that does not know that column imports the file without them. The file's key-value metadata holds, under the key
 ``imgsim``, a JSON object with the index's manifest (model name and sha256, dimensions,
 preprocessing, pooling, metric, HNSW parameters, the centring mean) so that a reader knows exactly
 how to embed and score a query. Written row group by row group, straight from SQLite, so memory is
@@ -29,7 +31,8 @@ from ..errors import ImgsimError, ModelError
 from ..files import discard
 from ..images import parse_view
 from ..index import Index, index_files
-from ..store import vector_blob
+from .. import crop_codes
+from ..store import crop_key, vector_blob
 from . import require
 from .source import ALL, Batch, Selection, Source, quoted, text_of
 
@@ -55,7 +58,10 @@ def _pa():
     return require("pyarrow", "export", "pyarrow")
 
 
-def schema(source: Source):
+CROP_COLUMN = "crop_views"
+
+
+def schema(source: Source, crop_views: bool = False):
     pa = _pa()
     fields = [pa.field("id", pa.int64(), nullable=False)]
     for column in source.columns:
@@ -66,10 +72,12 @@ def schema(source: Source):
             fields.append(pa.field(column.name, getattr(pa, _ARROW_TYPES[column.affinity])()))
     fields.append(pa.field("labels", pa.list_(pa.string()), nullable=False))
     fields.append(pa.field("vector", pa.list_(pa.float32(), source.dim), nullable=False))
+    if crop_views:
+        fields.append(pa.field(CROP_COLUMN, pa.binary()))
     return pa.schema(fields)
 
 
-def _table(batch: Batch, source: Source, arrow_schema):
+def _table(batch: Batch, source: Source, arrow_schema, crops: list[bytes | None] | None = None):
     pa = _pa()
     arrays = [pa.array(batch.ids, pa.int64())]
     for column in source.columns:
@@ -87,7 +95,18 @@ def _table(batch: Batch, source: Source, arrow_schema):
     arrays.append(pa.array(batch.labels, pa.list_(pa.string())))
     flat = pa.array(np.ascontiguousarray(batch.vectors, dtype=np.float32).reshape(-1), pa.float32())
     arrays.append(pa.FixedSizeListArray.from_arrays(flat, source.dim))
+    if crops is not None:
+        arrays.append(pa.array(crops, pa.binary()))
     return pa.Table.from_arrays(arrays, schema=arrow_schema)
+
+
+def _crops_of(index: Index, ids) -> list[bytes | None]:
+    """Each image's crop views as stored, joined; None where any is missing or damaged."""
+    prep = index.manifest.preprocess
+    views, size = len(prep.crop_views), crop_codes.blob_size(prep.crop_code, index.manifest.dim)
+    found, blobs = index.store.crop_bytes(ids, views, size)
+    each = {i: blobs[n * views * size:(n + 1) * views * size] for n, i in enumerate(found.tolist())}
+    return [each.get(int(i)) for i in ids]
 
 
 def export_parquet(index: Index, path: str | os.PathLike, *, selection: Selection = ALL,
@@ -102,19 +121,20 @@ def export_parquet(index: Index, path: str | os.PathLike, *, selection: Selectio
     if not target.parent.is_dir():
         raise ImgsimError(f"folder {target.parent} does not exist")
     source = Source(index.store)
-    arrow_schema = schema(source)
+    with_crops = bool(index.manifest.preprocess.crop_views)
+    arrow_schema = schema(source, with_crops)
     staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     written = 0
     try:
         with source.snapshot():
             total = source.count(selection)
             arrow_schema = arrow_schema.with_metadata({METADATA_KEY: json.dumps(_metadata(index, source, total))})
-            vector_column = "vector"
-            with pq.ParquetWriter(staged, arrow_schema, compression=compression,
-                                  use_dictionary=[f.name for f in arrow_schema if f.name != vector_column],
-                                  write_statistics=[f.name for f in arrow_schema if f.name != vector_column]) as writer:
+            plain = [f.name for f in arrow_schema if f.name not in ("vector", CROP_COLUMN)]  # not the vectors
+            with pq.ParquetWriter(staged, arrow_schema, compression=compression, use_dictionary=plain,
+                                  write_statistics=plain) as writer:
                 for batch in source.batches(selection, batch_size=row_group_size):
-                    writer.write_table(_table(batch, source, arrow_schema), row_group_size=row_group_size)
+                    crops = _crops_of(index, batch.ids) if with_crops else None
+                    writer.write_table(_table(batch, source, arrow_schema, crops), row_group_size=row_group_size)
                     written += len(batch)
                     if on_progress:
                         on_progress(written, total)
@@ -132,8 +152,6 @@ def export_parquet(index: Index, path: str | os.PathLike, *, selection: Selectio
 
 def _metadata(index: Index, source: Source, count: int) -> dict:
     manifest = {key: source.manifest.get(key) for key in _MANIFEST_KEYS}
-    if isinstance(manifest.get("preprocess"), dict):
-        manifest["preprocess"] = _without_crop_views(manifest["preprocess"])
     grey = any(parse_view(view)[1] for view in index.manifest.preprocess.index_views)
     root = index.root
     return {
@@ -201,7 +219,7 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
         raise ImgsimError(f"{path} says its vectors have {dim!r} dimensions; {name} gives {spec.dim}")
     try:
         hnsw = HnswParams.from_dict(manifest["hnsw"])
-        Preprocess.from_dict(manifest["preprocess"])
+        made = Preprocess.from_dict(manifest["preprocess"])
         parse_pooling(manifest.get("pooling") or "avg")
     except (KeyError, TypeError, ValueError, ModelError):
         raise ImgsimError(f"{path} has an invalid manifest in its imgsim metadata") from None
@@ -214,6 +232,9 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
                           f"{str(manifest.get('model_sha256'))[:12]}...) than {model.path} (sha256 "
                           f"{model.sha256[:12]}...): its vectors would not match queries; install the same file")
     _check_schema(path, file.schema_arrow, dim)
+    # Crop views come along where the file has them (an older export left them out: scored without).
+    crops = (len(made.crop_views), crop_codes.blob_size(made.crop_code, dim)) \
+        if made.crop_views and CROP_COLUMN in file.schema_arrow.names else None
 
     faiss_path, sqlite_path = index_files(index_path)
     if sqlite_path.exists():
@@ -224,7 +245,7 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
     staged_faiss, staged_sqlite = index_files(staging)
     imported = 0
     try:
-        with Index.create(staging, model=name, root=root, hnsw=hnsw) as index:
+        with Index.create(staging, model=name, root=root, hnsw=hnsw, crop_views=()) as index:
             store = index.store
             table_columns = {row[1]: row for row in store.conn.execute("PRAGMA table_info(images)")}
             names = [n for n in file.schema_arrow.names if n in table_columns and n != "id"]
@@ -236,17 +257,19 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
             insert = (f"INSERT INTO images (id, {', '.join(quoted(n) for n in names)}) "
                       f"VALUES ({', '.join('?' * (len(names) + 1))})")
             total = file.metadata.num_rows
-            preprocess = _without_crop_views(manifest["preprocess"])
+            preprocess = manifest["preprocess"] if crops else _without_crop_views(manifest["preprocess"])
             with store.transaction():  # its format: averaged grey views (format 5) are exported
                 store.set_manifest(preprocess=preprocess, pooling=manifest.get("pooling") or "avg",
                                    format_version=format_for(Preprocess.from_dict(preprocess)))
             for record_batch in file.iter_batches(batch_size=batch_size):
                 ids, rows, vectors, labels = _checked_rows(path, record_batch, names, dim, imported)
+                crop_rows = _checked_crop_rows(path, record_batch, ids, *crops) if crops else []
                 try:
                     with store.transaction():
                         store.conn.executemany(insert, rows)
                         store.conn.executemany("INSERT INTO vectors (id, vector) VALUES (?, ?)",
                                                zip(ids, (vector_blob(v) for v in vectors)))
+                        store.conn.executemany("INSERT INTO crop_vectors (id, vector) VALUES (?, ?)", crop_rows)
                         if has_labels:
                             store.conn.executemany("INSERT OR IGNORE INTO labels (image_id, label) VALUES (?, ?)",
                                                    [(i, str(lab)) for i, labs in zip(ids, labels) for lab in labs or ()])
@@ -279,9 +302,28 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
 
 
 def _without_crop_views(preprocess: dict) -> dict:
-    """A manifest's preprocessing without crop views: they are not exported, so an exported (or
-    imported) index scores each picture by its own vector alone."""
-    return {key: value for key, value in preprocess.items() if key != "crop_views"}
+    """A manifest's preprocessing without crop views, for a file that holds none (an older export):
+    its import scores each picture by its own vector alone."""
+    return {key: value for key, value in preprocess.items() if key not in ("crop_views", "crop_code")}
+
+
+def _checked_crop_rows(path, record_batch, ids: list[int], views: int, size: int) -> list[tuple[int, bytes]]:
+    """The `crop_vectors` rows of one record batch: each image's crop views, `views` of `size` bytes
+    joined (any bytes are a valid 2-bit code; float16 ones are checked where they are scored, as in
+    any index); an image with none keeps none (`imgsim verify` reports it, as it did where exported)."""
+    pa = _pa()
+    column = record_batch.column(CROP_COLUMN)
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise ImgsimError(f"{path}: column {CROP_COLUMN!r} is {column.type}, not binary")
+    rows = []
+    for image_id, joined in zip(ids, column.to_pylist()):
+        if joined is None:
+            continue
+        if len(joined) != views * size:
+            raise ImgsimError(f"{path}: the crop views of image {image_id} are {len(joined)} bytes, not "
+                              f"{views} of {size}")
+        rows += [(crop_key(image_id, view), joined[view * size:(view + 1) * size]) for view in range(views)]
+    return rows
 
 
 def _has_labels_table(store) -> bool:

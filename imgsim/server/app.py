@@ -93,7 +93,7 @@ class Api:
     # -- the blocking parts, run in worker threads --------------------------------------------------
     def search_upload(self, upload, k: int, filters: dict) -> dict:
         with self.shared.use() as gen:
-            decoded = decode_upload(upload, gen.model.preprocess.decode_size, self.settings.max_pixels)
+            decoded = decode_upload(upload, imgs.index_decode_size(gen.model.preprocess), self.settings.max_pixels)
             vectors = gen.model.embed(imgs.query_arrays(decoded.image, gen.model.preprocess))  # as Index.search
             with gen.lock:
                 results = gen.index.search(vectors, k=k, **filters)
