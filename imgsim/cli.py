@@ -188,8 +188,9 @@ def progress_bar(label: str):
 @click.option("--label-from-folder", is_flag=True, help="Label each new image with its folder's name.")
 @click.option("--centre-view/--no-centre-view", default=None, help="New index: by default it keeps a "
               "vector of each picture's centre 60% in grey, which searches score their best candidates by "
-              "(finds tight crops, grey or not; each picture embedded twice; 320 bytes an image). "
-              "--centre-view keeps the centre 70% and 50% instead (finds a few more; embedded 3 times); "
+              "(finds tight crops, grey or not; each picture embedded twice; 322 bytes an image). "
+              "--centre-view keeps the centre 70% and 50% instead (more of the tightest crops, fewer blurred "
+              "ones; embedded 3 times); "
               "--no-centre-view none (indexes ~1.6x as fast).")
 @click.option("--retry-failed", is_flag=True, help="Try again the files that failed before, even if unchanged.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 if any file could not be indexed.")

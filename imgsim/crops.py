@@ -25,7 +25,7 @@ from .store import Store
 
 DEFAULT_CROP_VIEWS = ("grey60",)
 """The crop view every new index keeps unless told otherwise: the centre 60 % in grey (README "How
-good is it", seventh step: one model run more a picture, 320 bytes, and tight grey crops found at
+good is it", seventh step: one model run more a picture, 322 bytes, and tight grey crops found at
 0.97-0.98 instead of 0.84)."""
 
 CROP_VIEWS = ("grey70", "grey50")

@@ -253,7 +253,7 @@ class Index:
     @classmethod
     def create(cls, path: str | os.PathLike, *, model: str | None = None, root: str | os.PathLike | None = None,
                hnsw: HnswParams | None = None, index_views: Iterable[str] = (),
-               crop_views: Iterable[str] = DEFAULT_CROP_VIEWS) -> Index:
+               crop_views: Iterable[str] | None = DEFAULT_CROP_VIEWS) -> Index:
         """Create a new, empty index at `path` (files PATH.faiss and PATH.sqlite).
 
         `model` is a catalogue name (default: resnet50 when installed, else the bundled model);
@@ -283,7 +283,7 @@ class Index:
             log.info("model: %s (%s)", model, why)
         loaded = Model.load(model)
         try:
-            crop_views = tuple(crop_views)
+            crop_views = DEFAULT_CROP_VIEWS if crop_views is None else tuple(crop_views)
             preprocess = replace(loaded.preprocess, index_views=tuple(index_views), crop_views=crop_views,
                                  crop_code=crop_codes.TWO_BIT if crop_views else crop_codes.FLOAT16)
         except ValueError as e:
@@ -606,10 +606,7 @@ class Index:
             return None
         size = crop_codes.blob_size(prep.crop_code, dim)
         found, blobs = self._store.crop_bytes(ids, views, size)
-        whole = np.ones(len(found), bool)
-        if prep.crop_code == crop_codes.FLOAT16:  # 2-bit codes are whole whenever their length is right
-            matrix = crop_codes.decode(prep.crop_code, blobs, len(found) * views, dim)
-            whole = ~damaged_rows(matrix).reshape(len(found), views).any(axis=1)
+        whole = ~crop_codes.damaged(prep.crop_code, blobs, len(found) * views, dim).reshape(len(found), views).any(axis=1)
         each = [tuple(blobs[(n * views + v) * size:(n * views + v + 1) * size] for v in range(views))
                 for n in range(len(found))]
         return {i: crops for i, crops, ok in zip(found.tolist(), each, whole) if ok}

@@ -25,7 +25,6 @@ import numpy as np
 
 from . import crop_codes
 from .errors import IndexCorruptError, IndexNotFoundError, ReadOnlyIndexError
-from .scoring import damaged_rows
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -557,13 +556,13 @@ class Store:
         those blobs joined, each image's views in order), in the order given. An image with any of
         them missing or of another size (damaged) is left out: it is scored by its own vector alone."""
         ids = [i for i in np.asarray(ids, dtype=np.int64).tolist() if 0 <= i < MAX_CROP_IMAGE_ID]  # others: none
-        keys = [crop_key(i, view) for i in ids for view in range(views)]
+        keys = [i * CROP_SLOTS + view for i in ids for view in range(views)]  # `crop_key`, in range here
         found: dict[int, bytes] = {}
         try:
             for start in range(0, len(keys), 4096):
                 chunk = keys[start:start + 4096]
                 found.update(self.conn.execute(
-                    f"SELECT id, vector FROM crop_vectors WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+                    f"SELECT id, vector FROM crop_vectors WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
         except sqlite3.OperationalError as e:  # a file claiming crop views without their table
             raise IndexCorruptError(f"{self.path} is damaged: its crop views cannot be read ({e})") from None
         keep, blobs = [], []
@@ -576,16 +575,16 @@ class Store:
 
     def ids_with_damaged_crop_views(self, views: int, dim: int, code: str, chunk: int = 2048) -> np.ndarray:
         """Ids of images without all `views` crop views of `dim` dimensions stored as `code` says,
-        or (float16 ones) whose vectors are not finite unit vectors (an index with crop views)."""
+        or with a damaged one (`crop_codes.damaged`), in an index with crop views."""
         bad = []
         last = -(1 << 63)
         while ids := [r[0] for r in self.conn.execute(
                 "SELECT id FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, chunk))]:
             found, blobs = self.crop_bytes(ids, views, crop_codes.blob_size(code, dim))
             bad += sorted(set(ids) - set(found.tolist()))
-            if len(found) and code == crop_codes.FLOAT16:  # judged as search and verify judge the images' own vectors
-                matrix = blobs_to_matrix([blobs], dim * views * len(found)).reshape(-1, dim)
-                bad += found[damaged_rows(matrix).reshape(len(found), views).any(axis=1)].tolist()
+            if len(found):  # judged as search and verify judge the images' own vectors
+                hurt = crop_codes.damaged(code, blobs, len(found) * views, dim)
+                bad += found[hurt.reshape(len(found), views).any(axis=1)].tolist()
             last = ids[-1]
         return np.array(sorted(bad), dtype=np.int64)
 

@@ -95,7 +95,7 @@ def test_crop_views_are_stored_beside_each_image_and_go_with_it(pair, small, kin
     assert info["format_version"] == 6 and pair["plain"].info()["format_version"] == 3  # older imgsims refuse it
     rows = index.store.conn.execute("SELECT count(*), min(length(vector)), max(length(vector)) "
                                     "FROM crop_vectors").fetchone()
-    assert rows == (len(index) * len(views), index.manifest.dim // 4, index.manifest.dim // 4)  # 320 bytes
+    assert rows == (len(index) * len(views), 2 + index.manifest.dim // 4, 2 + index.manifest.dim // 4)  # 322 bytes
     assert pair["plain"].store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == 0
     gone = sorted(small.iterdir())[0]
     gone.unlink()
@@ -234,7 +234,7 @@ def test_verify_finds_damaged_crop_views_and_repair_has_them_embedded_again(pair
         index.store.conn.execute("DELETE FROM crop_vectors WHERE id = ?", (second[0] * CROP_SLOTS + 1,))
         # text of a code's length, and a float16 vector where a code belongs
         index.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?",
-                                 ("x" * (index.manifest.dim // 4), third[0] * CROP_SLOTS))
+                                 ("x" * (2 + index.manifest.dim // 4), third[0] * CROP_SLOTS))
         index.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?",
                                  (np.full(index.manifest.dim, 0.5, "<f2").tobytes(), third[0] * CROP_SLOTS + 1))
     found = index.verify()
@@ -290,7 +290,7 @@ def test_a_parquet_export_carries_crop_views_and_its_import_searches_alike(pair,
     export_parquet(index, tmp_path / "c.parquet")
     assert read_metadata(tmp_path / "c.parquet")["format_version"] == 1  # any imgsim imports it (without them)
     table = pq.read_table(tmp_path / "c.parquet")
-    assert set(map(len, table.column(CROP_COLUMN).to_pylist())) == {len(index.manifest.preprocess.crop_views) * 320}
+    assert set(map(len, table.column(CROP_COLUMN).to_pylist())) == {len(index.manifest.preprocess.crop_views) * 322}
     import_parquet(tmp_path / "c.parquet", tmp_path / "imported")
     queries = [_grey_centre(path, 0.5) for path in sorted(small.iterdir())]
     with Index.open(tmp_path / "imported") as imported:
@@ -422,15 +422,15 @@ def test_an_index_with_grey_views_averaged_in_goes_through_parquet(tmp_path, pho
 
 
 def test_two_bit_codes_keep_what_a_view_is_scored_by(pair):
-    """Real crop views coded in 320 bytes score as their float32 vectors do: each coded view is far
-    closer to its own vector than to any other picture's, coding it again gives the same bytes, and
-    a blob of the wrong length is refused."""
+    """Real crop views coded in 322 bytes score as their float32 vectors do: each coded view is far
+    closer to its own vector than to any other picture's, coding it again gives the same codes, a
+    blob of the wrong length is refused, and one whose mean is not finite is damaged (NaN scores)."""
     index = pair["default"]
     dim = index.manifest.dim
     blobs = [b for (b,) in index.store.conn.execute("SELECT vector FROM crop_vectors ORDER BY id")]
     coded = crop_codes.decode(crop_codes.TWO_BIT, b"".join(blobs), len(blobs), dim)
     assert coded.dtype == np.float32 and coded.shape == (len(blobs), dim)
-    assert crop_codes.encode(crop_codes.TWO_BIT, coded) == blobs
+    assert [b[2:] for b in crop_codes.encode(crop_codes.TWO_BIT, coded)] == [b[2:] for b in blobs]
     assert np.allclose(np.linalg.norm(coded, axis=1), 1, atol=1e-5)
     from imgsim import images as imgs  # the same pictures' grey centres, as float32 vectors from the model
 
@@ -441,5 +441,13 @@ def test_two_bit_codes_keep_what_a_view_is_scored_by(pair):
     assert np.diag(cosines).mean() > 0.85 and np.all(np.argmax(cosines, axis=1) == np.arange(len(blobs)))
     with pytest.raises(ValueError, match="not 2 crop views"):
         crop_codes.decode(crop_codes.TWO_BIT, b"".join(blobs[:2])[:-1], 2, dim)
-    assert crop_codes.blob_size(crop_codes.TWO_BIT, 2048) == 512 and crop_codes.blob_size(crop_codes.FLOAT16, 3) == 6
-    assert len(crop_codes.encode(crop_codes.TWO_BIT, np.ones((1, 5), np.float32) / 5 ** 0.5)[0]) == 2
+    assert crop_codes.blob_size(crop_codes.TWO_BIT, 2048) == 514 and crop_codes.blob_size(crop_codes.FLOAT16, 3) == 6
+    assert len(crop_codes.encode(crop_codes.TWO_BIT, np.ones((1, 5), np.float32) / 5 ** 0.5)[0]) == 4
+    nan = np.array([np.nan], "<f2").tobytes() + blobs[0][2:]
+    assert list(crop_codes.damaged(crop_codes.TWO_BIT, blobs[0] + nan, 2, dim)) == [False, True]
+    assert np.isnan(crop_codes.decode(crop_codes.TWO_BIT, nan, 1, dim)).all()
+    first = index.store.conn.execute("SELECT id FROM images ORDER BY id LIMIT 1").fetchone()[0]
+    with index.store.transaction():
+        index.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?", (nan, first * CROP_SLOTS))
+    assert index.search(_grey_centre(index.resolve(index.image(first).path), 0.5), k=3)  # passed over
+    assert any("1 images' crop views are missing or damaged" in p for p in index.verify().problems)

@@ -53,7 +53,7 @@ def _filler(n: int, seed: int) -> dict[str, np.ndarray]:
 @pytest.fixture
 def small(tmp_path):
     """Below the size where scores are centred: plain cosine, so the planted scores hold exactly."""
-    with Index.create(tmp_path / "idx", model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(tmp_path / "idx", model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         ids = _store(index, {**PLANTED, "copy/query.jpg": QUERY, **_filler(20, 0)})
     return tmp_path / "idx", ids
 
@@ -104,9 +104,9 @@ def test_similar_expands_with_its_best_match_other_than_itself(small):
 
 
 def test_tiny_indexes(tmp_path):
-    with Index.create(tmp_path / "empty", model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(tmp_path / "empty", model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         assert index.search(QUERY, k=5) == []
-    with Index.create(tmp_path / "one", model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(tmp_path / "one", model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         ids = _store(index, {"a/n.jpg": PLANTED["a/n.jpg"]})
         assert _names(index.search(QUERY, k=5)) == ["a/n.jpg"]
         assert _names(index.search(QUERY, k=5, exact=True)) == ["a/n.jpg"]
@@ -119,7 +119,7 @@ def test_centred_index_best_match_stays_first_and_scores_are_exact(tmp_path):
     centres = np.abs(rng.standard_normal((12, DIM)))
     x = np.abs(centres[rng.integers(0, 12, 400)] + 0.6 * rng.standard_normal((400, DIM))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    with Index.create(tmp_path / "idx", model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(tmp_path / "idx", model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         _store(index, {f"g{i % 4}/img{i:03d}.jpg": v for i, v in enumerate(x)})
     changed = 0
     with Index.open(tmp_path / "idx", read_only=True) as index:
@@ -144,7 +144,7 @@ def test_several_neighbours_keep_the_best_match_first(tmp_path):
     q = _unit(1.0)
     named = {"best.jpg": _unit(0.8, 0.6), "second.jpg": _unit(0.7, 0.55, 0.45), "third.jpg": _unit(0.7, 0.55, 0, 0.46),
              "hub.jpg": _unit(0.771, 0.596, 0.158, 0.158), **_filler(10, 1)}
-    with Index.create(tmp_path / "idx", model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(tmp_path / "idx", model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         _store(index, named)
         assert _names(index.search(q, k=2, expand=False)) == ["best.jpg", "hub.jpg"]
         assert _names(index.search(q, k=2, expand=Expansion(neighbours=3, weight=1.0))) == ["best.jpg", "hub.jpg"]

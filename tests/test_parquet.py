@@ -17,6 +17,7 @@ from imgsim import ImgsimError, Index
 from imgsim.cli import cli
 from imgsim.export.parquet import METADATA_KEY, export_parquet, import_parquet
 
+from .conftest import read_only_folder
 from .tiny_model import TINY_MODEL
 
 
@@ -185,3 +186,15 @@ def test_missing_extra_says_what_to_install(tmp_path, photos, monkeypatch):
     monkeypatch.setitem(sys.modules, "qdrant_client", None)
     result = run("export", "qdrant", "--path", tmp_path / "q", "--index", tmp_path / "p")
     assert result.output == "Error: qdrant-client is not installed: pip install 'imgsim[qdrant]'\n"
+
+
+def test_an_import_into_a_read_only_folder_says_so_in_one_line(tmp_path, big_index):
+    file = tmp_path / "big.parquet"
+    assert run("export", "parquet", file, "--index", big_index).exit_code == 0
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    with read_only_folder(shelf):
+        result = run("import", "parquet", file, "--index", shelf / "copy")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert result.stderr.startswith("Error: cannot create index") and result.stderr.count("\n") == 1
+        assert list(shelf.iterdir()) == []

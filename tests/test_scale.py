@@ -57,7 +57,7 @@ def big(request, tmp_path_factory, tiny_model_dir):
         mp.setitem(models.CATALOGUE, TINY_MODEL, tiny_spec())
         if request.param == "reduced":
             _reduce_from(mp, 1000)
-        with Index.create(path, model=TINY_MODEL, root=path.parent) as index:
+        with Index.create(path, model=TINY_MODEL, crop_views=(), root=path.parent) as index:
             _store(index, _vectors(3000, 0))
             assert index.info()["graph_dim"] == (16 if request.param == "reduced" else DIM)
     return path
@@ -98,7 +98,7 @@ def test_a_mapped_graph_that_lags_is_copied_before_it_grows(tmp_path, monkeypatc
     if reduced:
         _reduce_from(monkeypatch, 500)
     path = tmp_path / "idx"
-    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(path, model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         _store(index, _vectors(600, 1))
         assert index.info()["graph_dim"] == (16 if reduced else DIM)
     with Index.open(path) as index:  # rows the graph file does not have yet
@@ -112,7 +112,7 @@ def test_a_mapped_graph_that_lags_is_copied_before_it_grows(tmp_path, monkeypatc
 
 def test_removed_rows_are_dead_without_comparing_every_id(tmp_path):
     path = tmp_path / "idx"
-    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(path, model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         ids = _store(index, _vectors(400, 3))
     with Index.open(path) as index:
         with index.store.transaction():
@@ -143,7 +143,7 @@ def test_folder_filter_is_a_prefix_of_whole_folder_names(tmp_path):
     path = tmp_path / "idx"
     names = ["a/x.jpg", "a/b/y.jpg", "a/b/c/z.jpg", "ab/w.jpg", "a0/v.jpg", "a%/u.jpg", "top.jpg"]
     x = _vectors(len(names), 4)
-    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(path, model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         with index.store.transaction():
             index.store.insert([NewImage(n, 1, 1, "0" * 64, 64, 64, "JPEG", v) for n, v in zip(names, x)])
 
@@ -161,7 +161,7 @@ def test_a_collection_grown_in_small_batches_gets_a_reduced_graph(tmp_path, monk
     _reduce_from(monkeypatch, 500)
     path = tmp_path / "idx"
     x = _vectors(1700, 5)
-    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(path, model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         _store(index, x[:100])
         assert index.info()["graph_dim"] == DIM  # trained on 100: retrained at 400, then reduced at 1,600
     for first in range(100, 1700, 100):
@@ -180,7 +180,7 @@ def test_a_collection_grown_in_small_batches_gets_a_reduced_graph(tmp_path, monk
 def test_a_reduced_graph_is_rebuilt_full_when_the_collection_shrinks(tmp_path, monkeypatch):
     _reduce_from(monkeypatch, 500)
     path = tmp_path / "idx"
-    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(path, model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         ids = _store(index, _vectors(600, 6))
         assert index.info()["graph_dim"] == 16
     with Index.open(path) as index:
@@ -221,7 +221,7 @@ def _low_rank_index(tmp_path, monkeypatch) -> tuple[Path, np.ndarray]:
     _reduce_from(monkeypatch, 1000)
     x = _low_rank(3000, 7)
     path = tmp_path / "idx"
-    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(path, model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         _store(index, x)
     return path, x[::150] + 0.01
 
@@ -357,7 +357,7 @@ def test_rebuild_raises_an_older_efconstruction_to_the_default(tmp_path, made_wi
     with a lower one uses (and records) today's default; a higher one is kept."""
     path = tmp_path / "idx"
     x = _vectors(400, 8)
-    with Index.create(path, model=TINY_MODEL, root=tmp_path, hnsw=HnswParams(ef_construction=made_with)) as index:
+    with Index.create(path, model=TINY_MODEL, crop_views=(), root=tmp_path, hnsw=HnswParams(ef_construction=made_with)) as index:
         ids = _store(index, x)
     with Index.open(path) as index:
         assert index.info()["hnsw"]["ef_construction"] == made_with
@@ -385,7 +385,7 @@ def test_duplicate_finding_reads_only_candidates_that_could_reach_the_threshold(
     x = _low_rank(2700, 11, noise=1.5, rank=14)
     copies = x[:300] + 0.02 * np.random.default_rng(3).standard_normal((300, DIM)).astype(np.float32)
     path = tmp_path / "idx"
-    with Index.create(path, model=TINY_MODEL, root=tmp_path) as index:
+    with Index.create(path, model=TINY_MODEL, crop_views=(), root=tmp_path) as index:
         _store(index, np.vstack([x, copies / np.linalg.norm(copies, axis=1, keepdims=True)]))
     with Index.open(path, read_only=True) as index:
         assert index.info()["graph_dim"] == 16

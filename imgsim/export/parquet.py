@@ -297,7 +297,7 @@ def import_parquet(path: str | os.PathLike, index_path: str | os.PathLike, *, ro
             raise ImgsimError(f"an index appeared at {sqlite_path} meanwhile: import into a new --index") from None
     finally:
         for leftover in (staged_faiss, staged_sqlite, Path(f"{staged_sqlite}-wal"), Path(f"{staged_sqlite}-shm")):
-            leftover.unlink(missing_ok=True)
+            discard(leftover)  # never an error of its own (a read-only folder: the error is why nothing was made)
     return imported
 
 
@@ -322,7 +322,10 @@ def _checked_crop_rows(path, record_batch, ids: list[int], views: int, size: int
         if len(joined) != views * size:
             raise ImgsimError(f"{path}: the crop views of image {image_id} are {len(joined)} bytes, not "
                               f"{views} of {size}")
-        rows += [(crop_key(image_id, view), joined[view * size:(view + 1) * size]) for view in range(views)]
+        try:
+            rows += [(crop_key(image_id, view), joined[view * size:(view + 1) * size]) for view in range(views)]
+        except ImgsimError as e:
+            raise ImgsimError(f"{path}: {e}") from None
     return rows
 
 
