@@ -178,7 +178,7 @@ def progress_bar(label: str):
 
 
 @cli.command("index")
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @index_option
 @click.option("--model", default=None, help="Model for a new index (see `imgsim models`). Default: resnet50 if "
               "installed, else efficientnet-lite0-lw (bundled).")
@@ -210,7 +210,10 @@ def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folde
     from .index import Index
 
     if not Path(folder).is_dir():
-        raise click.ClickException(f"image folder {folder} does not exist")
+        raise click.ClickException(
+            f"{folder} is a file: `imgsim index` takes the folder the pictures are in (and keeps it in step "
+            f"with it); to add single files, use Python's Index.add" if Path(folder).exists()
+            else f"image folder {folder} does not exist")
     from .crops import CROP_VIEWS
 
     # None: whatever an existing index was made with (a new one: crops.DEFAULT_CROP_VIEWS)
@@ -424,7 +427,7 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
         if not yes:
             for move in moves:
                 click.echo(f"would move {shown(move.source)} -> {shown(move.destination)}")
-            warn(f"{len(moves)} files would move: run again with --yes to move them")
+            warn(f"{len(moves)} file{'s' * (len(moves) != 1)} would move: run again with --yes to move them")
             return
 
         def report(move, problem):
@@ -507,8 +510,12 @@ def errors(index_path, fmt):
 
     printer = Printer(fmt, line=lambda r: f"{shown(r['abspath'])}: {r['reason']}")
     with Index.open(index_path, read_only=True) as index:
+        failures = 0
         for path, reason, seen in index.errors():
             printer({"path": path, "abspath": str(index.resolve(path)), "reason": reason, "seen": seen})
+            failures += 1
+    if not failures:
+        warn("no file failed to index")
 
 
 @cli.command()
@@ -595,6 +602,8 @@ def models_add(name, file, url, sha256):
         raise click.UsageError("give either FILE or --url")
     if url and not sha256:
         raise click.UsageError("--url needs --sha256, so that nothing unverified is installed")
+    if sha256 and not (len(sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha256)):
+        raise click.UsageError(f"--sha256 {sha256!r} is not a sha256: 64 hexadecimal digits")
     before = default_model()[0]
     path = install_url(name, url, sha256) if url else install_file(name, file, sha256)
     click.echo(f"installed {name} at {path}")

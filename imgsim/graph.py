@@ -215,10 +215,10 @@ class Graph:
         elif self.path.exists():
             log.warning("%s is from an older format (or not recorded); rebuilding it from %s", self.path.name,
                         self._store.path.name)
-        else:
+        elif not (self._store.read_only and not m.faiss_checksums and self._store.writer_active()):
             log.warning("%s is missing; rebuilding it from %s", self.path.name, self._store.path.name)
         if self._store.read_only:
-            if self._store.writer_active():
+            if self._store.writer_active():  # (a first `imgsim index` under way: no graph written yet)
                 log.warning("another process is indexing: it writes %s when it finishes", self.path.name)
             else:
                 log.warning("opened read-only, so the rebuilt graph is not saved: run `imgsim verify --repair` "

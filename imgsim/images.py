@@ -371,6 +371,11 @@ def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:
 def _reason(e: Exception, path: str | os.PathLike) -> str:
     text = str(e) or type(e).__name__
     if "cannot identify image file" in text:
+        try:
+            if os.path.getsize(path) == 0:
+                return "an empty file (0 bytes)"
+        except (OSError, TypeError, ValueError):  # gone meanwhile, or not a path (an upload)
+            pass
         return unsupported_reason(path) or "not an image (unrecognised format)"
     return text.splitlines()[0]
 

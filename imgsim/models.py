@@ -183,7 +183,8 @@ def default_model() -> tuple[str, str]:
     if find_file(CATALOGUE["resnet50"]) is not None:
         return "resnet50", "its ONNX file is installed"
     return BUNDLED_MODEL, ("bundled; Lite0 with learned whitening: finds more blurred, cropped and turned copies "
-                           "than plain Lite0, as fast; resnet50.onnx is not installed")
+                           "than plain Lite0, as fast; resnet50 becomes the default once its ONNX file is "
+                           "installed")
 
 
 @dataclass

@@ -604,8 +604,15 @@ class Store:
 
     # -- consistency -----------------------------------------------------------------------------
     def integrity_problems(self) -> list[str]:
-        """SQLite's own check of the file, then rows without vectors and vectors without rows."""
-        problems = [row[0] for row in self.conn.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
+        """SQLite's own check of the file (one line, whatever it says: `verify --repair` cannot mend a
+        damaged page), then rows without vectors and vectors without rows."""
+        found = [line.strip() for row in self.conn.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"
+                 for line in str(row[0]).splitlines() if line.strip() and not line.startswith("***")]
+        problems = []
+        if found:
+            problems.append(f"SQLite's own check finds {self.path.name} damaged ({len(found)} finding"
+                            f"{'s' * (len(found) != 1)}, the first: {found[0]}); --repair cannot mend that: "
+                            f"restore a copy of the index, or index the folder into a new one")
         orphans = self.conn.execute(
             "SELECT count(*) FROM vectors WHERE id NOT IN (SELECT id FROM images)").fetchone()[0]
         bare = self.conn.execute(

@@ -78,7 +78,7 @@ def test_bad_files_are_skipped_reported_and_remembered(messy, tmp_path):
     assert "symbolic links" in reasons["self.jpg"]
     assert reasons["pipe.jpg"] == "not a regular file"
     assert "over the limit" in reasons["bomb.png"]
-    assert reasons["letter.jpg"] == reasons["zero.jpg"] == "not an image (unrecognised format)"
+    assert reasons["letter.jpg"] == "not an image (unrecognised format)" and reasons["zero.jpg"] == "an empty file (0 bytes)"
     listed = run("errors", "--index", tmp_path / "i")
     assert sorted(Path(line.split(": ")[0]).name for line in listed.stdout.splitlines()) == sorted(BAD)
     with Index.open(tmp_path / "i", read_only=True) as index:

@@ -114,7 +114,7 @@ def test_default_is_resnet50_once_installed(install_dir, tmp_path, photos):
     assert default_model()[0] == "efficientnet-lite0-lw"
     result = run("index", photos, "--index", tmp_path / "a")
     assert "model: efficientnet-lite0-lw (bundled; " in result.stderr
-    assert "resnet50.onnx is not installed)" in result.stderr
+    assert "resnet50 becomes the default once its ONNX file is installed" in result.stderr
     install_dir.mkdir()
     (install_dir / "resnet50.onnx").write_bytes(b"placeholder")
     assert default_model() == ("resnet50", "its ONNX file is installed")

@@ -294,3 +294,31 @@ def test_an_empty_first_folder_does_not_become_the_root(tmp_path, photos):
         assert all(not r.path.startswith("/") for r in index.rows())
     with Index.create(tmp_path / "several", model=TINY_MODEL) as index:  # several sources, the empty one first
         assert index.add([tmp_path / "empty", photos]).added == n_photos(photos) and index.root == photos
+
+
+def test_small_messages_a_new_user_met(tiny_index, photos, tmp_path):
+    """A file given to `imgsim index`, an index with no failures, a malformed --sha256: each says what
+    is wrong, or that there is nothing to show."""
+    file = photos / "coffee.jpg"
+    result = run("index", file, "--index", tmp_path / "f")
+    assert result.exit_code == 1 and f"Error: {file} is a file: `imgsim index` takes the folder" in result.stderr
+    assert not (tmp_path / "f.sqlite").exists()
+    empty = run("errors", "--index", tiny_index)
+    assert empty.exit_code == 0 and empty.stdout == "" and empty.stderr == "no file failed to index\n"
+    assert run("errors", "--index", tiny_index, "-q").stderr == ""
+    bad = run("models", "add", "resnet50", "--url", "http://127.0.0.1:9/x.onnx", "--sha256", "00")
+    assert bad.exit_code == 2 and "is not a sha256: 64 hexadecimal digits" in bad.stderr
+
+
+def test_a_reader_during_the_first_indexing_is_told_a_writer_is_at_work_not_that_a_file_is_missing(
+        tmp_path, photos, caplog):
+    with Index.create(tmp_path / "first", model=TINY_MODEL, crop_views=()) as writer:
+        from imgsim.store import NewImage
+
+        with writer.store.transaction():
+            writer.store.insert([NewImage("a.jpg", 1, 1, "0" * 64, 8, 8, "JPEG", np.ones(48, np.float32) / 48 ** 0.5)])
+        with caplog.at_level(logging.WARNING, logger="imgsim"), \
+                Index.open(tmp_path / "first", read_only=True) as reader:
+            assert reader.search(np.ones(48, np.float32), k=1)[0].path == "a.jpg"
+        said = [r.getMessage() for r in caplog.records]
+        assert any("another process is indexing" in m for m in said) and not any("missing" in m for m in said), said

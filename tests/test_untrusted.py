@@ -88,6 +88,28 @@ def test_a_damaged_page_anywhere_in_the_sqlite_file_is_a_clear_error(made, photo
     assert errors > 0  # some pages matter
 
 
+def test_verify_says_in_one_line_that_a_damaged_sqlite_page_is_beyond_repair(made):
+    """SQLite's own findings (several lines of its own words) become one problem that says what to do."""
+    sqlite_file = made.with_suffix(".sqlite")
+    conn = sqlite3.connect(sqlite_file)
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    data = bytearray(sqlite_file.read_bytes())
+    found = []
+    for at in range(2, len(data) // page):  # the first page whose damage SQLite's check sees
+        damaged = data[:at * page] + bytes(page) + data[(at + 1) * page:]
+        sqlite_file.write_bytes(bytes(damaged))
+        try:
+            with Index.open(made, read_only=True) as index:
+                found = [p for p in index.verify().problems if "SQLite's own check" in p]
+        except ImgsimError:
+            continue
+        if found:
+            break
+    assert len(found) == 1 and "\n" not in found[0], found
+    assert "--repair cannot mend that: restore a copy of the index, or index the folder into a new one" in found[0]
+
+
 @pytest.mark.parametrize("values, message", [
     ({"hnsw": {"M": 10**9, "ef_construction": 40, "ef_search": 16}}, "invalid manifest"),
     ({"dim": 4096}, "dimensions"),
