@@ -478,7 +478,8 @@ def label(images, index_path, add, remove):
         raise click.UsageError("give --add NAME and/or --remove NAME")
     with Index.open(index_path) as index:
         count = index.label(images, add=add, remove=remove)
-    click.echo(f"labelled {count} image{'s' * (count != 1)}")
+    done = " and ".join(word for word, asked in (("labelled", add), ("unlabelled", remove)) if asked)
+    click.echo(f"{done} {count} image{'s' * (count != 1)}")
 
 
 @cli.command()

@@ -716,7 +716,7 @@ class Index:
             rows = list(self._store.rows_where(where, params))
             if rows:
                 return rows
-        raise ImgsimError(f"{text} is not in this index (see `imgsim list`)")
+        raise ImgsimError(f"{text} is not in this index (see `imgsim list`; `imgsim search` takes any picture)")
 
     # -- searching -------------------------------------------------------------------------------
     def embed(self, image: str | os.PathLike | Image.Image) -> np.ndarray:

@@ -67,7 +67,7 @@ def test_an_empty_folder_and_an_empty_index_say_so(tmp_path, photos):
     queried = run("search", tmp_path / "empty", "no\nsuch.jpg", "--index", tmp_path / "idx")  # each error one line
     assert queried.exit_code == 1 and len(queried.stderr.strip().splitlines()) == 2 and "no\\x0asuch.jpg" in queried.stderr
     named = run("similar", "no\nsuch.jpg", "--index", tmp_path / "idx")
-    assert named.exit_code == 1 and error_line(named) == "Error: no\\x0asuch.jpg is not in this index (see `imgsim list`)"
+    assert named.exit_code == 1 and error_line(named) == "Error: no\\x0asuch.jpg is not in this index (see `imgsim list`; `imgsim search` takes any picture)"
 
 
 def test_search_plain_and_json(tiny_index, photos):

@@ -202,7 +202,8 @@ def test_labels_are_added_and_removed_and_filter(writable, library):
         paper = matching_ids(idx, Filter(labels=("paper",)))
         assert paper == matching_ids(idx, Filter(folders=("scans", "trips/2024")))
     first = next(iter(sorted(paper)))
-    assert run("label", str(first), "--remove", "paper", "--index", path).exit_code == 0
+    removed = run("label", str(first), "--remove", "paper", "--index", path)
+    assert removed.exit_code == 0 and removed.stdout == "unlabelled 1 image\n"
     with Index.open(path, read_only=True) as idx:
         assert matching_ids(idx, Filter(labels=("paper",))) == paper - {first}
         assert matching_ids(idx, Filter(labels=("keep",))) == matching_ids(idx, Filter(folders=("trips/2024",)))

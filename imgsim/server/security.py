@@ -126,7 +126,9 @@ class AccessControl:
 
 
 async def _send_json(send, status: int, data: dict, extra: list) -> None:
-    await _send(send, status, json.dumps(data).encode(), [(b"content-type", b"application/json"), *extra])
+    # compact, as the app's own JSON errors are
+    await _send(send, status, json.dumps(data, separators=(",", ":")).encode(),
+                [(b"content-type", b"application/json"), *extra])
 
 
 async def _send(send, status: int, body: bytes, headers: list) -> None:
