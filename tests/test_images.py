@@ -174,7 +174,7 @@ def test_animated_gif_uses_the_first_frame(tmp_path):
 
 
 @pytest.mark.parametrize("content, reason", [
-    (b"", "not an image"),
+    (b"", "an empty file"),
     (b"hello, this is text", "not an image"),
 ])
 def test_unreadable_files_raise_image_error(tmp_path, content, reason):
