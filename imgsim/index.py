@@ -605,11 +605,10 @@ class Index:
         if not views:
             return None
         size = crop_codes.blob_size(prep.crop_code, dim)
-        found, blobs = self._store.crop_bytes(ids, views, size)
-        whole = ~crop_codes.damaged(prep.crop_code, blobs, len(found) * views, dim).reshape(len(found), views).any(axis=1)
-        each = [tuple(blobs[(n * views + v) * size:(n * views + v + 1) * size] for v in range(views))
-                for n in range(len(found))]
-        return {i: crops for i, crops, ok in zip(found.tolist(), each, whole) if ok}
+        joined = self._store.crop_blobs(ids, views, size)
+        hurt = crop_codes.damaged(prep.crop_code, b"".join(joined.values()), len(joined) * views, dim)
+        return {i: tuple(blob[v * size:(v + 1) * size] for v in range(views))
+                for (i, blob), bad in zip(joined.items(), hurt.reshape(len(joined), views).any(axis=1)) if not bad}
 
     def _insert(self, images: list[NewImage], label_from_folder: bool) -> list[int]:
         """Insert rows (inside the caller's transaction), labelled by their folder's name if asked."""

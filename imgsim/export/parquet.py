@@ -104,8 +104,7 @@ def _crops_of(index: Index, ids) -> list[bytes | None]:
     """Each image's crop views as stored, joined; None where any is missing or damaged."""
     prep = index.manifest.preprocess
     views, size = len(prep.crop_views), crop_codes.blob_size(prep.crop_code, index.manifest.dim)
-    found, blobs = index.store.crop_bytes(ids, views, size)
-    each = {i: blobs[n * views * size:(n + 1) * views * size] for n, i in enumerate(found.tolist())}
+    each = index.store.crop_blobs(ids, views, size)
     return [each.get(int(i)) for i in ids]
 
 
