@@ -59,7 +59,7 @@ def encode(code: str, vectors: np.ndarray) -> list[bytes]:
     levels = np.searchsorted(THRESHOLDS, (vectors - mean) / spread).astype(np.uint8)  # 0..3
     padded = np.zeros((n, 4 * ((dim + 3) // 4)), np.uint8)
     padded[:, :dim] = levels
-    quads = padded.reshape(n, -1, 4)
+    quads = padded.reshape(n, (dim + 3) // 4, 4)
     packed = quads[..., 0] | (quads[..., 1] << 2) | (quads[..., 2] << 4) | (quads[..., 3] << 6)
     head = np.clip(mean / spread, -60000, 60000).astype("<f2").view(np.uint8)  # (n, 2)
     return [row.tobytes() for row in np.concatenate([head, packed], axis=1)]

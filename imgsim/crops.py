@@ -17,9 +17,12 @@ that merely contains something like the query.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from . import crop_codes
+from .manifest import Manifest
 from .scoring import Pool
 from .store import Store
 
@@ -39,22 +42,24 @@ CROP_CANDIDATES = 32
 """How many of a search's best candidates are scored by their crop views too."""
 
 
-def rerank(store: Store, views: int, dim: int, center: np.ndarray | None, query: np.ndarray,
-           scores: np.ndarray, ids: np.ndarray, code: str = crop_codes.FLOAT16) -> tuple[np.ndarray, np.ndarray]:
+def rerank(store: Store, manifest: Manifest, query: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+           score_against: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(new scores, order) of candidates (`scores`, `ids`: re-scored exactly, best first) once the
-    first `CROP_CANDIDATES` are also scored by their `views` crop views (stored as `code` says):
-    each scores the higher of its own score and its best crop view's less `CROP_PENALTY`. `order`
-    sorts them again (stable: ties keep the graph's order)."""
+    first `CROP_CANDIDATES` are also scored by their crop views (the manifest's, stored as its
+    `crop_code` says; decoded 2-bit ones by `score_against`, as the graph scores vectors): each
+    scores the higher of its own score and its best crop view's less `CROP_PENALTY`. `order` sorts
+    them again (stable: ties keep the graph's order)."""
+    views, dim, code = len(manifest.preprocess.crop_views), manifest.dim, manifest.preprocess.crop_code
     head = min(len(ids), CROP_CANDIDATES)
     if not head:
         return scores, np.arange(len(ids))
     found, blobs = store.crop_bytes(ids[:head], views, crop_codes.blob_size(code, dim))
     if not len(found):
         return scores, np.arange(len(ids))
-    if code == crop_codes.FLOAT16:
-        by_view = Pool(np.repeat(found, views), blobs, dim, center).scores(query[None])[0]
+    if code == crop_codes.FLOAT16:  # scored from the float16 bytes, as the candidates' own vectors are
+        by_view = Pool(np.repeat(found, views), blobs, dim, manifest.center).scores(query[None])[0]
     else:
-        by_view = centred_cosines(crop_codes.decode(code, blobs, len(found) * views, dim), query, center)
+        by_view = score_against(query, crop_codes.decode(code, blobs, len(found) * views, dim))
     by_view = by_view.reshape(len(found), views)
     best = np.max(np.where(np.isnan(by_view), -np.inf, by_view), axis=1) - CROP_PENALTY  # NaN: damaged
     position = {i: n for n, i in enumerate(ids[:head].tolist())}
@@ -63,12 +68,3 @@ def rerank(store: Store, views: int, dim: int, center: np.ndarray | None, query:
     new[rows] = np.maximum(scores[rows], best.astype(scores.dtype))
     order = np.argsort(-new, kind="stable")
     return new[order], order
-
-
-def centred_cosines(matrix: np.ndarray, query: np.ndarray, center: np.ndarray | None) -> np.ndarray:
-    """The cosine of `query` with each row of `matrix`, both taken around `center` (as `Pool.scores`)."""
-    if center is not None:
-        matrix = matrix - center
-        query = query - center
-    norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(query)
-    return (matrix @ query / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -66,9 +66,10 @@ def embed_files(candidates: list[Candidate], model: Model, *, batch_size: int = 
         crops = len(prep.crop_views)
         vectors, crop_vectors = model.embed_views(np.stack(arrays), crops) if arrays else \
             (np.empty((0, model.dim), np.float32), np.empty((0, crops, model.dim), np.float32))
+        coded = crop_codes.encode(prep.crop_code, crop_vectors.reshape(-1, model.dim)) if crops else []
         batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v, taken, camera,
-                          tuple(crop_codes.encode(prep.crop_code, cv)) if crops else None)
-                 for (c, (w, h, fmt, taken, camera)), v, cv in zip(metas, vectors, crop_vectors)]
+                          tuple(coded[n * crops:(n + 1) * crops]) if crops else None)
+                 for n, ((c, (w, h, fmt, taken, camera)), v) in enumerate(zip(metas, vectors))]
         result = (batch, list(failures))
         arrays.clear()
         metas.clear()
