@@ -17,8 +17,6 @@ that merely contains something like the query.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from . import crop_codes
@@ -42,13 +40,13 @@ CROP_CANDIDATES = 32
 """How many of a search's best candidates are scored by their crop views too."""
 
 
-def rerank(store: Store, manifest: Manifest, query: np.ndarray, scores: np.ndarray, ids: np.ndarray,
-           score_against: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def rerank(store: Store, manifest: Manifest, query: np.ndarray, scores: np.ndarray,
+           ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(new scores, order) of candidates (`scores`, `ids`: re-scored exactly, best first) once the
     first `CROP_CANDIDATES` are also scored by their crop views (the manifest's, stored as its
-    `crop_code` says; decoded 2-bit ones by `score_against`, as the graph scores vectors): each
-    scores the higher of its own score and its best crop view's less `CROP_PENALTY`. `order` sorts
-    them again (stable: ties keep the graph's order)."""
+    `crop_code` says; scored as the graph scores vectors): each scores the higher of its own score
+    and its best crop view's less `CROP_PENALTY`. `order` sorts them again (stable: ties keep the
+    graph's order)."""
     views, dim, code = len(manifest.preprocess.crop_views), manifest.dim, manifest.preprocess.crop_code
     head = min(len(ids), CROP_CANDIDATES)
     if not head:
@@ -59,7 +57,7 @@ def rerank(store: Store, manifest: Manifest, query: np.ndarray, scores: np.ndarr
     if code == crop_codes.FLOAT16:  # scored from the float16 bytes, as the candidates' own vectors are
         by_view = Pool(np.repeat(found, views), blobs, dim, manifest.center).scores(query[None])[0]
     else:
-        by_view = score_against(query, crop_codes.decode(code, blobs, len(found) * views, dim))
+        by_view = _coded_scores(query, blobs, len(found) * views, dim, manifest.center)
     by_view = by_view.reshape(len(found), views)
     best = np.max(np.where(np.isnan(by_view), -np.inf, by_view), axis=1) - CROP_PENALTY  # NaN: damaged
     position = {i: n for n, i in enumerate(ids[:head].tolist())}
@@ -68,3 +66,17 @@ def rerank(store: Store, manifest: Manifest, query: np.ndarray, scores: np.ndarr
     new[rows] = np.maximum(scores[rows], best.astype(scores.dtype))
     order = np.argsort(-new, kind="stable")
     return new[order], order
+
+
+def _coded_scores(query: np.ndarray, blobs: bytes, n: int, dim: int, center: np.ndarray | None) -> np.ndarray:
+    """Scores of `n` 2-bit views against `query` (unit length) as `Graph.score_against` scores them
+    decoded: the cosine of the two around the collection's mean `center` (plain without one), from
+    dot products alone (`crop_codes.dots`). For a decoded view x (unit length) and q' = q - c made
+    unit length: ((x - c).q') / |x - c|, where |x - c|^2 = 1 - 2 x.c + |c|^2."""
+    if center is None:
+        return crop_codes.dots(blobs, n, dim, query[None])[0]
+    around = query - center
+    around /= max(float(np.sqrt(around @ around)), 1e-12)
+    with_query, with_center = crop_codes.dots(blobs, n, dim, np.stack([around, center]))
+    return (with_query - float(center @ around)) / np.sqrt(np.maximum(1 - 2 * with_center + float(center @ center),
+                                                                      1e-24))

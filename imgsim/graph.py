@@ -385,7 +385,7 @@ class Graph:
                                                          scanned=max(k, crops.CROP_CANDIDATES))
         if len(ids):
             query = normalize(np.asarray(query, dtype=np.float32).reshape(1, -1))[0]
-            scores, order = crops.rerank(self._store, self._manifest, query, scores, ids, self.score_against)
+            scores, order = crops.rerank(self._store, self._manifest, query, scores, ids)
             ids = ids[order]
             positions = positions[order] if pool is not None else positions
         return scores, ids, pool, positions

@@ -542,14 +542,20 @@ class Store:
     def vector_bytes(self, ids, dim: int) -> tuple[np.ndarray, bytes]:
         """(the ids that have a `dim`-d vector, their float16 blobs joined), in the order given."""
         ids = np.asarray(ids, dtype=np.int64).tolist()
+        found = self._blobs_by_key("vectors", ids)
         size = VECTOR_BYTES * dim
-        found: dict[int, bytes] = {}
-        for start in range(0, len(ids), 4096):
-            chunk = ids[start:start + 4096]
-            marks = ",".join("?" * len(chunk))
-            found.update(self.conn.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk).fetchall())
-        keep = [i for i in ids if isinstance(found.get(i), bytes) and len(found[i]) == size]
+        keep = [i for i in ids if type(found.get(i)) is bytes and len(found[i]) == size]  # noqa: E721 (not a subclass)
         return np.asarray(keep, np.int64), b"".join([found[i] for i in keep])
+
+    def _blobs_by_key(self, table: str, keys: list[int]) -> dict[int, object]:
+        """{id: value} of the rows of `table` (vectors, crop_vectors) with these ids, in as few queries
+        as SQLite's limit on parameters allows (a search reads a few dozen: one)."""
+        found: dict[int, object] = {}
+        for start in range(0, len(keys), 4096):
+            chunk = keys[start:start + 4096]
+            found.update(self.conn.execute(f"SELECT id, vector FROM {table} WHERE id IN ({','.join('?' * len(chunk))})",
+                                           chunk).fetchall())
+        return found
 
     def crop_bytes(self, ids, views: int, size: int) -> tuple[np.ndarray, bytes]:
         """(the ids that have all `views` crop-view blobs of `size` bytes (`crop_codes.blob_size`),
@@ -557,20 +563,19 @@ class Store:
         them missing or of another size (damaged) is left out: it is scored by its own vector alone."""
         ids = [i for i in np.asarray(ids, dtype=np.int64).tolist() if 0 <= i < MAX_CROP_IMAGE_ID]  # others: none
         keys = [i * CROP_SLOTS + view for i in ids for view in range(views)]  # `crop_key`, in range here
-        found: dict[int, bytes] = {}
         try:
-            for start in range(0, len(keys), 4096):
-                chunk = keys[start:start + 4096]
-                found.update(self.conn.execute(
-                    f"SELECT id, vector FROM crop_vectors WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+            found = self._blobs_by_key("crop_vectors", keys)
         except sqlite3.OperationalError as e:  # a file claiming crop views without their table
             raise IndexCorruptError(f"{self.path} is damaged: its crop views cannot be read ({e})") from None
+        whole = [type(b) is bytes and len(b) == size for b in map(found.get, keys)]  # noqa: E721 (not a subclass)
+        if views == 1:
+            keep = [i for i, ok in zip(ids, whole) if ok]
+            return np.asarray(keep, np.int64), b"".join([found[k] for k, ok in zip(keys, whole) if ok])
         keep, blobs = [], []
         for n, image_id in enumerate(ids):
-            mine = [found.get(key) for key in keys[n * views:(n + 1) * views]]
-            if all(isinstance(b, bytes) and len(b) == size for b in mine):
+            if all(whole[n * views:(n + 1) * views]):
                 keep.append(image_id)
-                blobs += mine
+                blobs += [found[key] for key in keys[n * views:(n + 1) * views]]
         return np.asarray(keep, np.int64), b"".join(blobs)
 
     def crop_blobs(self, ids, views: int, size: int) -> dict[int, bytes]:

@@ -446,6 +446,13 @@ def test_two_bit_codes_keep_what_a_view_is_scored_by(pair):
     nan = np.array([np.nan], "<f2").tobytes() + blobs[0][2:]
     assert list(crop_codes.damaged(crop_codes.TWO_BIT, blobs[0] + nan, 2, dim)) == [False, True]
     assert np.isnan(crop_codes.decode(crop_codes.TWO_BIT, nan, 1, dim)).all()
+    # A search scores codes from dot products (`dots`): the same as the decoded views' own.
+    assert np.allclose(crop_codes.dots(b"".join(blobs), len(blobs), dim, originals), originals @ coded.T, atol=1e-5)
+    assert np.isnan(crop_codes.dots(blobs[0] + nan, 2, dim, originals[:1])[0, 1])
+    odd = np.random.default_rng(0).normal(size=(3, 1283)).astype(np.float32)  # codes padded to whole bytes
+    odd_blobs = b"".join(crop_codes.encode(crop_codes.TWO_BIT, odd / np.linalg.norm(odd, axis=1, keepdims=True)))
+    assert np.allclose(crop_codes.dots(odd_blobs, 3, 1283, odd[:2]),
+                       odd[:2] @ crop_codes.decode(crop_codes.TWO_BIT, odd_blobs, 3, 1283).T, atol=1e-5)
     first = index.store.conn.execute("SELECT id FROM images ORDER BY id LIMIT 1").fetchone()[0]
     with index.store.transaction():
         index.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?", (nan, first * CROP_SLOTS))
