@@ -19,15 +19,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from . import crop_codes
+from . import images as imgs
 from .manifest import Manifest
 from .scoring import Pool
 from .store import Store
 
-DEFAULT_CROP_VIEWS = ("grey60",)
-"""The crop view every new index keeps unless told otherwise: the centre 60 % in grey (README "How
-good is it", seventh step: one model run more a picture, 322 bytes, and tight grey crops found at
-0.97-0.98 instead of 0.84)."""
+if TYPE_CHECKING:
+    from .models import Model
+
+DEFAULT_CROP_VIEWS = ("soft60",)
+"""The crop view every new index keeps unless told otherwise: the centre 60 % in grey, seen as it is
+and blurred (`images.SOFT_BLUR`), 322 bytes (README "How good is it": ``grey60``, the seventh step,
+found tight grey crops at 0.97-0.98 instead of 0.84 for one model run more a picture; the eighth
+step's soft view, two runs more, finds a crop that is blurred too more often)."""
 
 CROP_VIEWS = ("grey70", "grey50")
 """The crop views `imgsim index --centre-view` keeps: the centre 70 % and 50 % in grey (README "How
@@ -38,6 +46,21 @@ CROP_PENALTY = 0.06
 
 CROP_CANDIDATES = 32
 """How many of a search's best candidates are scored by their crop views too."""
+
+
+def embed(model: Model, views: Sequence[imgs.Views]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, dim) vectors and (N, crop views, dim) crop-view vectors of N pictures' `images.Views`
+    (`images.load_views`): a soft view's vector is its sharp embedding plus `images.SOFT_WEIGHT` of
+    its blurred one (embedded at a smaller size, in one batch of their own), made unit length."""
+    prep = model.preprocess
+    vectors, crop_vectors = model.embed_views(np.stack([v.arrays for v in views]), len(prep.crop_views))
+    soft = [n for n, view in enumerate(prep.crop_views) if imgs.is_soft(view)]
+    if soft:
+        blurred = model.embed(np.concatenate([v.soft for v in views])).reshape(len(views), len(soft), -1)
+        crop_vectors = crop_vectors.copy()
+        both = crop_vectors[:, soft] + imgs.SOFT_WEIGHT * blurred
+        crop_vectors[:, soft] = both / np.maximum(np.linalg.norm(both, axis=2, keepdims=True), 1e-12)
+    return vectors, crop_vectors
 
 
 def rerank(store: Store, manifest: Manifest, query: np.ndarray, scores: np.ndarray,

@@ -14,12 +14,12 @@ import stat
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, features
+from PIL import Image, ImageFilter, ImageOps, features
 
 from . import crop_codes
 from .defaults import DEFAULT_MAX_PIXELS  # noqa: F401 (shown by the CLI; defined there)
@@ -67,19 +67,46 @@ views would make indexing build thousands of model inputs per picture)."""
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-VIEW_KINDS = ("centre", "grey")
+VIEW_KINDS = ("centre", "grey", "soft")
 """The kinds of index and crop views: ``centreNN`` is the centre NN % of each side of a picture,
-``greyNN`` the same in grey."""
+``greyNN`` the same in grey, and ``softNN`` (crop views only) that grey centre seen both as it is
+and blurred: its vector is the two embeddings' weighted sum (`soft_views`, `crops.embed`)."""
+
+SOFT_BLUR = 0.011
+"""A soft view's blurred copy: a Gaussian blur of this share of the picture's width (as a strongly
+blurred query's, README "How good is it", eighth step)."""
+
+SOFT_WEIGHT = 0.6
+"""A soft view's vector: its sharp embedding plus this much of its blurred one (each unit length),
+made unit length. Alone, the blurred one found blurred crops more often and sharp ones less."""
+
+SOFT_SCALE = 160 / 224
+"""A soft view's blurred copy is embedded at this share of the model's input size (160 pixels for
+224): a blurred picture has little detail for a larger input to see, and the model's work falls
+by half; measured, the same crops are found as at the full size."""
 
 
 def parse_view(view: str) -> tuple[int, bool]:
-    """(per cent of each side, grey) of a view name such as ``centre70`` or ``grey50``; ValueError
-    for anything else (a manifest is untrusted)."""
+    """(per cent of each side, grey) of a view name such as ``centre70``, ``grey50`` or ``soft60``
+    (grey too); ValueError for anything else (a manifest is untrusted)."""
     kind = next((k for k in VIEW_KINDS if isinstance(view, str) and view.startswith(k)), None)
     digits = view[len(kind):] if kind else ""
     if not (digits.isascii() and digits.isdigit() and len(digits) == 2 and 10 <= int(digits) <= 99):
-        raise ValueError(f"unknown index view {view!r}: use centreNN or greyNN, e.g. grey70")
-    return int(digits), kind == "grey"
+        raise ValueError(f"unknown index view {view!r}: use centreNN, greyNN or softNN, e.g. grey70")
+    return int(digits), kind in ("grey", "soft")
+
+
+def is_soft(view: str) -> bool:
+    """Whether a (parsed) view is a ``softNN`` one: also embedded blurred (`soft_views`)."""
+    return view.startswith("soft")
+
+
+class Views(NamedTuple):
+    """What an indexed picture is embedded from: `arrays` (`to_views`), all at the model's input
+    size, and `soft`, the blurred copies of its soft crop views (`soft_views`), at a smaller one."""
+
+    arrays: np.ndarray
+    soft: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -117,6 +144,8 @@ class Preprocess:
                 raise ValueError(f"index views {', '.join(views)}: at most {MAX_VIEWS}, each once")
         for view in self.index_views + self.crop_views:
             parse_view(view)
+        if any(is_soft(view) for view in self.index_views):
+            raise ValueError("soft views (softNN) are crop views only: an index view averaged in has no use for them")
 
     def to_dict(self) -> dict:
         extra = {"index_views": list(self.index_views)} if self.index_views else {}
@@ -450,16 +479,35 @@ def to_views(img: Image.Image, prep: Preprocess) -> np.ndarray:
     """The (V, 3, size, size) arrays an indexed image is embedded from: the whole image (`to_array`),
     then each of `prep.index_views`, then each of `prep.crop_views` (``centreNN``: the centre NN %
     of each side, cut before the borders are trimmed, as a tight crop of the picture would be;
-    ``greyNN``: that centre in grey, as RGB)."""
+    ``greyNN`` and ``softNN``: that centre in grey, as RGB; see `soft_views` for the rest of a soft one)."""
     views = [to_array(img, prep)]
     for view in prep.index_views + prep.crop_views:
-        percent, grey = parse_view(view)
-        share = percent / 100
-        cw, ch = max(1, round(img.width * share)), max(1, round(img.height * share))
-        left, top = (img.width - cw) // 2, (img.height - ch) // 2
-        crop = img.crop((left, top, left + cw, top + ch))
-        views.append(to_array(crop.convert("L").convert("RGB") if grey else crop, prep))
+        views.append(to_array(_centre(img, view), prep))
     return np.stack(views)
+
+
+def soft_side(prep: Preprocess) -> int:
+    """The input side a soft view's blurred copy is embedded at: `SOFT_SCALE` of the model's."""
+    return max(16, round(prep.size * SOFT_SCALE))
+
+
+def soft_views(img: Image.Image, prep: Preprocess, side: int | None = None) -> np.ndarray:
+    """(S, 3, side, side): each soft crop view's grey centre blurred by `SOFT_BLUR` of the picture's
+    width, at `soft_side` (or `side`: a model fixed at its own size); none (S = 0) without soft views."""
+    small = replace(prep, size=side or soft_side(prep))
+    blur = ImageFilter.GaussianBlur(SOFT_BLUR * img.width)
+    arrays = [to_array(_centre(img, view).filter(blur), small) for view in prep.crop_views if is_soft(view)]
+    return np.stack(arrays) if arrays else np.empty((0, 3, small.size, small.size), np.float32)
+
+
+def _centre(img: Image.Image, view: str) -> Image.Image:
+    """A view's centre of a picture (the centre NN % of each side), in grey for a grey or soft view."""
+    percent, grey = parse_view(view)
+    share = percent / 100
+    cw, ch = max(1, round(img.width * share)), max(1, round(img.height * share))
+    left, top = (img.width - cw) // 2, (img.height - ch) // 2
+    crop = img.crop((left, top, left + cw, top + ch))
+    return crop.convert("L").convert("RGB") if grey else crop
 
 
 FIELD_SHARE = 0.5
@@ -558,10 +606,12 @@ def load_query(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFA
     return query_arrays(decoded.image, prep), decoded
 
 
-def load_views(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Decoded]:
-    """`decode` then `to_views`: what indexing does with each file."""
+def load_views(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
+               soft: int | None = None) -> tuple[Views, Decoded]:
+    """`decode`, then `to_views` and `soft_views` (at side `soft`, if given): what indexing does with
+    each file."""
     decoded = decode(path, index_decode_size(prep), max_pixels)
-    return to_views(decoded.image, prep), decoded
+    return Views(to_views(decoded.image, prep), soft_views(decoded.image, prep, soft)), decoded
 
 
 def index_decode_size(prep: Preprocess) -> int:

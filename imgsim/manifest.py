@@ -15,16 +15,17 @@ import numpy as np
 from . import crop_codes
 from .hnsw import HnswParams
 from .errors import ImgsimError, IndexCorruptError, ModelError
-from .images import Preprocess, parse_view
+from .images import Preprocess, is_soft, parse_view
 from .models import parse_pooling, spec_for
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 """1: the first format. 2: metadata columns (folder, name, EXIF capture time, camera) and labels.
 3: vectors stored as float16, an 8-bit quantized graph, and a table of removed ids. 4: an index with
 crop views (`imgsim index --centre-view`): an older imgsim, which would add images without them,
 refuses it. 5: grey views (``greyNN``), which a format-4 imgsim does not know. 6: crop views stored
-as 2-bit codes (`crop_codes.py`), which a format-5 imgsim would take for damaged float16 ones. Each
-index is written in the oldest format that holds it (`format_for`), so older imgsims read what they can."""
+as 2-bit codes (`crop_codes.py`), which a format-5 imgsim would take for damaged float16 ones. 7:
+soft crop views (``softNN``), which a format-6 imgsim does not know. Each index is written in the
+oldest format that holds it (`format_for`), so older imgsims read what they can."""
 
 PLAIN_FORMAT = 3
 """The format of an index without crop views or grey views."""
@@ -38,6 +39,9 @@ GREY_FORMAT = 5
 CODED_FORMAT = 6
 """The oldest format with crop views stored as 2-bit codes."""
 
+SOFT_FORMAT = 7
+"""The oldest format with soft crop views."""
+
 
 def format_for(preprocess: Preprocess) -> int:
     """The format a new index made with this preprocessing is written in: the oldest that holds it."""
@@ -47,6 +51,8 @@ def format_for(preprocess: Preprocess) -> int:
 def _views_format(preprocess: Preprocess) -> int:
     """The oldest format that knows this preprocessing's views (0: any; older plain indexes are
     upgraded when first opened for writing)."""
+    if any(is_soft(v) for v in preprocess.crop_views):
+        return SOFT_FORMAT
     if preprocess.crop_views and preprocess.crop_code != crop_codes.FLOAT16:
         return CODED_FORMAT
     if any(parse_view(v)[1] for v in preprocess.index_views + preprocess.crop_views):

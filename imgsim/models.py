@@ -230,6 +230,12 @@ class Model:
     def dim(self) -> int:
         return self.spec.dim
 
+    def input_side(self, wanted: int) -> int:
+        """`wanted` where the model's graph takes inputs of any size (every catalogue model), else
+        the side it is fixed at (`images.soft_views` asks for a smaller input)."""
+        fixed = [d for d in self._session.get_inputs()[0].shape[2:] if isinstance(d, int)]
+        return fixed[0] if fixed else wanted
+
     @cached_property
     def _session(self):
         ort = onnxruntime_module()

@@ -14,6 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 from . import crop_codes
+from .crops import embed as embed_crops
 from . import images as imgs
 from .errors import ImageError
 from .models import Model, available_cpus
@@ -49,22 +50,23 @@ def embed_files(candidates: list[Candidate], model: Model, *, batch_size: int = 
                 workers: int | None = None) -> Iterator[tuple[list[NewImage], list[tuple[str, str]]]]:
     """Yield (embedded images, failures) per batch of `batch_size` files; a failure is (path, reason)."""
     prep = model.preprocess
+    soft = model.input_side(imgs.soft_side(prep)) if any(imgs.is_soft(v) for v in prep.crop_views) else None
 
     def decode(candidate: Candidate):
         try:
-            array, decoded = imgs.load_views(candidate.path, prep, max_pixels)
+            array, decoded = imgs.load_views(candidate.path, prep, max_pixels, soft)
             return candidate, array, (decoded.width, decoded.height, decoded.format, decoded.taken, decoded.camera)
         except ImageError as e:
             return candidate, None, str(e)
 
     workers = workers or available_cpus()
-    arrays: list[np.ndarray] = []
+    arrays: list[imgs.Views] = []
     metas: list[tuple[Candidate, tuple]] = []  # the facts, without the pixels
     failures: list[tuple[str, str]] = []
 
     def flush() -> tuple[list[NewImage], list[tuple[str, str]]]:
         crops = len(prep.crop_views)
-        vectors, crop_vectors = model.embed_views(np.stack(arrays), crops) if arrays else \
+        vectors, crop_vectors = embed_crops(model, arrays) if arrays else \
             (np.empty((0, model.dim), np.float32), np.empty((0, crops, model.dim), np.float32))
         coded = crop_codes.encode(prep.crop_code, crop_vectors.reshape(-1, model.dim)) if crops else []
         batch = [NewImage(c.key, c.size, c.mtime_ns, c.sha256, w, h, fmt, v, taken, camera,

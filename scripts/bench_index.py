@@ -71,6 +71,8 @@ def main() -> None:
                        help="index with the crop views of `imgsim index --centre-view` (default: its default one)")
     views.add_argument("--no-centre-view", action="store_true",
                        help="index without crop views, as `imgsim index --no-centre-view` does")
+    views.add_argument("--crop-views", help="index with these crop views (Python's `crop_views`): comma-separated, "
+                                            "e.g. grey60 (the default before soft60)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "imgsim-bench-photos")
     args = parser.parse_args()
 
@@ -82,7 +84,8 @@ def main() -> None:
             index_views=(spec.preprocess.index_views if not args.index_views
                          else () if args.index_views == "none" else tuple(args.index_views.split(","))))
         models.CATALOGUE[args.model] = dataclasses.replace(spec, preprocess=prep, pooling=args.pooling or spec.pooling)
-    crop_views = CROP_VIEWS if args.centre_view else () if args.no_centre_view else DEFAULT_CROP_VIEWS
+    crop_views = CROP_VIEWS if args.centre_view else () if args.no_centre_view else \
+        tuple(args.crop_views.split(",")) if args.crop_views else DEFAULT_CROP_VIEWS
     size = tuple(int(v) for v in args.size.lower().split("x"))
     folder = args.cache / (str(args.images) if size == (640, 480) else f"{args.images}-{size[0]}x{size[1]}")
     paths = make_photos(folder, args.images, size=size)

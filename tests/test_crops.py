@@ -1,4 +1,5 @@
-"""Crop views (by default the centre 60 % in grey; `imgsim index --centre-view`: 70 % and 50 %): each
+"""Crop views (by default the centre 60 % in grey, seen sharp and blurred; `imgsim index --centre-view`:
+70 % and 50 % in grey): each
 picture's centre kept as vectors of its own, which a search's best candidates are scored by too
 (imgsim/crops.py), stored as 2-bit codes (imgsim/crop_codes.py; float16 in indexes made before).
 Real photos, the bundled model."""
@@ -8,12 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from imgsim import ImgsimError, Index, IndexCorruptError, crop_codes
+from imgsim import ImgsimError, Index, IndexCorruptError, crop_codes, crops
 from imgsim.crops import CROP_PENALTY, CROP_VIEWS, DEFAULT_CROP_VIEWS
 from imgsim.models import BUNDLED_MODEL
 from imgsim.store import CROP_SLOTS
@@ -92,7 +94,8 @@ def test_crop_views_are_stored_beside_each_image_and_go_with_it(pair, small, kin
     assert info["preprocess"]["crop_views"] == list(views) and info["preprocess"]["crop_code"] == "2bit"
     assert "crop_views" not in pair["plain"].info()["preprocess"]
     assert "crop_code" not in pair["plain"].info()["preprocess"]
-    assert info["format_version"] == 6 and pair["plain"].info()["format_version"] == 3  # older imgsims refuse it
+    assert info["format_version"] == (7 if kind == "default" else 6)  # older imgsims refuse it (soft views: 7)
+    assert pair["plain"].info()["format_version"] == 3
     rows = index.store.conn.execute("SELECT count(*), min(length(vector)), max(length(vector)) "
                                     "FROM crop_vectors").fetchone()
     assert rows == (len(index) * len(views), 2 + index.manifest.dim // 4, 2 + index.manifest.dim // 4)  # 322 bytes
@@ -175,11 +178,11 @@ def test_centre_view_makes_crop_views_and_keeps_older_averaged_indexes(tmp_path,
     default = run("index", photos, "--index", tmp_path / "d", "--model", TINY_MODEL)
     assert default.exit_code == 0
     with Index.open(tmp_path / "d", read_only=True) as index:
-        assert index.manifest.preprocess.crop_views == DEFAULT_CROP_VIEWS and index.info()["format_version"] == 6
+        assert index.manifest.preprocess.crop_views == DEFAULT_CROP_VIEWS and index.info()["format_version"] == 7
         assert index.store.conn.execute("SELECT count(*) FROM crop_vectors").fetchone()[0] == len(index)
     for flag in ("--centre-view", "--no-centre-view"):
         refused = run("index", photos, "--index", tmp_path / "d", flag)
-        assert refused.exit_code == 1 and "was made with crop views grey60: views are chosen" in refused.stderr
+        assert refused.exit_code == 1 and "was made with crop views soft60: views are chosen" in refused.stderr
     assert run("index", photos, "--index", tmp_path / "d").exit_code == 0
     # An index made by --centre-view before crop views (the centre averaged into each vector) goes on so.
     with Index.create(tmp_path / "old", model=TINY_MODEL, root=photos, index_views=("centre60",), crop_views=()) as old:
@@ -295,7 +298,7 @@ def test_a_parquet_export_carries_crop_views_and_its_import_searches_alike(pair,
     queries = [_grey_centre(path, 0.5) for path in sorted(small.iterdir())]
     with Index.open(tmp_path / "imported") as imported:
         assert imported.manifest.preprocess == index.manifest.preprocess and len(imported) == len(index)
-        assert imported.info()["format_version"] == 6 and imported.verify().ok
+        assert imported.info()["format_version"] == index.info()["format_version"] and imported.verify().ok
         for query in queries:
             assert [(r.id, r.score) for r in imported.search(query, k=3)] == \
                 [(r.id, r.score) for r in index.search(query, k=3)]
@@ -315,7 +318,7 @@ def test_a_parquet_export_carries_crop_views_and_its_import_searches_alike(pair,
 
 
 @pytest.mark.parametrize("views", [["centre50"] * 2, ["centre70", "centre60", "centre50", "centre40", "centre30"],
-                                   ["centre50"] * 5000, ["mirror"], ["grey5"], ["grey100"], ["greyish"],
+                                   ["centre50"] * 5000, ["mirror"], ["grey5"], ["grey100"], ["greyish"], ["soft"],
                                    ["grey\u0967\u0966"], [70], ["centre 70"]])
 def test_a_manifest_asking_for_too_many_or_unknown_crop_views_is_refused(pair, tmp_path, views):
     pair["crops"].close()
@@ -329,18 +332,19 @@ def test_a_manifest_asking_for_too_many_or_unknown_crop_views_is_refused(pair, t
         Index.open(tmp_path / "crops", read_only=True)
 
 
-@pytest.mark.parametrize("version", [3, 4, 5])
-def test_grey_crop_views_in_an_older_format_manifest_are_refused(pair, tmp_path, version):
+@pytest.mark.parametrize("kind, version", [("crops", 3), ("crops", 4), ("crops", 5), ("default", 6)])
+def test_grey_crop_views_in_an_older_format_manifest_are_refused(pair, tmp_path, kind, version):
     """Crop views need format 4 (an older imgsim, which reads format 3, would add images without them),
     grey ones format 5 (a format-4 imgsim does not know them), 2-bit codes format 6 (a format-5
-    imgsim would take them for damaged float16 vectors)."""
-    pair["crops"].close()
-    conn = sqlite3.connect(tmp_path / "crops.sqlite")
+    imgsim would take them for damaged float16 vectors), soft ones format 7 (a format-6 imgsim does
+    not know them)."""
+    pair[kind].close()
+    conn = sqlite3.connect(tmp_path / f"{kind}.sqlite")
     conn.execute("UPDATE manifest SET value = ? WHERE key = 'format_version'", (str(version),))
     conn.commit()
     conn.close()
     with pytest.raises(IndexCorruptError, match="invalid manifest"):
-        Index.open(tmp_path / "crops", read_only=True)
+        Index.open(tmp_path / kind, read_only=True)
 
 
 def test_stray_crop_rows_are_found_and_removed_and_never_block_new_images(pair, small):
@@ -403,6 +407,9 @@ def test_grey_views_are_the_centre_in_grey():
     expected = np.asarray(Image.new("RGB", (1, 1), (20, 40, 220)).convert("L"), np.float32)[0, 0] / 255
     assert grey[0].mean() == pytest.approx(expected, abs=2e-3)
     assert parse_view("grey70") == (70, True) and parse_view("centre50") == (50, False)
+    assert parse_view("soft60") == (60, True)  # grey, and seen blurred too
+    with pytest.raises(ValueError, match="crop views only"):
+        Preprocess(index_views=("soft60",))
 
 
 def test_an_index_with_grey_views_averaged_in_goes_through_parquet(tmp_path, photos):
@@ -435,8 +442,8 @@ def test_two_bit_codes_keep_what_a_view_is_scored_by(pair):
     from imgsim import images as imgs  # the same pictures' grey centres, as float32 vectors from the model
 
     records = sorted(index.images(), key=lambda r: r["id"])
-    arrays = np.stack([imgs.load_views(r["abspath"], index.model.preprocess)[0] for r in records])
-    originals = index.model.embed_views(arrays, 1)[1][:, 0]
+    originals = crops.embed(index.model, [imgs.load_views(r["abspath"], index.model.preprocess)[0]
+                                          for r in records])[1][:, 0]
     cosines = coded @ originals.T
     assert np.diag(cosines).mean() > 0.85 and np.all(np.argmax(cosines, axis=1) == np.arange(len(blobs)))
     with pytest.raises(ValueError, match="not 2 crop views"):
@@ -458,3 +465,45 @@ def test_two_bit_codes_keep_what_a_view_is_scored_by(pair):
         index.store.conn.execute("UPDATE crop_vectors SET vector = ? WHERE id = ?", (nan, first * CROP_SLOTS))
     assert index.search(_grey_centre(index.resolve(index.image(first).path), 0.5), k=3)  # passed over
     assert any("1 images' crop views are missing or damaged" in p for p in index.verify().problems)
+
+
+def test_a_soft_view_is_the_grey_centre_seen_sharp_and_blurred(pair, small, tmp_path):
+    """The default crop view (``soft60``) is the grey centre 60 % embedded as it is plus `SOFT_WEIGHT`
+    of it blurred by `SOFT_BLUR` of the picture's width (embedded at `SOFT_SCALE` of the model's input
+    size), as a 2-bit code. A tight grey crop of a blurred copy of each
+    photo comes first, and scores its original higher than the sharp grey view alone (``grey60``,
+    the default before) makes it."""
+    from PIL import ImageFilter
+
+    from imgsim import images as imgs
+
+    index = pair["default"]
+    prep = index.model.preprocess
+    with Index.create(tmp_path / "sharp", model=BUNDLED_MODEL, root=small, crop_views=("grey60",)) as sharp:
+        sharp.add(small)
+        gains = []
+        for path in sorted(small.iterdir()):
+            picture = imgs.decode(path, imgs.index_decode_size(prep)).image
+            cw, ch = round(picture.width * 0.6), round(picture.height * 0.6)
+            left, top = (picture.width - cw) // 2, (picture.height - ch) // 2
+            centre = picture.crop((left, top, left + cw, top + ch)).convert("L").convert("RGB")
+            blurred = centre.filter(ImageFilter.GaussianBlur(imgs.SOFT_BLUR * picture.width))
+            small = replace(prep, size=imgs.soft_side(prep))
+            both = [index.model.embed(imgs.to_array(centre, prep)[None])[0],
+                    index.model.embed(imgs.to_array(blurred, small)[None])[0]]
+            made = both[0] + imgs.SOFT_WEIGHT * both[1]
+            image_id = next(r["id"] for r in index.images() if r["path"] == path.name)
+            (blob,) = index.store.conn.execute("SELECT vector FROM crop_vectors WHERE id = ?",
+                                               (image_id * CROP_SLOTS,)).fetchone()
+            stored = crop_codes.decode(crop_codes.TWO_BIT, blob, 1, index.manifest.dim)[0]
+            coded = crop_codes.encode(crop_codes.TWO_BIT, made[None] / np.linalg.norm(made))[0]
+            assert np.mean(np.frombuffer(coded, np.uint8) == np.frombuffer(blob, np.uint8)) > 0.99  # that sum, coded
+            assert stored @ made / np.linalg.norm(made) > max(stored @ both[0], stored @ both[1])
+            with Image.open(path) as img:
+                img.convert("RGB").filter(ImageFilter.GaussianBlur(0.01 * img.width)).save(tmp_path / "blurred.jpg")
+            query = _grey_centre(tmp_path / "blurred.jpg", 0.6)
+            found = index.search(query, k=3)
+            assert found[0].path == path.name, (path.name, [r.path for r in found])
+            own = next((r.score for r in sharp.search(query, k=3) if r.path == path.name), -1.0)
+            gains.append(found[0].score - own)
+    assert np.mean(gains) > 0, gains
