@@ -29,7 +29,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ImgsimError, ModelError
 from ..files import discard
-from ..images import parse_view
+from ..images import is_soft, parse_view
 from ..index import Index, index_files
 from .. import crop_codes
 from ..store import crop_key, vector_blob
@@ -38,9 +38,10 @@ from .source import ALL, Batch, Selection, Source, quoted, text_of
 
 FORMAT = "imgsim-parquet"
 FORMAT_VERSION = 2
-"""The newest file format this imgsim reads. 1: the first. 2: a file whose preprocessing averages grey
-views (``greyNN``) into its vectors, which an imgsim reading only 1 does not know; other files are
-still written as 1."""
+"""The newest file format this imgsim reads. 1: the first. 2: a file whose preprocessing an imgsim
+reading only 1 does not know: grey views (``greyNN``) averaged into its vectors, or soft crop views
+(``softNN``: an imgsim that does not know them would find the manifest invalid rather than import
+the file without them); other files are still written as 1."""
 METADATA_KEY = b"imgsim"
 DEFAULT_ROW_GROUP = 8192
 ProgressFn = Callable[[int, int], None]
@@ -151,11 +152,12 @@ def export_parquet(index: Index, path: str | os.PathLike, *, selection: Selectio
 
 def _metadata(index: Index, source: Source, count: int) -> dict:
     manifest = {key: source.manifest.get(key) for key in _MANIFEST_KEYS}
-    grey = any(parse_view(view)[1] for view in index.manifest.preprocess.index_views)
+    prep = index.manifest.preprocess
+    newer = any(parse_view(view)[1] for view in prep.index_views) or any(is_soft(view) for view in prep.crop_views)
     root = index.root
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if grey else 1,
+        "format_version": FORMAT_VERSION if newer else 1,
         "imgsim_version": __version__,
         "exported": time.time(),
         "count": count,
