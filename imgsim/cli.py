@@ -187,8 +187,9 @@ def progress_bar(label: str):
               "(relative path or name, e.g. '*.gif' or 'raw/*'). Repeat for several.")
 @click.option("--label-from-folder", is_flag=True, help="Label each new image with its folder's name.")
 @click.option("--centre-view/--no-centre-view", default=None, help="New index: by default it keeps a "
-              "vector of each picture's centre 60% in grey, which searches score their best candidates by "
-              "(finds tight crops, grey or not; each picture embedded twice; 322 bytes an image). "
+              "vector of each picture's centre 60% in grey, seen sharp and blurred, which searches score their "
+              "best candidates by (finds tight crops, grey or not, blurred or not; each picture embedded 3 "
+              "times, once at 160 px; 322 bytes an image). "
               "--centre-view keeps the centre 70% and 50% instead (more of the tightest crops, fewer blurred "
               "ones; embedded 3 times); "
               "--no-centre-view none (indexes ~1.6x as fast).")

@@ -482,7 +482,7 @@ def to_views(img: Image.Image, prep: Preprocess) -> np.ndarray:
     ``greyNN`` and ``softNN``: that centre in grey, as RGB; see `soft_views` for the rest of a soft one)."""
     views = [to_array(img, prep)]
     for view in prep.index_views + prep.crop_views:
-        views.append(to_array(_centre(img, view), prep))
+        views.append(to_array(_centre(img, view).convert("RGB"), prep))
     return np.stack(views)
 
 
@@ -496,18 +496,20 @@ def soft_views(img: Image.Image, prep: Preprocess, side: int | None = None) -> n
     width, at `soft_side` (or `side`: a model fixed at its own size); none (S = 0) without soft views."""
     small = replace(prep, size=side or soft_side(prep))
     blur = ImageFilter.GaussianBlur(SOFT_BLUR * img.width)
-    arrays = [to_array(_centre(img, view).filter(blur), small) for view in prep.crop_views if is_soft(view)]
+    # Blurred in grey, one channel: a third of the work of blurring three equal ones.
+    arrays = [to_array(_centre(img, view).filter(blur).convert("RGB"), small)
+              for view in prep.crop_views if is_soft(view)]
     return np.stack(arrays) if arrays else np.empty((0, 3, small.size, small.size), np.float32)
 
 
 def _centre(img: Image.Image, view: str) -> Image.Image:
-    """A view's centre of a picture (the centre NN % of each side), in grey for a grey or soft view."""
+    """A view's centre of a picture (the centre NN % of each side), in grey (mode L) for a grey or soft view."""
     percent, grey = parse_view(view)
     share = percent / 100
     cw, ch = max(1, round(img.width * share)), max(1, round(img.height * share))
     left, top = (img.width - cw) // 2, (img.height - ch) // 2
     crop = img.crop((left, top, left + cw, top + ch))
-    return crop.convert("L").convert("RGB") if grey else crop
+    return crop.convert("L") if grey else crop
 
 
 FIELD_SHARE = 0.5
