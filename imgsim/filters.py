@@ -138,14 +138,16 @@ def _date(value: str, end: bool) -> str:
             filled[i] = (high if end else low)[i]
     month, day, hour, minute, second = filled
     if not 1 <= int(month) <= 12:
-        raise ImgsimError(f"not a date: {value!r}")
+        raise ImgsimError(f"not a date: {value!r} (the month is {month}: 01 to 12)")
     if int(year) < 1:
-        raise ImgsimError(f"not a date: {value!r}")
+        raise ImgsimError(f"not a date: {value!r} (the year is {year}: 0001 or later)")
     import calendar  # here, not at the top: with datetime, ~5 ms of every cold command
 
     last = calendar.monthrange(int(year), int(month))[1]
     if match.group(3) is None and end:
         day = f"{last:02d}"  # the end of "2024-02" is the 29th
-    if not (1 <= int(day) <= last and int(hour) <= 23 and int(minute) <= 59 and int(second) <= 59):
-        raise ImgsimError(f"not a date: {value!r}")
+    if not 1 <= int(day) <= last:
+        raise ImgsimError(f"not a date: {value!r} ({year}-{month} has days 01 to {last:02d})")
+    if not (int(hour) <= 23 and int(minute) <= 59 and int(second) <= 59):
+        raise ImgsimError(f"not a date: {value!r} (the time is {hour}:{minute}:{second}: at most 23:59:59)")
     return f"{year}-{month}-{day}T{hour}:{minute}:{second}"

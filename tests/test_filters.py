@@ -157,9 +157,12 @@ def test_hostile_filter_values_match_nothing_and_break_nothing(index, library, v
 
 
 def test_bad_filter_values_are_clear_errors(index, library):
-    for kwargs, message in [({"since": "yesterday"}, "not a date"), ({"until": "2024-13"}, "not a date"),
-                            ({"since": "2024-02-30"}, "not a date"), ({"until": "2023-02-29"}, "not a date"),
-                            ({"since": "2024-04-31"}, "not a date"), ({"formats": ("exe",)}, "unknown image format"),
+    for kwargs, message in [({"since": "yesterday"}, "not a date"), ({"until": "2024-13"}, "the month is 13: 01 to 12"),
+                            ({"since": "2024-02-30"}, r"2024-02 has days 01 to 29\)"),
+                            ({"until": "2023-02-29"}, "2023-02 has days 01 to 28"),
+                            ({"since": "2024-04-31"}, "not a date: '2024-04-31'"),
+                            ({"since": "2024-04-30T24:00"}, "at most 23:59:59"),
+                            ({"formats": ("exe",)}, "unknown image format"),
                             ({"min_width": -1}, "min-width"), ({"labels": ("",)}, "label")]:
         with pytest.raises(ImgsimError, match=message):
             Filter(**kwargs)
