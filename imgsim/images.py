@@ -139,9 +139,9 @@ class Preprocess:
     def __post_init__(self):
         if self.crop_code not in crop_codes.CODES:
             raise ValueError(f"unknown crop-view code {self.crop_code!r}")
-        for views in (self.index_views, self.crop_views):
+        for kind, views in (("index views", self.index_views), ("crop views", self.crop_views)):
             if len(views) > MAX_VIEWS or len(set(views)) < len(views):
-                raise ValueError(f"index views {', '.join(views)}: at most {MAX_VIEWS}, each once")
+                raise ValueError(f"{kind} {', '.join(map(str, views))}: at most {MAX_VIEWS}, each once")
         for view in self.index_views + self.crop_views:
             parse_view(view)
         if any(is_soft(view) for view in self.index_views):
@@ -494,7 +494,8 @@ def soft_side(prep: Preprocess) -> int:
 def soft_views(img: Image.Image, prep: Preprocess, side: int | None = None) -> np.ndarray:
     """(S, 3, side, side): each soft crop view's grey centre blurred by `SOFT_BLUR` of the picture's
     width, at `soft_side` (or `side`: a model fixed at its own size); none (S = 0) without soft views."""
-    small = replace(prep, size=side or soft_side(prep))
+    side = side or soft_side(prep)  # (and `resize_to` in proportion, so that "crop" keeps the same share)
+    small = replace(prep, size=side, resize_to=max(side, round(prep.resize_to * side / prep.size)))
     blur = ImageFilter.GaussianBlur(SOFT_BLUR * img.width)
     # Blurred in grey, one channel: a third of the work of blurring three equal ones.
     arrays = [to_array(_centre(img, view).filter(blur).convert("RGB"), small)

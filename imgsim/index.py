@@ -133,6 +133,11 @@ def _damaged_database(sqlite_path: Path, e: sqlite3.DatabaseError) -> ImgsimErro
     return IndexCorruptError(f"the index database {sqlite_path} is damaged: {e}; restore it, or re-index")
 
 
+def _view_names(views: str | Iterable[str]) -> tuple[str, ...]:
+    """Views as given to `Index.create`: a list of names, or one name alone (``"soft60"``)."""
+    return (views,) if isinstance(views, str) else tuple(views)
+
+
 def _views_text(index_views: tuple[str, ...], crop_views: tuple[str, ...]) -> str:
     """How an index's extra views read in a message."""
     parts = ([f"{', '.join(index_views)} averaged in"] if index_views else []) + \
@@ -283,8 +288,8 @@ class Index:
             log.info("model: %s (%s)", model, why)
         loaded = Model.load(model)
         try:
-            crop_views = DEFAULT_CROP_VIEWS if crop_views is None else tuple(crop_views)
-            preprocess = replace(loaded.preprocess, index_views=tuple(index_views), crop_views=crop_views,
+            crop_views = DEFAULT_CROP_VIEWS if crop_views is None else _view_names(crop_views)
+            preprocess = replace(loaded.preprocess, index_views=_view_names(index_views), crop_views=crop_views,
                                  crop_code=crop_codes.TWO_BIT if crop_views else crop_codes.FLOAT16)
         except ValueError as e:
             raise ImgsimError(str(e)) from None
@@ -353,8 +358,8 @@ class Index:
         `crops.DEFAULT_CROP_VIEWS` for a new one. `crops.CROP_VIEWS` (``--centre-view``) asked of
         an index made with centre views averaged in (``--centre-view`` before crop views) or with
         colour crop views (before grey ones) are taken as those: it keeps indexing as it was made."""
-        index_views = None if index_views is None else tuple(index_views)  # read more than once below
-        crop_views = None if crop_views is None else tuple(crop_views)
+        index_views = None if index_views is None else _view_names(index_views)  # read more than once below
+        crop_views = None if crop_views is None else _view_names(crop_views)
         _, sqlite_path = index_files(path)
         if not sqlite_path.exists():
             return cls.create(path, model=model, root=root, index_views=index_views or (),

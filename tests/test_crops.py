@@ -283,16 +283,23 @@ def test_exact_and_filtered_searches_score_crop_views_beyond_k(pair, small):
 
 
 @pytest.mark.parametrize("kind", ["crops", "default"])
-def test_a_parquet_export_carries_crop_views_and_its_import_searches_alike(pair, small, tmp_path, kind):
+def test_a_parquet_export_carries_crop_views_and_its_import_searches_alike(pair, small, tmp_path, monkeypatch, kind):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
+    from imgsim.export import parquet
     from imgsim.export.parquet import CROP_COLUMN, export_parquet, import_parquet, read_metadata
 
     index = pair[kind]
     export_parquet(index, tmp_path / "c.parquet")
-    # An imgsim that knows no crop views imports it without them; soft ones need one that knows them.
-    assert read_metadata(tmp_path / "c.parquet")["format_version"] == (2 if kind == "default" else 1)
+    # An imgsim that knows no crop views imports it without them; soft ones need one that knows them:
+    # one that reads only format 2 (the seventh step's) says the file is newer, in one line.
+    assert read_metadata(tmp_path / "c.parquet")["format_version"] == (3 if kind == "default" else 1)
+    if kind == "default":
+        with monkeypatch.context() as older:
+            older.setattr(parquet, "FORMAT_VERSION", 2)
+            with pytest.raises(ImgsimError, match="newer imgsim"):
+                import_parquet(tmp_path / "c.parquet", tmp_path / "older")
     table = pq.read_table(tmp_path / "c.parquet")
     assert set(map(len, table.column(CROP_COLUMN).to_pylist())) == {len(index.manifest.preprocess.crop_views) * 322}
     import_parquet(tmp_path / "c.parquet", tmp_path / "imported")
@@ -413,6 +420,28 @@ def test_grey_views_are_the_centre_in_grey():
         Preprocess(index_views=("soft60",))
 
 
+@pytest.mark.parametrize("resize, resize_to", [("squash", 64), ("crop", 73)])
+def test_a_soft_views_blurred_copy_shows_the_same_centre_smaller(resize, resize_to):
+    """`soft_views`: the grey centre blurred, at `SOFT_SCALE` of the input size, cut as the sharp
+    view is (a "crop" model keeps the same share of it at the smaller size)."""
+    from imgsim.images import SOFT_SCALE, Preprocess, soft_views, to_views
+
+    prep = Preprocess(size=64, resize_to=resize_to, resize=resize, crop_views=("soft50",))
+    img = Image.new("RGB", (200, 160), (200, 30, 30))
+    img.paste((20, 40, 220), (50, 40, 150, 120))  # the centre half blue, red around it
+    img.paste((250, 250, 250), (90, 70, 110, 90))  # a white spot in the middle of it
+    def pixels(array):  # back to 0..1 values
+        return array * np.asarray(prep.std)[:, None, None] + np.asarray(prep.mean)[:, None, None]
+
+    sharp = pixels(to_views(img, prep)[1])
+    (blurred,) = pixels(soft_views(img, prep))
+    assert blurred.shape == (3, round(64 * SOFT_SCALE), round(64 * SOFT_SCALE))
+    assert np.ptp(blurred, axis=0).max() < 1e-5  # grey
+    assert abs(float(blurred.mean()) - float(sharp.mean())) < 0.02  # the same region: the centre, the spot's share
+    assert np.std(blurred) < np.std(sharp)  # blurred
+    assert soft_views(img, Preprocess(size=64, resize_to=64, crop_views=("grey50",))).shape[0] == 0
+
+
 def test_an_index_with_grey_views_averaged_in_goes_through_parquet(tmp_path, photos):
     """Averaged grey views (format 5) are exported; the import keeps them and their format."""
     pytest.importorskip("pyarrow")
@@ -480,7 +509,7 @@ def test_a_soft_view_is_the_grey_centre_seen_sharp_and_blurred(pair, small, tmp_
 
     index = pair["default"]
     prep = index.model.preprocess
-    with Index.create(tmp_path / "sharp", model=BUNDLED_MODEL, root=small, crop_views=("grey60",)) as sharp:
+    with Index.create(tmp_path / "sharp", model=BUNDLED_MODEL, root=small, crop_views="grey60") as sharp:  # a name alone
         sharp.add(small)
         gains = []
         for path in sorted(small.iterdir()):

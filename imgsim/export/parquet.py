@@ -37,11 +37,14 @@ from . import require
 from .source import ALL, Batch, Selection, Source, quoted, text_of
 
 FORMAT = "imgsim-parquet"
-FORMAT_VERSION = 2
-"""The newest file format this imgsim reads. 1: the first. 2: a file whose preprocessing an imgsim
-reading only 1 does not know: grey views (``greyNN``) averaged into its vectors, or soft crop views
-(``softNN``: an imgsim that does not know them would find the manifest invalid rather than import
-the file without them); other files are still written as 1."""
+FORMAT_VERSION = 3
+"""The newest file format this imgsim reads. 1: the first. 2: a file whose preprocessing averages grey
+views (``greyNN``) into its vectors, which an imgsim reading only 1 does not know. 3: a file with soft
+crop views (``softNN``), which an imgsim reading only 2 does not know (it would find the manifest
+invalid rather than import the file without them). Each file is written as the oldest that holds it."""
+
+GREY_FILE_FORMAT = 2
+"""The format of a file with grey views averaged into its vectors."""
 METADATA_KEY = b"imgsim"
 DEFAULT_ROW_GROUP = 8192
 ProgressFn = Callable[[int, int], None]
@@ -153,11 +156,12 @@ def export_parquet(index: Index, path: str | os.PathLike, *, selection: Selectio
 def _metadata(index: Index, source: Source, count: int) -> dict:
     manifest = {key: source.manifest.get(key) for key in _MANIFEST_KEYS}
     prep = index.manifest.preprocess
-    newer = any(parse_view(view)[1] for view in prep.index_views) or any(is_soft(view) for view in prep.crop_views)
+    version = FORMAT_VERSION if any(is_soft(view) for view in prep.crop_views) else \
+        GREY_FILE_FORMAT if any(parse_view(view)[1] for view in prep.index_views) else 1
     root = index.root
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if newer else 1,
+        "format_version": version,
         "imgsim_version": __version__,
         "exported": time.time(),
         "count": count,
