@@ -192,7 +192,7 @@ def progress_bar(label: str):
               "times, once at 160 px; 322 bytes an image). "
               "--centre-view keeps the centre 70% and 50% instead (more of the tightest crops, fewer blurred "
               "ones; embedded 3 times); "
-              "--no-centre-view none (indexes ~1.6x as fast).")
+              "--no-centre-view none (indexes ~1.8x as fast).")
 @click.option("--retry-failed", is_flag=True, help="Try again the files that failed before, even if unchanged.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 if any file could not be indexed.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
