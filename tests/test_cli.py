@@ -159,6 +159,17 @@ def test_every_command_has_help():
         assert run(name, "--help").exit_code == 0
 
 
+def test_python_dash_m_imgsim_is_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "imgsim", "info", "--index", tmp_path / "none"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("Error: ") and "none" in done.stderr, done.stderr
+    assert subprocess.run([sys.executable, "-m", "imgsim", "--help"], capture_output=True, text=True,
+                          timeout=120).stdout.startswith("Usage: ")
+
+
 def test_verify_errors_rebuild_and_root(tiny_index, photos, tmp_path):
     assert run("verify", "--index", tiny_index).stdout.strip().endswith(f"ok: {len(list(photos.glob('*.jpg')))} images")
     faiss_file = tmp_path / "tiny.faiss"
