@@ -100,7 +100,8 @@ PRODUCT_CONFIGS = {
     "imgsim-centre60": (("centre60",), ()),
 }
 """The product itself, through `Index`, as (index views, crop views): as it indexes by default (one crop
-view, the centre 60 % in grey, since the seventh step of issue 12; ``imgsim-grey60`` is the same); with
+view, the centre 60 % in grey seen sharp and blurred, ``soft60``, since the eighth step of issue 12;
+``imgsim-grey60`` is the seventh step's, the sharp view alone); with
 `imgsim index --no-centre-view` (``imgsim-plain``: no crop view, the default before); with
 `imgsim index --centre-view` (``imgsim-crops``: crop views, the centre 70 % and 50 % in grey;
 ``imgsim-colourcrops``: in colour, as the first crop views were) and other crop views; and with the centre 60 % averaged into each image's vector (``imgsim-centre60``, what
