@@ -5,8 +5,8 @@ whole picture's, and a different picture of the same look can score higher. An i
 each image's own vector, the vectors of its centre (`Preprocess.crop_views`: by default
 `DEFAULT_CROP_VIEWS`, the centre 60 % of each side in grey, seen both sharp and blurred (`embed`);
 `imgsim index --centre-view`: `CROP_VIEWS`, 70 % and 50 %; `--no-centre-view`: none), embedded
-from the picture as it is indexed and stored as 2-bit codes (`crop_codes.py`). They are not in the graph: the graph proposes
-candidates by the image's own vector as always, and the best `CROP_CANDIDATES` of them, once
+from the picture as it is indexed and stored as 2-bit codes (`crop_codes.py`). They are not in the
+graph: the graph proposes candidates by the image's own vector as always, and the best `CROP_CANDIDATES` of them, once
 re-scored exactly, score by whichever is higher, their own vector or their best crop view less
 `CROP_PENALTY`. Measured with scripts/eval_retrieval.py (README "How good is it"): grey centres find
 grey crops far more often than colour ones and colour crops as often (the whole picture's vector
