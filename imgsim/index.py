@@ -556,35 +556,37 @@ class Index:
                          unseen_prefixes=[self._key(Path(path).resolve()) for path, _ in unreadable],
                          known_failures=None if retry_failed else self._store.failed_file_stats())
         plan.failures[:0] = unreadable  # reported and counted; what was indexed under them is kept
-        self._apply_plan(plan, report, label_from_folder)
+        carried = self._apply_plan(plan, report, label_from_folder)
         stale = [p for p, _, _ in self._store.errors() if p not in plan.known_failed
                  and (p in plan.seen or (remove_missing and is_under(p, walked)))]
         with self._store.transaction():
             self._store.forget_errors(stale)  # they are tried again now, and recorded again if they fail
-        self._embed_new(plan, report, on_progress, on_skip, batch_size, max_pixels, label_from_folder)
+        self._embed_new(plan, report, on_progress, on_skip, batch_size, max_pixels, label_from_folder, carried)
         if report.added or report.updated or report.removed or report.moved:
             self._fresh = False
         report.known_failures = len(plan.known_failed)
         report.seconds = time.perf_counter() - started
         return report
 
-    def _apply_plan(self, plan: Plan, report: SyncReport, label_from_folder: bool) -> None:
-        """Write what needs no embedding: moves, touched files, copies of known images, removals."""
+    def _apply_plan(self, plan: Plan, report: SyncReport, label_from_folder: bool) -> dict[str, list[str]]:
+        """Write what needs no embedding: moves, touched files, copies of known images, removals.
+        Returns the labels that the replaced files' new rows are to get (`_labels_to_carry`)."""
         graph = self.graph
         graph.ann  # loaded (and caught up) before new rows exist, so none is added twice
+        carried = self._labels_to_carry(plan)
         with self._store.transaction():
             for row_id, key, size, mtime_ns in plan.moves:
                 self._store.update_file(row_id, key, size, mtime_ns)
             for row_id, key, size, mtime_ns in plan.touched:
                 self._store.update_file(row_id, key, size, mtime_ns)
-            self._store.delete(plan.removals + plan.replaced)
+            self._store.delete(plan.removals)  # a replaced file's row goes with its new one (`_embed_new`)
             source_ids = [source_id for _, source_id in plan.copies]
             vectors = self._store.vectors_by_id(source_ids, self._manifest.dim)
             sources = self._store.rows_by_id(source_ids)
             crops = self._source_crops(source_ids)
             copies = []
             for item, source_id in plan.copies:
-                # Its row went with this very plan (a replaced file), or its crop views are damaged: embedded instead.
+                # Its stored vector or crop views are damaged: embedded instead.
                 if source_id not in vectors or (crops is not None and source_id not in crops):
                     plan.to_embed.append(item)
                     continue
@@ -595,12 +597,32 @@ class Index:
             new_ids = self._insert(copies, label_from_folder)
         if copies:
             graph.add(new_ids, np.stack([c.vector for c in copies]))
-        if plan.removals or plan.replaced:
+        if plan.removals:
             graph.forget_removed()
         report.moved = len(plan.moves)
         report.unchanged = plan.unchanged + len(plan.touched)
         report.removed = len(plan.removals)
         report.added = len(copies)
+        return carried
+
+    def _labels_to_carry(self, plan: Plan) -> dict[str, list[str]]:
+        """{stored path: labels} for files whose content changed at the same path (their rows are
+        replaced): the labels of the row that held that content before, if another replaced file did
+        (two files that swapped names keep their labels), else of the row at that path (an edited
+        picture keeps its own)."""
+        if not plan.replaced:
+            return {}
+        labels = self._store.labels_by_id(plan.replaced)
+        if not labels:
+            return {}
+        holder = dict(zip(plan.replaced_hashes, plan.replaced))
+        digest = {c.key: c.sha256 for c in plan.to_embed}
+        carried = {}
+        for row_id, key in zip(plan.replaced, plan.replaced_keys):
+            found = labels.get(holder.get(digest.get(key), row_id))
+            if found:
+                carried[key] = found
+        return carried
 
     def _source_crops(self, ids: list[int]) -> dict[int, tuple[bytes, ...]] | None:
         """The crop views, as stored, of each of `ids` that has them whole; None for an index without
@@ -626,7 +648,7 @@ class Index:
         return ids
 
     def _embed_new(self, plan: Plan, report: SyncReport, on_progress, on_skip, batch_size: int,
-                   max_pixels: int, label_from_folder: bool) -> None:
+                   max_pixels: int, label_from_folder: bool, carried: dict[str, list[str]]) -> None:
         if plan.failures:
             with self._store.transaction():
                 self._record_failures(plan.failures, report, on_skip)
@@ -635,16 +657,23 @@ class Index:
                 self.graph.save()
             return
         model = self.model
-        replaced_keys = set(plan.replaced_keys)
+        replaced = dict(zip(plan.replaced_keys, plan.replaced))
         done = 0
         for batch, failures in embed_files(plan.to_embed, model, batch_size=batch_size, max_pixels=max_pixels):
             with self._store.transaction():
+                # A file whose content changed: its old row goes in the transaction that writes its new
+                # one (or its failure), so an interrupted run leaves it as it was, labels and all.
+                keys = [image.path for image in batch] + [self._key(Path(path)) for path, _ in failures]
+                self._store.delete([replaced[key] for key in keys if key in replaced])
                 new_ids = self._insert(batch, label_from_folder)
+                for image, new_id in zip(batch, new_ids):
+                    if image.path in carried:
+                        self._store.add_labels([new_id], carried[image.path])
                 self._record_failures(failures, report, on_skip)
             if batch:
                 self.graph.add(new_ids, np.stack([image.vector for image in batch]))
             for image in batch:
-                if image.path in replaced_keys:
+                if image.path in replaced:
                     report.updated += 1
                 else:
                     report.added += 1
@@ -652,6 +681,8 @@ class Index:
             done += len(batch) + len(failures)
             if on_progress:
                 on_progress(done, len(plan.to_embed))
+        if replaced:
+            self.graph.forget_removed()
         self.graph.save()
 
     def _record_failures(self, failures: list[tuple[str, str]], report: SyncReport, on_skip: SkipFn | None) -> None:

@@ -3,7 +3,9 @@
 A file whose size and mtime match its row is unchanged. Otherwise its content hash decides: the same
 hash at the same path is a touched file (stat updated, nothing embedded); a new path whose hash
 belongs to a row whose file is gone is a move (path updated, vector kept); a new path whose hash
-belongs to a live row is a copy (vector reused); anything else is embedded.
+belongs to a live row is a copy (vector reused); anything else is embedded. A file whose content
+changed at the same path is embedded again, and its new row keeps the labels of the content it now
+holds where another changed file held it (names swapped), else of the row it replaces.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Plan:
     to_embed: list[Candidate] = field(default_factory=list)
     replaced: list[int] = field(default_factory=list)
     replaced_keys: list[str] = field(default_factory=list)
+    replaced_hashes: list[str] = field(default_factory=list)
+    """Rows of files whose content changed at the same path (embedded again): their ids, stored paths
+    and former content hashes (labels follow the content: `Index._labels_to_carry`)."""
     removals: list[int] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
@@ -145,6 +150,7 @@ def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str]
             else:
                 plan.replaced.append(row.id)
                 plan.replaced_keys.append(k)
+                plan.replaced_hashes.append(row.sha256)
                 plan.to_embed.append(Candidate(path, k, size, mtime_ns, digest))
             continue
         same = [r for r in by_hash.get(digest, ()) if r.id not in consumed]

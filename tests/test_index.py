@@ -55,6 +55,37 @@ def test_changed_file_is_embedded_again(index, photos):
     assert len(index) == n_photos(photos)
 
 
+def test_labels_stay_with_an_edited_picture_and_follow_swapped_ones(index, photos, monkeypatch):
+    """A picture edited in place keeps its labels; two files that swapped names keep theirs with their
+    content; and a run interrupted before a changed file's new row is written leaves its old row as it
+    was, labels and all (the old row goes in the same transaction as the new)."""
+    index.label([photos / "coffee.jpg"], add=["mug"])
+    index.label([photos / "rocket.jpg"], add=["launch"])
+    index.label([photos / "chelsea.jpg"], add=["cat"])
+    with Image.open(photos / "coffee.jpg") as img:
+        img.rotate(90, expand=True).save(photos / "coffee.jpg", quality=90)
+    (photos / "rocket.jpg").rename(photos / "swap.tmp")
+    (photos / "chelsea.jpg").rename(photos / "rocket.jpg")
+    (photos / "swap.tmp").rename(photos / "chelsea.jpg")
+    report = index.sync(photos)
+    assert (report.updated, report.added, report.removed) == (3, 0, 0)
+
+    def labels(name):
+        return next(r["labels"] for r in index.images() if r["path"] == name)
+
+    assert (labels("coffee.jpg"), labels("rocket.jpg"), labels("chelsea.jpg")) == (["mug"], ["cat"], ["launch"])
+    assert index.verify().ok
+    # Interrupted while embedding: nothing of the changed file is lost.
+    Image.new("RGB", (64, 64), "green").save(photos / "coffee.jpg")
+    old_id = next(r["id"] for r in index.images() if r["path"] == "coffee.jpg")
+    monkeypatch.setattr("imgsim.index.embed_files", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        index.sync(photos)
+    assert next((r["id"], r["labels"]) for r in index.images() if r["path"] == "coffee.jpg") == (old_id, ["mug"])
+    monkeypatch.undo()
+    assert index.sync(photos).updated == 1 and labels("coffee.jpg") == ["mug"] and index.verify().ok
+
+
 def test_renamed_file_keeps_its_vector(index, photos):
     old_id = next(r.id for r in index.rows() if r.path == "rocket.jpg")
     (photos / "sub").mkdir()
