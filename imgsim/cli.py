@@ -432,13 +432,13 @@ def dupes(index_path, threshold, min_size, reference, against_reference, move_to
             return
 
         def report(move, problem):
-            if problem:
-                warn(f"not moved {shown(move.source)}: {problem}")
+            if problem:  # an error, which fails the command: said even with -q
+                click.echo(f"not moved {shown(move.source)}: {problem}", err=True)
             else:
                 click.echo(f"moved {shown(move.source)} -> {shown(move.destination)}")
 
         moved = move_duplicates(index, moves, on_move=report)
-    warn(f"moved {moved} of {len(moves)} files to {move_to}; move them back to undo")
+    warn(f"moved {moved} of {len(moves)} files to {move_to}" + ("; move them back to undo" if moved else ""))
     if moved < len(moves):  # each file left was named above; a script must not take this for success
         raise click.exceptions.Exit(1)
 

@@ -142,6 +142,10 @@ def test_move_to_moves_only_non_keepers_and_can_be_undone(collection, indexed, t
     assert "not moved" in done.stderr and "coffee-mirror.jpg" in done.stderr
     assert (tmp_path / "dupes" / "copies" / "coffee-mirror.jpg").read_bytes() == b"already here"
     assert len(moved) == len(planned) - 1  # the refused one (chelsea: its original moves, the archive copy stays)
+    again = [run("dupes", "--index", index_path, "--move-to", tmp_path / "dupes", "--yes", "--reference", "archive",
+                 *quiet) for quiet in ([], ["-q"])]  # the one left still cannot move: said even with -q
+    assert all(r.exit_code == 1 and "not moved" in r.stderr and "coffee-mirror.jpg" in r.stderr for r in again)
+    assert "moved 0 of 1 files" in again[0].stderr and "move them back" not in again[0].stderr  # nothing to undo
     remaining = sorted(p.relative_to(work).as_posix() for p in work.rglob("*.jpg"))
     assert all(f"originals/{name}.jpg" in remaining for name in ORIGINALS if name != "chelsea")  # keepers stay
     assert "archive/chelsea-small.jpg" in remaining and "originals/chelsea.jpg" not in remaining  # reference keeps
