@@ -477,6 +477,11 @@ def label(images, index_path, add, remove):
 
     if not add and not remove:
         raise click.UsageError("give --add NAME and/or --remove NAME")
+    for option, names in (("--add", add), ("--remove", remove)):
+        try:
+            Filter(labels=tuple(names))  # checked as a filter's labels are: a misused option (exit 2)
+        except ImgsimError as e:
+            raise click.BadParameter(str(e), param_hint=option) from None
     with Index.open(index_path) as index:
         count = index.label(images, add=add, remove=remove)
     done = " and ".join(word for word, asked in (("labelled", add), ("unlabelled", remove)) if asked)

@@ -219,6 +219,8 @@ def test_labels_are_added_and_removed_and_filter(writable, library):
     missing = run("label", "nowhere.jpg", "--add", "x", "--index", path)
     assert missing.exit_code == 1 and "not in this index" in missing.stderr
     assert run("label", "scans", "--index", path).exit_code == 2  # neither --add nor --remove
+    empty = run("label", "scans", "--add", "", "--index", path)  # a misused option, as click's own: exit 2
+    assert empty.exit_code == 2 and "Invalid value for --add: a label must be non-empty text" in empty.stderr
 
 
 def test_similar_uses_the_stored_vector_and_leaves_the_image_out(index, library):
