@@ -6,9 +6,9 @@ each image's own vector, the vectors of its centre (`Preprocess.crop_views`: by 
 `DEFAULT_CROP_VIEWS`, the centre 60 % of each side in grey, seen both sharp and blurred (`embed`);
 `imgsim index --centre-view`: `CROP_VIEWS`, 70 % and 50 %; `--no-centre-view`: none), embedded
 from the picture as it is indexed and stored as 2-bit codes (`crop_codes.py`). They are not in the
-graph: the graph proposes candidates by the image's own vector as always, and the best `CROP_CANDIDATES` of them, once
-re-scored exactly, score by whichever is higher, their own vector or their best crop view less
-`CROP_PENALTY`. Measured with scripts/eval_retrieval.py (README "How good is it"): grey centres find
+graph: the graph proposes candidates by the image's own vector as always, and the best
+`CROP_CANDIDATES` of them, once re-scored exactly, score by whichever is higher, their own vector or
+their best crop view less `CROP_PENALTY`. Measured with scripts/eval_retrieval.py (README "How good is it"): grey centres find
 grey crops far more often than colour ones and colour crops as often (the whole picture's vector
 finds those), and re-scoring the best 32 candidates finds nearly as many as searching the crop
 views themselves would; the penalty keeps an exact copy (1.0) and everyday edits ahead of a picture

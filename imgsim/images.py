@@ -480,27 +480,32 @@ def to_views(img: Image.Image, prep: Preprocess) -> np.ndarray:
     then each of `prep.index_views`, then each of `prep.crop_views` (``centreNN``: the centre NN %
     of each side, cut before the borders are trimmed, as a tight crop of the picture would be;
     ``greyNN`` and ``softNN``: that centre in grey, as RGB; see `soft_views` for the rest of a soft one)."""
-    views = [to_array(img, prep)]
-    for view in prep.index_views + prep.crop_views:
-        views.append(to_array(_centre(img, view).convert("RGB"), prep))
-    return np.stack(views)
-
-
-def soft_side(prep: Preprocess) -> int:
-    """The input side a soft view's blurred copy is embedded at: `SOFT_SCALE` of the model's."""
-    return max(16, round(prep.size * SOFT_SCALE))
+    return picture_views(img, prep).arrays
 
 
 def soft_views(img: Image.Image, prep: Preprocess, side: int | None = None) -> np.ndarray:
     """(S, 3, side, side): each soft crop view's grey centre blurred by `SOFT_BLUR` of the picture's
     width, at `soft_side` (or `side`: a model fixed at its own size); none (S = 0) without soft views."""
-    side = side or soft_side(prep)  # (and `resize_to` in proportion, so that "crop" keeps the same share)
+    return picture_views(img, prep, side).soft
+
+
+def picture_views(img: Image.Image, prep: Preprocess, soft: int | None = None) -> Views:
+    """`to_views` and `soft_views` (at side `soft`, if given) of a picture, each view's centre cut once."""
+    side = soft or soft_side(prep)  # (and `resize_to` in proportion, so that "crop" keeps the same share)
     small = replace(prep, size=side, resize_to=max(side, round(prep.resize_to * side / prep.size)))
     blur = ImageFilter.GaussianBlur(SOFT_BLUR * img.width)
-    # Blurred in grey, one channel: a third of the work of blurring three equal ones.
-    arrays = [to_array(_centre(img, view).filter(blur).convert("RGB"), small)
-              for view in prep.crop_views if is_soft(view)]
-    return np.stack(arrays) if arrays else np.empty((0, 3, small.size, small.size), np.float32)
+    arrays, blurred = [to_array(img, prep)], []
+    for view in prep.index_views + prep.crop_views:
+        centre = _centre(img, view)
+        arrays.append(to_array(centre.convert("RGB"), prep))
+        if is_soft(view):  # blurred in grey, one channel: a third of the work of blurring three equal ones
+            blurred.append(to_array(centre.filter(blur).convert("RGB"), small))
+    return Views(np.stack(arrays), np.stack(blurred) if blurred else np.empty((0, 3, side, side), np.float32))
+
+
+def soft_side(prep: Preprocess) -> int:
+    """The input side a soft view's blurred copy is embedded at: `SOFT_SCALE` of the model's."""
+    return max(16, round(prep.size * SOFT_SCALE))
 
 
 def _centre(img: Image.Image, view: str) -> Image.Image:
@@ -611,10 +616,10 @@ def load_query(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFA
 
 def load_views(path: str | os.PathLike, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
                soft: int | None = None) -> tuple[Views, Decoded]:
-    """`decode`, then `to_views` and `soft_views` (at side `soft`, if given): what indexing does with
-    each file."""
+    """`decode` then `picture_views` (its blurred soft views at side `soft`, if given): what indexing
+    does with each file."""
     decoded = decode(path, index_decode_size(prep), max_pixels)
-    return Views(to_views(decoded.image, prep), soft_views(decoded.image, prep, soft)), decoded
+    return picture_views(decoded.image, prep, soft), decoded
 
 
 def index_decode_size(prep: Preprocess) -> int:

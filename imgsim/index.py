@@ -266,7 +266,8 @@ class Index:
         `crop_views` keep the vectors of each indexed picture's centre too (as 2-bit codes), and a
         search's best candidates score by them as well (finds tight crops, grey or not; indexing
         embeds each picture once more per view; see `crops.py`): by default
-        `crops.DEFAULT_CROP_VIEWS` (``("grey60",)``, the centre 60 % in grey), `crops.CROP_VIEWS`
+        `crops.DEFAULT_CROP_VIEWS` (``("soft60",)``, the centre 60 % in grey, seen sharp and
+        blurred), `crops.CROP_VIEWS`
         (``("grey70", "grey50")``) with ``imgsim index --centre-view``, none (``()``) with
         ``--no-centre-view``. `index_views` (older, averaged into the image's own vector instead)
         are still accepted.

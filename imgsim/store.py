@@ -568,9 +568,6 @@ class Store:
         except sqlite3.OperationalError as e:  # a file claiming crop views without their table
             raise IndexCorruptError(f"{self.path} is damaged: its crop views cannot be read ({e})") from None
         whole = [type(b) is bytes and len(b) == size for b in map(found.get, keys)]  # noqa: E721 (not a subclass)
-        if views == 1:
-            keep = [i for i, ok in zip(ids, whole) if ok]
-            return np.asarray(keep, np.int64), b"".join([found[k] for k, ok in zip(keys, whole) if ok])
         keep, blobs = [], []
         for n, image_id in enumerate(ids):
             if all(whole[n * views:(n + 1) * views]):
