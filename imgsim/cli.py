@@ -242,7 +242,8 @@ def index_cmd(folder, index_path, model, keep_missing, exclude, label_from_folde
 def summary_line(report: SyncReport) -> str:
     known = f", known failures {report.known_failures}" if report.known_failures else ""
     ignored = f", ignored {report.unsupported} unsupported" if report.unsupported else ""
-    return (f"added {report.added}, updated {report.updated}, moved {report.moved}, removed {report.removed}, "
+    kept = f", kept {report.kept} missing" if report.kept else ""
+    return (f"added {report.added}, updated {report.updated}, moved {report.moved}, removed {report.removed}{kept}, "
             f"unchanged {report.unchanged}, failed {report.failed}{known}{ignored} in {report.seconds:.1f} s"
             + (f" ({report.images_per_second:.1f} images/s)" if report.embedded else ""))
 

@@ -202,6 +202,9 @@ class SyncReport:
     updated: int = 0
     moved: int = 0
     removed: int = 0
+    kept: int = 0
+    """Without removals (`add`, or `sync` with ``remove_missing=False``): entries under the folders
+    walked whose files were not found there (gone, or excluded), kept as they were."""
     unchanged: int = 0
     failed: int = 0
     embedded: int = 0
@@ -553,7 +556,7 @@ class Index:
         report.unsupported = len(unsupported)
         walked = [self._key(s.resolve()) for s in sources if s.is_dir()]
         plan = plan_sync(files, self._store, key=self._key, resolve=self.resolve,
-                         walked_prefixes=walked if remove_missing else None,
+                         walked_prefixes=walked, remove_missing=remove_missing,
                          unseen_prefixes=[self._key(Path(path).resolve()) for path, _ in unreadable],
                          known_failures=None if retry_failed else self._store.failed_file_stats())
         plan.failures[:0] = unreadable  # reported and counted; what was indexed under them is kept
@@ -602,7 +605,7 @@ class Index:
             graph.forget_removed()
         report.moved = len(plan.moves)
         report.unchanged = plan.unchanged + len(plan.touched)
-        report.removed = len(plan.removals)
+        report.removed, report.kept = len(plan.removals), plan.kept
         report.added = len(copies)
         return carried
 
@@ -702,14 +705,17 @@ class Index:
     def label(self, images: Iterable[str | os.PathLike | int], *, add: Iterable[str] = (),
               remove: Iterable[str] = ()) -> int:
         """Add and remove labels on indexed images (paths, files or ids; a folder means every indexed
-        image under it). Returns how many images were labelled."""
+        image under it; a label both added and removed ends removed). Returns how many images' labels
+        changed: one that already had every label added, and none removed, is not counted."""
         self._writable()
         add, remove = Filter(labels=tuple(add)).labels, Filter(labels=tuple(remove)).labels
         ids = self._ids_of(images)
         with self._store.transaction():
+            before = self._store.labels_by_id(ids)
             self._store.add_labels(ids, add)
             self._store.remove_labels(ids, remove)
-        return len(ids)
+        had = {i: set(before.get(i, ())) for i in ids}
+        return sum((labels | set(add)) - set(remove) != labels for labels in had.values())
 
     def _ids_of(self, images: Iterable[str | os.PathLike | int]) -> list[int]:
         """Ids of indexed images named by id, by file, or by folder (everything indexed under it)."""

@@ -51,6 +51,9 @@ class Plan:
     """Rows of files whose content changed at the same path (embedded again): their ids, stored paths
     and former content hashes (labels follow the content: `Index._labels_to_carry`)."""
     removals: list[int] = field(default_factory=list)
+    kept: int = 0
+    """Without removals (`remove_missing=False`): rows under the walked folders whose files were not
+    seen there (gone or excluded) and did not move, kept as they are."""
     failures: list[tuple[str, str]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     known_failed: set[str] = field(default_factory=set)
@@ -83,11 +86,13 @@ def is_under(key: str, prefixes: list[str]) -> bool:
 
 
 def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str], resolve: Callable[[str], Path],
-              walked_prefixes: list[str] | None, unseen_prefixes: list[str] = (),
-              known_failures: dict[str, tuple[int, int, int]] | None = None) -> Plan:
-    """Classify `files` against the stored rows. With `walked_prefixes`, rows under those stored-path
-    prefixes whose files were not seen are removals (or the sources of moves), except rows under
-    `unseen_prefixes`: folders that could not be read, whose files may well still be there.
+              walked_prefixes: list[str], unseen_prefixes: list[str] = (),
+              known_failures: dict[str, tuple[int, int, int]] | None = None, remove_missing: bool = True) -> Plan:
+    """Classify `files` against the stored rows. Rows under the stored-path prefixes `walked_prefixes`
+    whose files were not seen are removals (or the sources of moves), except rows under
+    `unseen_prefixes`: folders that could not be read, whose files may well still be there. With
+    `remove_missing` false they are only counted (`Plan.kept`), and a row is the source of a move
+    wherever its file is gone.
     A file in `known_failures` (stored path: `file_stat` when it failed) that is unchanged is left alone."""
     plan = Plan()
     rows = list(store.all_rows())
@@ -126,11 +131,9 @@ def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str]
             pending.append((path, k, st.st_size, st.st_mtime_ns, row))
 
     hashes = _hash_all([p[0] for p in pending])
-    if walked_prefixes is not None:
-        missing = {row.id for row in rows if row.path not in seen and is_under(row.path, walked_prefixes)
-                   and not is_under(row.path, list(unseen_prefixes))}
-    else:
-        missing = None
+    unseen = {row.id for row in rows if row.path not in seen and is_under(row.path, walked_prefixes)
+              and not is_under(row.path, list(unseen_prefixes))}
+    missing = unseen if remove_missing else None
     consumed: set[int] = set()
 
     def is_gone(row: ImageRow) -> bool:
@@ -164,6 +167,8 @@ def plan_sync(files: Iterable[Path], store: Store, *, key: Callable[[Path], str]
             plan.to_embed.append(Candidate(path, k, size, mtime_ns, digest))
     if missing is not None:
         plan.removals = sorted(missing - consumed)
+    else:
+        plan.kept = len(unseen - consumed)
     return plan
 
 

@@ -36,6 +36,12 @@ def test_index_prints_a_summary_and_json(tmp_path, photos):
     assert summary["unchanged"] == len(list(photos.iterdir())) and summary["added"] == 0
     unchanged = run("index", photos, "--index", tmp_path / "x")
     assert "images/s" not in unchanged.stdout  # nothing was embedded: no rate to speak of
+    (photos / "coffee.jpg").unlink()  # a file gone: kept and counted with --keep-missing, else removed
+    kept = run("index", photos, "--index", tmp_path / "x", "--keep-missing")
+    assert kept.exit_code == 0 and ", removed 0, kept 1 missing, unchanged " in kept.stdout
+    assert json.loads(run("index", photos, "--index", tmp_path / "x", "--keep-missing", "--json").stdout)["kept"] == 1
+    removed = run("index", photos, "--index", tmp_path / "x")
+    assert ", removed 1, unchanged " in removed.stdout and "kept" not in removed.stdout
 
 
 def test_an_empty_folder_and_an_empty_index_say_so(tmp_path, photos):

@@ -207,6 +207,12 @@ def test_labels_are_added_and_removed_and_filter(writable, library):
     first = next(iter(sorted(paper)))
     removed = run("label", str(first), "--remove", "paper", "--index", path)
     assert removed.exit_code == 0 and removed.stdout == "unlabelled 1 image\n"
+    # what changed is counted, not what was named: a label it lacks, or one it has already
+    again = run("label", str(first), "--remove", "paper", "--index", path)
+    assert again.exit_code == 0 and again.stdout == "unlabelled 0 images\n"
+    assert run("label", str(first), "--add", "paper", "--index", path).stdout == "labelled 1 image\n"
+    assert run("label", str(first), "--add", "paper", "--index", path).stdout == "labelled 0 images\n"
+    assert run("label", str(first), "--remove", "paper", "--index", path).stdout == "unlabelled 1 image\n"
     with Index.open(path, read_only=True) as idx:
         assert matching_ids(idx, Filter(labels=("paper",))) == paper - {first}
         assert matching_ids(idx, Filter(labels=("keep",))) == matching_ids(idx, Filter(folders=("trips/2024",)))

@@ -106,7 +106,9 @@ def test_deleted_file_leaves_the_results(index, photos):
 def test_keep_missing(index, photos):
     (photos / "coffee.jpg").unlink()
     report = index.sync(photos, remove_missing=False)
-    assert report.removed == 0 and len(index) == n_photos(photos) + 1
+    assert report.removed == 0 and report.kept == 1 and len(index) == n_photos(photos) + 1
+    assert index.sync(photos, remove_missing=False).kept == 1  # still counted, still kept
+    assert index.sync(photos).removed == 1 and len(index) == n_photos(photos)
 
 
 def test_byte_identical_copy_reuses_the_vector(index, photos):
