@@ -17,9 +17,10 @@ them with the real bundled model. Each phase runs in its own process, so that it
   - `imgsim search photo.jpg` from a cold process (real model, real photo): wall time and peak memory.
 
 `--crop-views` says which crop views the indexes keep: ``default`` (as `imgsim index` makes them: one,
-the grey centre 60 %), ``centre`` (`--centre-view`: two) or ``none`` (`--no-centre-view`). Synthetic
-ones: the image's own vector plus noise, made unit length and stored as the index stores crop views
-(2-bit codes): what is measured is their cost on disk and in a search, not what they find.
+the grey centre 60 % seen sharp and blurred, `soft60`), ``centre`` (`--centre-view`: two) or ``none``
+(`--no-centre-view`). Synthetic ones: the image's own vector plus noise, made unit length and stored
+as the index stores crop views (2-bit codes): what is measured is their cost on disk and in a search,
+not what they find.
 
 Figures are noisy on a shared machine: compare sizes within one run.
 """
