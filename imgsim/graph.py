@@ -163,6 +163,7 @@ class Graph:
         self._trained_on: int | None = manifest.graph_trained_on
         self._damaged_reported: set[int] = set()
         self._shallow = _ShallowWalks()
+        self._crop_scan: tuple[tuple[int, int], object] | None = None  # (version, crop_scan.CropScan or None)
 
     # -- the graph, loaded on first use -----------------------------------------------------------
     @property
@@ -377,7 +378,7 @@ class Graph:
         views = len(self._manifest.preprocess.crop_views)
         if not views:
             return self._search_pool(query, k, allowed=allowed, ef=ef, exact=exact)
-        from . import crops
+        from . import crop_scan, crops
 
         # Exact scans (and filtered walks' fallbacks to them) return as many as asked; walks re-score
         # at least as many anyway, and a search for few results keeps its shallow walk.
@@ -388,7 +389,50 @@ class Graph:
             scores, order = crops.rerank(self._store, self._manifest, query, scores, ids)
             ids = ids[order]
             positions = positions[order] if pool is not None else positions
+            if scores[0] < crop_scan.SCAN_BELOW:
+                return self._crop_candidates(query, scores, ids, pool, positions, allowed)
         return scores, ids, pool, positions
+
+    def _crop_candidates(self, query: np.ndarray, scores: np.ndarray, ids: np.ndarray, pool: Pool | None,
+                         positions: np.ndarray, allowed: np.ndarray | None,
+                         ) -> tuple[np.ndarray, np.ndarray, Pool | None, np.ndarray]:
+        """An uncertain search of a smaller index (`crop_scan`): every candidate scored by its crop
+        views too, and the best `crop_scan.SCAN_CANDIDATES` other images by theirs added, best first
+        again. `query` is unit length; `allowed` limits the added ones as it limits a search."""
+        from . import crop_scan
+        from .crops import CROP_PENALTY
+
+        version = crop_scan.version(self.ann)
+        if self._crop_scan is None or self._crop_scan[0] != version:
+            self._crop_scan = (version, crop_scan.build(self.ann, self._store, self._manifest))
+        scan = self._crop_scan[1]
+        if scan is None or not len(scan):
+            return scores, ids, pool, positions
+        by_crop = scan.scores(query)  # by scan.ids, ascending
+        at = np.minimum(np.searchsorted(scan.ids, ids), len(scan.ids) - 1)
+        scored = scan.ids[at] == ids
+        scores = np.maximum(scores, np.where(scored, by_crop[at], -np.inf) - CROP_PENALTY).astype(np.float32)
+        usable = np.isfinite(by_crop) & ~_holds(ids, scan.ids)
+        if allowed is not None:
+            usable &= _holds(allowed, scan.ids)
+        pick = np.flatnonzero(usable)
+        pick = pick[np.argsort(-by_crop[pick], kind="stable")[:crop_scan.SCAN_CANDIDATES]]
+        if len(pick):
+            if pool is not None:
+                found, blobs = self._store.vector_bytes(scan.ids[pick], self._manifest.dim)
+                since = len(pool)
+                pool.add(found, blobs)
+                own = pool.scores(query[None], since)[0]
+                positions = np.concatenate([positions, np.arange(since, since + len(found))])
+            else:
+                found, matrix = self.vectors(scan.ids[pick])
+                own = np.where(damaged_rows(matrix), np.nan, self.score_against(query, matrix))
+            own = np.where(np.isnan(own), -np.inf, own)  # a damaged stored vector: never chosen
+            added = np.maximum(own, by_crop[np.searchsorted(scan.ids, found)] - CROP_PENALTY)
+            scores, ids = np.concatenate([scores, added.astype(np.float32)]), np.concatenate([ids, found])
+        order = np.argsort(-scores, kind="stable")
+        order = order[np.isfinite(scores[order])]
+        return scores[order], ids[order], pool, positions[order] if pool is not None else positions
 
     def _search_pool(self, query: np.ndarray, k: int, *, allowed: np.ndarray | None, ef: int | None,
                      exact: bool, scanned: int = 0) -> tuple[np.ndarray, np.ndarray, Pool | None, np.ndarray]:

@@ -78,12 +78,15 @@ STAMP_PRECISION_FLOOR = 0.34
 # (floors two queries below); without crop views (`--no-centre-view`, checked as imgsim-plain) 0.991 / 0.913 /
 # 1.000 / 0.887 as before; --centre-view's views in 2 bits 0.991 / 0.991 / 1.000 / 0.939 (as in float16).
 # Since that view is seen blurred too (``soft60``: the blurred embedding folded in), 0.991 / 1.000 / 1.000 /
-# 0.983 (the sharp view alone, ``imgsim-grey60``: 0.948); combined's floor two queries below.
+# 0.983 (the sharp view alone, ``imgsim-grey60``: 0.948); combined's floor two queries below. Since an
+# uncertain search of an index this small also scans every crop view (imgsim/crop_scan.py): combined 0.991 by
+# default and 0.948 with --centre-view (0.939 before); floors two queries below (one query more than the
+# scan's gain here: tests/test_crop_scan.py is what fails without it).
 HARD_CHECKED = ["blur-1.0", "greycrop-60", "rot-15", "hard+hard"]
 HARD_FLOORS = {
-    "imgsim": {"blur": 0.98, "greycrop": 0.98, "rot": 0.99, "combined": 0.96},
+    "imgsim": {"blur": 0.98, "greycrop": 0.98, "rot": 0.99, "combined": 0.97},
     "imgsim-plain": {"blur": 0.98, "greycrop": 0.90, "rot": 0.99, "combined": 0.87},
-    "imgsim-crops": {"blur": 0.98, "greycrop": 0.97, "rot": 0.99, "combined": 0.92},
+    "imgsim-crops": {"blur": 0.98, "greycrop": 0.97, "rot": 0.99, "combined": 0.93},
     "imgsim-centre60": {"blur": 0.98, "greycrop": 0.98, "rot": 0.99, "combined": 0.91},
 }
 

@@ -1,0 +1,116 @@
+"""Crop-view candidates: in a smaller index, an uncertain search scores every image's crop views too.
+
+The graph proposes candidates by the images' own vectors, and the best of them are re-scored by
+their crop views too (`crops.rerank`). A tight crop of a picture (its centre in grey, blurred or
+turned as well) can be so far from the whole picture's vector that the original is not among those
+candidates at all, though its crop view would rank it first: 5 of the 18-19 two-edit misses of
+issue 12's eighth step (README "How good is it", ninth step). So in an index of at most `SCAN_LIMIT`
+images, a search whose best match scores below `SCAN_BELOW` (a near-copy scores far above it) also
+scores every crop view, and the `SCAN_CANDIDATES` best images by their crop views join the
+candidates (scored as the others: the higher of their own score and their crop view's less
+`crops.CROP_PENALTY`); every candidate the scan scored is scored by its crop views too.
+
+The scan reads no vectors: the 2-bit codes (`crop_codes.py`) are kept in memory, 322 bytes a view,
+read once per version of the index (`version`, `build`). Read as product-quantizer codes (FAISS `IndexPQ`:
+one sub-vector per 4 values, 256 centroids each, every combination of four levels), a code's bytes
+are exactly its levels L, so one PQ search gives every view's L.q by table lookups (~0.3 us a
+view here); the rest of the centred cosine (`crops._coded_scores`) is per view and kept beside the
+codes: its mean m, its length |L + m| and its dot with the collection's mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import crop_codes
+
+SCAN_LIMIT = 20_000
+"""Scan the crop views of an index of at most this many images (~6 ms a scanned search at the limit)."""
+
+SCAN_BELOW = 0.5
+"""Scan only for a search whose best match scores below this: a near-copy of an indexed picture
+(0.7 and up) needs no scan, a tight crop of one (0.2-0.45 in the evaluation) does."""
+
+SCAN_CANDIDATES = 8
+"""How many images the scan adds: the best by their crop views, among those not yet candidates."""
+
+
+class CropScan:
+    """The crop views of every image of an index (ids ascending), ready to be scored against queries."""
+
+    def __init__(self, ids: np.ndarray, blobs: bytes, views: int, dim: int, center: np.ndarray | None):
+        import faiss  # loaded by the first search, not by every command (see cli.py)
+
+        self.ids, self.views, self.dim = np.asarray(ids, np.int64), views, dim
+        self.center = None if center is None else np.asarray(center, np.float32)
+        n = len(self.ids) * views
+        raw = np.frombuffer(blobs, np.uint8).reshape(n, crop_codes.blob_size(crop_codes.TWO_BIT, dim))
+        codes = np.ascontiguousarray(raw[:, crop_codes.HEAD_BYTES:])
+        mean = raw[:, :crop_codes.HEAD_BYTES].copy().view("<f2")[:, 0].astype(np.float32)
+        total, squares = crop_codes.level_sums(codes, dim)
+        with np.errstate(invalid="ignore", over="ignore"):  # a damaged mean: NaN, never chosen
+            self._mean = mean
+            self._length = np.sqrt(np.maximum(squares + mean * (2 * total + dim * mean), 1e-24))
+        slots = codes.shape[1]
+        self._pq = faiss.IndexPQ(4 * slots, slots, 8, faiss.METRIC_INNER_PRODUCT)
+        centroids = np.broadcast_to(crop_codes.BYTE_LEVELS[None], (slots, 256, 4))
+        faiss.copy_array_to_vector(np.ascontiguousarray(centroids, np.float32).ravel(), self._pq.pq.centroids)
+        self._pq.is_trained = True
+        if n:
+            self._pq.add_sa_codes(codes)
+        self._with_center = None if self.center is None else self._dots(self.center)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _dots(self, vector: np.ndarray) -> np.ndarray:
+        """Each view's dot with `vector` as `crop_codes.decode` makes the view (unit length)."""
+        import faiss
+
+        slots = self._pq.pq.M
+        padded = np.zeros((1, 4 * slots), np.float32)
+        padded[0, :self.dim] = vector  # the padding's levels meet zeros: not part of the view
+        n = self._pq.ntotal
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # one query: an OpenMP team would cost more than the work
+        try:
+            found, order = self._pq.search(padded, n)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        levels = np.empty(n, np.float32)
+        levels[order[0]] = found[0]
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (levels + self._mean * float(vector[:self.dim].sum())) / self._length
+
+    def scores(self, query: np.ndarray) -> np.ndarray:
+        """(images,): each image's best crop view's score against `query` (unit length), scored as
+        `crops._coded_scores` scores them; -inf for an image whose views are all damaged."""
+        if not len(self.ids):
+            return np.empty(0, np.float32)
+        if self.center is None:
+            by_view = self._dots(query)
+        else:
+            around = query - self.center
+            around /= max(float(np.sqrt(around @ around)), 1e-12)
+            cc = float(self.center @ self.center)
+            with np.errstate(invalid="ignore", over="ignore"):
+                by_view = (self._dots(around) - float(self.center @ around)) / \
+                    np.sqrt(np.maximum(1 - 2 * self._with_center + cc, 1e-24))
+        by_view = np.where(np.isnan(by_view), -np.inf, by_view).reshape(len(self.ids), self.views)
+        return by_view.max(axis=1).astype(np.float32)
+
+
+def version(ann) -> tuple[int, int]:
+    """What says the graph's images changed since a `CropScan` was made: its entries, and how many of
+    them belong to removed images (ids only grow, so an added or replaced image adds an entry)."""
+    return len(ann), ann.dead_count
+
+
+def build(ann, store, manifest) -> CropScan | None:
+    """The `CropScan` of an index's live images (those in the graph `ann` whose rows are in `store`), or
+    None where it has more than `SCAN_LIMIT` images or its crop views are not 2-bit codes."""
+    views, code, dim = len(manifest.preprocess.crop_views), manifest.preprocess.crop_code, manifest.dim
+    if code != crop_codes.TWO_BIT or not views or len(ann) - ann.dead_count > SCAN_LIMIT:
+        return None
+    found, blobs = store.crop_bytes(ann.live_ids(), views, crop_codes.blob_size(code, dim))
+    return CropScan(found, blobs, views, dim, manifest.center)
