@@ -61,7 +61,8 @@ def _scans(monkeypatch) -> list[int]:
 
 def test_an_image_is_found_by_its_crop_view_alone_in_an_uncertain_search(collection, monkeypatch):
     """(In 48 dimensions, unlike a model's 1280, unrelated vectors often score 0.4-0.55 around their
-    mean, so every search here counts as uncertain; the next test checks where the line is drawn.)"""
+    mean, so the line below which a search counts as uncertain is drawn higher here: every search
+    but a near-copy's; the next test checks that a near-copy's search scans nothing.)"""
     index, ids, own, views = collection
     monkeypatch.setattr(crop_scan, "SCAN_BELOW", 0.8)
     first = {"graph": 0, "scan": 0, "exact": 0}
@@ -90,6 +91,7 @@ def test_an_image_is_found_by_its_crop_view_alone_in_an_uncertain_search(collect
 
 def test_a_confident_search_and_a_larger_index_scan_nothing(collection, monkeypatch):
     index, ids, own, views = collection
+    monkeypatch.setattr(crop_scan, "SCAN_BELOW", 0.8)  # every search below counts as uncertain (see above)
     calls = _scans(monkeypatch)
     results = index.search(own[42], k=5)  # an indexed picture itself: a near-copy
     assert results[0].id == ids[42] and results[0].score > 0.99 and not calls
