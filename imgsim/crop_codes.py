@@ -108,20 +108,6 @@ def _levels(blobs: bytes, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.take(BYTE_LEVELS, raw[:, HEAD_BYTES:], axis=0).reshape(n, 4 * (raw.shape[1] - HEAD_BYTES))
 
 
-def level_sums(codes: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sum, sum of squares) of each view's `dim` levels, from rows of its code bytes (the head left
-    off; the padding's levels are not the view's)."""
-    full, rest = divmod(dim, 4)
-    sums = []
-    for power in (1, 2):
-        per_byte = BYTE_LEVELS ** power
-        total = np.take(per_byte.sum(axis=1), codes[:, :full]).sum(axis=1, dtype=np.float64)
-        if rest:  # the last byte holds the view's last `rest` values, then padding
-            total += np.take(per_byte[:, :rest].sum(axis=1), codes[:, full])
-        sums.append(total.astype(np.float32))
-    return sums[0], sums[1]
-
-
 def damaged(code: str, blobs: bytes, n: int, dim: int) -> np.ndarray:
     """Which of `n` stored views (checked lengths) are damaged: not finite unit vectors (float16),
     or a mean that is not finite (2-bit codes)."""

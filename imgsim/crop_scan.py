@@ -41,25 +41,20 @@ class CropScan:
     """The crop views of every image of an index (ids ascending), ready to be scored against queries."""
 
     def __init__(self, ids: np.ndarray, blobs: bytes, views: int, dim: int, center: np.ndarray | None):
-        import faiss  # loaded by the first search, not by every command (see cli.py)
-
         self.ids, self.views, self.dim = np.asarray(ids, np.int64), views, dim
         self.center = None if center is None else np.asarray(center, np.float32)
         n = len(self.ids) * views
         raw = np.frombuffer(blobs, np.uint8).reshape(n, crop_codes.blob_size(crop_codes.TWO_BIT, dim))
         codes = np.ascontiguousarray(raw[:, crop_codes.HEAD_BYTES:])
-        mean = raw[:, :crop_codes.HEAD_BYTES].copy().view("<f2")[:, 0].astype(np.float32)
-        total, squares = crop_codes.level_sums(codes, dim)
+        self._mean = raw[:, :crop_codes.HEAD_BYTES].copy().view("<f2")[:, 0].astype(np.float32)
+        self._pq = _levels_index(codes, crop_codes.BYTE_LEVELS)
+        # Each view's sum of levels and of their squares (|L + m|^2 = |L|^2 + 2 m sum(L) + dim m^2), by the
+        # same lookups: the levels (and their squares) dotted with ones, the padding with zeros.
+        ones = np.ones(dim, np.float32)
+        total = _lookup(self._pq, ones)
+        squares = _lookup(_levels_index(codes, crop_codes.BYTE_LEVELS ** 2), ones)
         with np.errstate(invalid="ignore", over="ignore"):  # a damaged mean: NaN, never chosen
-            self._mean = mean
-            self._length = np.sqrt(np.maximum(squares + mean * (2 * total + dim * mean), 1e-24))
-        slots = codes.shape[1]
-        self._pq = faiss.IndexPQ(4 * slots, slots, 8, faiss.METRIC_INNER_PRODUCT)
-        centroids = np.broadcast_to(crop_codes.BYTE_LEVELS[None], (slots, 256, 4))
-        faiss.copy_array_to_vector(np.ascontiguousarray(centroids, np.float32).ravel(), self._pq.pq.centroids)
-        self._pq.is_trained = True
-        if n:
-            self._pq.add_sa_codes(codes)
+            self._length = np.sqrt(np.maximum(squares + self._mean * (2 * total + dim * self._mean), 1e-24))
         self._with_center = None if self.center is None else self._dots(self.center)
 
     def __len__(self) -> int:
@@ -67,22 +62,8 @@ class CropScan:
 
     def _dots(self, vector: np.ndarray) -> np.ndarray:
         """Each view's dot with `vector` as `crop_codes.decode` makes the view (unit length)."""
-        import faiss
-
-        slots = self._pq.pq.M
-        padded = np.zeros((1, 4 * slots), np.float32)
-        padded[0, :self.dim] = vector  # the padding's levels meet zeros: not part of the view
-        n = self._pq.ntotal
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)  # one query: an OpenMP team would cost more than the work
-        try:
-            found, order = self._pq.search(padded, n)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        levels = np.empty(n, np.float32)
-        levels[order[0]] = found[0]
         with np.errstate(invalid="ignore", over="ignore"):
-            return (levels + self._mean * float(vector[:self.dim].sum())) / self._length
+            return (_lookup(self._pq, vector) + self._mean * float(vector[:self.dim].sum())) / self._length
 
     def scores(self, query: np.ndarray) -> np.ndarray:
         """(images,): each image's best crop view's score against `query` (unit length), scored as
@@ -102,6 +83,41 @@ class CropScan:
         return by_view.max(axis=1).astype(np.float32)
 
 
+def _levels_index(codes: np.ndarray, byte_values: np.ndarray):
+    """A FAISS `IndexPQ` holding `codes` (rows of 2-bit code bytes), each byte standing for
+    `byte_values[byte]` (256 x 4 values: the levels, or their squares)."""
+    import faiss  # loaded by the first search, not by every command (see cli.py)
+
+    slots = codes.shape[1]
+    index = faiss.IndexPQ(4 * slots, slots, 8, faiss.METRIC_INNER_PRODUCT)
+    centroids = np.broadcast_to(np.asarray(byte_values, np.float32)[None], (slots, 256, 4))
+    faiss.copy_array_to_vector(np.ascontiguousarray(centroids).ravel(), index.pq.centroids)
+    index.is_trained = True
+    if len(codes):
+        index.add_sa_codes(np.ascontiguousarray(codes))
+    return index
+
+
+def _lookup(index, vector: np.ndarray) -> np.ndarray:
+    """Every stored code's values dotted with `vector` (zeros beyond it: the padding), in stored order."""
+    import faiss
+
+    padded = np.zeros((1, index.d), np.float32)
+    padded[0, :len(vector)] = vector
+    n = index.ntotal
+    if not n:
+        return np.empty(0, np.float32)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # one query: an OpenMP team would cost more than the work
+    try:
+        found, order = index.search(padded, n)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    dots = np.empty(n, np.float32)
+    dots[order[0]] = found[0]
+    return dots
+
+
 def version(ann) -> tuple[int, int]:
     """What says the graph's images changed since a `CropScan` was made: its entries, and how many of
     them belong to removed images (ids only grow, so an added or replaced image adds an entry)."""
@@ -114,5 +130,13 @@ def build(ann, store, manifest) -> CropScan | None:
     views, code, dim = len(manifest.preprocess.crop_views), manifest.preprocess.crop_code, manifest.dim
     if code != crop_codes.TWO_BIT or not views or len(ann) - ann.dead_count > SCAN_LIMIT:
         return None
-    found, blobs = store.crop_bytes(ann.live_ids(), views, crop_codes.blob_size(code, dim))
+    size = crop_codes.blob_size(code, dim)
+    found, blobs = store.all_crop_bytes(views, size)
+    live = ann.live_ids()  # rows the graph holds and that are not removed
+    at = np.minimum(np.searchsorted(live, found), max(len(live) - 1, 0))
+    kept = (live[at] == found) if len(live) else np.zeros(len(found), bool)
+    if not kept.all():
+        step = views * size
+        blobs = b"".join(blobs[n * step:(n + 1) * step] for n in np.flatnonzero(kept))
+        found = found[kept]
     return CropScan(found, blobs, views, dim, manifest.center)

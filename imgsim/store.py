@@ -575,6 +575,26 @@ class Store:
                 blobs += [found[key] for key in keys[n * views:(n + 1) * views]]
         return np.asarray(keep, np.int64), b"".join(blobs)
 
+    def all_crop_bytes(self, views: int, size: int) -> tuple[np.ndarray, bytes]:
+        """As `crop_bytes` for every image with crop views, ids ascending: one pass over the table in
+        key order (a smaller index's crop views are all scanned: `crop_scan.py`)."""
+        try:
+            rows = self.conn.execute("SELECT id, vector FROM crop_vectors ORDER BY id").fetchall()
+        except sqlite3.OperationalError as e:  # a file claiming crop views without their table
+            raise IndexCorruptError(f"{self.path} is damaged: its crop views cannot be read ({e})") from None
+        keep, blobs, at = [], [], 0
+        while at < len(rows):  # each image's views are consecutive keys: image id x CROP_SLOTS + view
+            image_id = rows[at][0] // CROP_SLOTS
+            mine = rows[at:at + views]
+            if len(mine) == views and all(key == image_id * CROP_SLOTS + view and type(blob) is bytes  # noqa: E721
+                                          and len(blob) == size for view, (key, blob) in enumerate(mine)):
+                keep.append(image_id)
+                blobs += [blob for _, blob in mine]
+            at += 1
+            while at < len(rows) and rows[at][0] // CROP_SLOTS == image_id:
+                at += 1
+        return np.asarray(keep, np.int64), b"".join(blobs)
+
     def crop_blobs(self, ids, views: int, size: int) -> dict[int, bytes]:
         """As `crop_bytes`, by id: each image's crop views joined."""
         found, blobs = self.crop_bytes(ids, views, size)
