@@ -13,8 +13,8 @@ candidates (scored as the others: the higher of their own score and their crop v
 The scan reads no vectors: the 2-bit codes (`crop_codes.py`) are kept in memory, 322 bytes a view,
 read once per version of the index (`version`, `build`). Read as product-quantizer codes (FAISS `IndexPQ`:
 one sub-vector per 4 values, 256 centroids each, every combination of four levels), a code's bytes
-are exactly its levels L, so one PQ search gives every view's L.q by table lookups (~0.3 us a
-view here); the rest of the centred cosine (`crops._coded_scores`) is per view and kept beside the
+are exactly its levels L, so one PQ search gives every view's L.q by table lookups (~0.5 us a
+view here: `scripts/bench_crop_scan.py`); the rest of the centred cosine (`crops._coded_scores`) is per view and kept beside the
 codes: its mean m, its length |L + m| and its dot with the collection's mean.
 """
 
@@ -25,7 +25,8 @@ import numpy as np
 from . import crop_codes
 
 SCAN_LIMIT = 20_000
-"""Scan the crop views of an index of at most this many images (~6 ms a scanned search at the limit)."""
+"""Scan the crop views of an index of at most this many images (~10 ms more a scanned search at the
+limit, and ~90 ms for the first one of an open index, which reads them all)."""
 
 SCAN_BELOW = 0.4
 """Scan only for a search whose best match (before the scan) scores below this. A near-copy of an
