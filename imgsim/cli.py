@@ -478,11 +478,14 @@ def label(images, index_path, add, remove):
 
     if not add and not remove:
         raise click.UsageError("give --add NAME and/or --remove NAME")
+    named = {}
     for option, names in (("--add", add), ("--remove", remove)):
         try:
-            Filter(labels=tuple(names))  # checked as a filter's labels are: a misused option (exit 2)
+            named[option] = Filter(labels=tuple(names)).labels  # checked as a filter's labels: exit 2 if misused
         except ImgsimError as e:
             raise click.BadParameter(str(e), param_hint=option) from None
+    if both := sorted(set(named["--add"]) & set(named["--remove"])):
+        raise click.UsageError(f"label {both[0]!r} is given to both --add and --remove")
     with Index.open(index_path) as index:
         count = index.label(images, add=add, remove=remove)
     done = " and ".join(word for word, asked in (("labelled", add), ("unlabelled", remove)) if asked)

@@ -149,5 +149,6 @@ def _date(value: str, end: bool) -> str:
     if not 1 <= int(day) <= last:
         raise ImgsimError(f"not a date: {value!r} ({year}-{month} has days 01 to {last:02d})")
     if not (int(hour) <= 23 and int(minute) <= 59 and int(second) <= 59):
-        raise ImgsimError(f"not a date: {value!r} (the time is {hour}:{minute}:{second}: at most 23:59:59)")
+        given = ":".join(part for part in match.groups()[3:] if part is not None)  # as typed, not as completed
+        raise ImgsimError(f"not a date: {value!r} (the time is {given}: at most 23:59:59)")
     return f"{year}-{month}-{day}T{hour}:{minute}:{second}"

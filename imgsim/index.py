@@ -705,10 +705,12 @@ class Index:
     def label(self, images: Iterable[str | os.PathLike | int], *, add: Iterable[str] = (),
               remove: Iterable[str] = ()) -> int:
         """Add and remove labels on indexed images (paths, files or ids; a folder means every indexed
-        image under it; a label both added and removed ends removed). Returns how many images' labels
-        changed: one that already had every label added, and none removed, is not counted."""
+        image under it). Returns how many images' labels changed: one that already had every label
+        added, and none of those removed, is not counted. A label cannot be both added and removed."""
         self._writable()
         add, remove = Filter(labels=tuple(add)).labels, Filter(labels=tuple(remove)).labels
+        if both := sorted(set(add) & set(remove)):
+            raise ImgsimError(f"label {both[0]!r} is both added and removed")
         ids = self._ids_of(images)
         with self._store.transaction():
             before = self._store.labels_by_id(ids)

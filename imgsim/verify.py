@@ -148,5 +148,5 @@ def _check_model(index, report: VerifyReport) -> None:
 def _check_files(index, report: VerifyReport) -> None:
     missing = sum(1 for row in index.rows() if not index.resolve(row.path).is_file())
     if missing:
-        report.notes.append(f"{missing} indexed files are not on disk under {index.root} "
+        report.notes.append(f"{missing} indexed file{'s are' if missing != 1 else ' is'} not on disk under {index.root} "
                             f"(moved away, or the index was shipped without them)")

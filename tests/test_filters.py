@@ -161,7 +161,8 @@ def test_bad_filter_values_are_clear_errors(index, library):
                             ({"since": "2024-02-30"}, r"2024-02 has days 01 to 29\)"),
                             ({"until": "2023-02-29"}, "2023-02 has days 01 to 28"),
                             ({"since": "2024-04-31"}, "not a date: '2024-04-31'"),
-                            ({"since": "2024-04-30T24:00"}, "at most 23:59:59"),
+                            ({"since": "2024-04-30T24:00"}, r"\(the time is 24:00: at most 23:59:59\)"),
+                            ({"until": "2024-02-29T25:00"}, r"\(the time is 25:00: at most"),  # as typed
                             ({"formats": ("exe",)}, "unknown image format"),
                             ({"min_width": -1}, "min-width"), ({"labels": ("",)}, "label")]:
         with pytest.raises(ImgsimError, match=message):
@@ -213,6 +214,10 @@ def test_labels_are_added_and_removed_and_filter(writable, library):
     assert run("label", str(first), "--add", "paper", "--index", path).stdout == "labelled 1 image\n"
     assert run("label", str(first), "--add", "paper", "--index", path).stdout == "labelled 0 images\n"
     assert run("label", str(first), "--remove", "paper", "--index", path).stdout == "unlabelled 1 image\n"
+    both = run("label", str(first), "--add", "paper", "--remove", "paper", "--index", path)
+    assert both.exit_code == 2 and "'paper' is given to both --add and --remove" in both.stderr
+    with Index.open(path) as idx, pytest.raises(ImgsimError, match="both added and removed"):
+        idx.label([first], add=["x"], remove=["x"])
     with Index.open(path, read_only=True) as idx:
         assert matching_ids(idx, Filter(labels=("paper",))) == paper - {first}
         assert matching_ids(idx, Filter(labels=("keep",))) == matching_ids(idx, Filter(folders=("trips/2024",)))
