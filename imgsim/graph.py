@@ -415,6 +415,9 @@ class Graph:
         usable = np.isfinite(by_crop) & ~_holds(ids, scan.ids)
         if allowed is not None:
             usable &= _holds(allowed, scan.ids)
+        # only those that would clearly lead: a crop view that merely ties with the graph's best is as
+        # likely a plain centre that looks like many pictures (`crop_scan.SCAN_MARGIN`)
+        usable &= by_crop - CROP_PENALTY > scores[0] + crop_scan.SCAN_MARGIN
         pick = np.flatnonzero(usable)
         pick = pick[np.argsort(-by_crop[pick], kind="stable")[:crop_scan.SCAN_CANDIDATES]]
         if len(pick):

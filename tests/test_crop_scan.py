@@ -82,6 +82,14 @@ def test_an_image_is_found_by_its_crop_view_alone_in_an_uncertain_search(collect
     code = crop_codes.encode(crop_codes.TWO_BIT, query[None])[0]
     expected = index.graph.score_against(query, crop_codes.decode(crop_codes.TWO_BIT, code, 1, DIM))[0]
     assert top.id == ids[123] and top.score == pytest.approx(expected - crops.CROP_PENALTY, abs=2e-3)
+    # only a crop view that clearly leads the graph's best match is added (`SCAN_MARGIN`)
+    with monkeypatch.context() as mp:
+        mp.setattr(crop_scan, "SCAN_BELOW", -np.inf)
+        lead = top.score - index.search(query, k=1)[0].score  # over the graph's best
+    assert lead > crop_scan.SCAN_MARGIN
+    with monkeypatch.context() as mp:
+        mp.setattr(crop_scan, "SCAN_MARGIN", lead + 0.01)
+        assert ids[123] not in [r.id for r in index.search(query, k=10)]
     # a filter limits the images the scan adds as it limits the search
     inside = index.search(query, k=5, filter=Filter(folders=("f3",)))
     assert inside[0].id == ids[123]
