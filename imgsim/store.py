@@ -544,7 +544,7 @@ class Store:
         ids = np.asarray(ids, dtype=np.int64).tolist()
         found = self._blobs_by_key("vectors", ids)
         size = VECTOR_BYTES * dim
-        keep = [i for i in ids if type(found.get(i)) is bytes and len(found[i]) == size]  # noqa: E721 (not a subclass)
+        keep = [i for i in ids if _is_blob(found.get(i), size)]
         return np.asarray(keep, np.int64), b"".join([found[i] for i in keep])
 
     def _blobs_by_key(self, table: str, keys: list[int]) -> dict[int, object]:
@@ -567,7 +567,7 @@ class Store:
             found = self._blobs_by_key("crop_vectors", keys)
         except sqlite3.OperationalError as e:  # a file claiming crop views without their table
             raise IndexCorruptError(f"{self.path} is damaged: its crop views cannot be read ({e})") from None
-        whole = [type(b) is bytes and len(b) == size for b in map(found.get, keys)]  # noqa: E721 (not a subclass)
+        whole = [_is_blob(b, size) for b in map(found.get, keys)]
         keep, blobs = [], []
         for n, image_id in enumerate(ids):
             if all(whole[n * views:(n + 1) * views]):
@@ -586,8 +586,8 @@ class Store:
         while at < len(rows):  # each image's views are consecutive keys: image id x CROP_SLOTS + view
             image_id = rows[at][0] // CROP_SLOTS
             mine = rows[at:at + views]
-            if len(mine) == views and all(key == image_id * CROP_SLOTS + view and type(blob) is bytes  # noqa: E721
-                                          and len(blob) == size for view, (key, blob) in enumerate(mine)):
+            if len(mine) == views and all(key == image_id * CROP_SLOTS + view and _is_blob(blob, size)
+                                          for view, (key, blob) in enumerate(mine)):
                 keep.append(image_id)
                 blobs += [blob for _, blob in mine]
             at += 1
@@ -724,6 +724,12 @@ def _to_db(path: str) -> str | bytes:
         return path
     except UnicodeEncodeError:
         return path.encode("utf-8", "surrogateescape")
+
+
+def _is_blob(value: object, size: int) -> bool:
+    """Whether a stored value is a blob of `size` bytes (a vector or crop view as written; anything else
+    is damage: text, a number, NULL, or another length)."""
+    return type(value) is bytes and len(value) == size  # noqa: E721 (not a subclass)
 
 
 def _from_db(value: str | bytes) -> str:
