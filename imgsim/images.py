@@ -282,7 +282,12 @@ def discover(folder: str | os.PathLike, on_error: Callable[[Path, str], None] | 
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
                 is_dir = False
-            if alias(entry, through_link):
+            try:
+                if alias(entry, through_link):
+                    continue
+            except OSError as e:  # a link that cannot be followed (into /proc, say): reported, passed over
+                if on_error:
+                    on_error(path, e.strerror or str(e))
                 continue
             if is_dir:
                 yield from walk(path, through_link or entry.is_symlink())

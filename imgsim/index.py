@@ -15,7 +15,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -50,7 +50,7 @@ log = logging.getLogger("imgsim")
 
 ProgressFn = Callable[[int, int], None]
 SkipFn = Callable[[str, str], None]
-Query = str | os.PathLike | Image.Image | np.ndarray
+Query = str | os.PathLike | Image.Image | np.ndarray | Sequence[float]
 
 
 def index_files(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -104,6 +104,16 @@ def _refuse_unwritable(path, sqlite_path: Path) -> None:
         if why:
             raise ReadOnlyIndexError(f"cannot write to index {path}: {what} {target} {why}; it can still be "
                                      f"searched (read-only)")
+
+
+def _real(path: str | os.PathLike) -> Path:
+    """`Path.resolve`; for a link that cannot be followed (into /proc/1, say), its folder resolved and
+    its own name."""
+    path = Path(path)
+    try:
+        return path.resolve()
+    except OSError:
+        return path.parent.resolve() / path.name
 
 
 def _first_root(sources: list[Path], files: list[Path]) -> Path:
@@ -557,7 +567,7 @@ class Index:
         walked = [self._key(s.resolve()) for s in sources if s.is_dir()]
         plan = plan_sync(files, self._store, key=self._key, resolve=self.resolve,
                          walked_prefixes=walked, remove_missing=remove_missing,
-                         unseen_prefixes=[self._key(Path(path).resolve()) for path, _ in unreadable],
+                         unseen_prefixes=[self._key(_real(path)) for path, _ in unreadable],
                          known_failures=None if retry_failed else self._store.failed_file_stats())
         plan.failures[:0] = unreadable  # reported and counted; what was indexed under them is kept
         carried = self._apply_plan(plan, report, label_from_folder)
@@ -702,12 +712,15 @@ class Index:
 
     # -- labels ----------------------------------------------------------------------------------
     @_guard_database
-    def label(self, images: Iterable[str | os.PathLike | int], *, add: Iterable[str] = (),
-              remove: Iterable[str] = ()) -> int:
-        """Add and remove labels on indexed images (paths, files or ids; a folder means every indexed
-        image under it). Returns how many images' labels changed: one that already had every label
+    def label(self, images: str | os.PathLike | int | Iterable[str | os.PathLike | int], *,
+              add: str | Iterable[str] = (), remove: str | Iterable[str] = ()) -> int:
+        """Add and remove labels on indexed images (paths, files or ids, or one of them; a folder means
+        every indexed image under it). Returns how many images' labels changed: one that already had every label
         added, and none of those removed, is not counted. A label cannot be both added and removed."""
         self._writable()
+        if isinstance(images, (str, os.PathLike, int, np.integer)):  # one image or folder, not its letters
+            images = [images]
+        add, remove = ([names] if isinstance(names, str) else names for names in (add, remove))
         add, remove = Filter(labels=tuple(add)).labels, Filter(labels=tuple(remove)).labels
         if both := sorted(set(add) & set(remove)):
             raise ImgsimError(f"label {both[0]!r} is both added and removed")
@@ -801,6 +814,11 @@ class Index:
         rows) and searched that way: one list of results, not one per row.
         """
         name = os.fspath(query) if isinstance(query, (str, os.PathLike)) else None
+        if isinstance(query, (list, tuple)):  # numbers: a vector (or rows of views) given as a list
+            try:
+                query = np.asarray(query, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise ImgsimError("a query given as a list must be numbers: a vector") from None
         vectors = np.asarray(query) if isinstance(query, np.ndarray) else self.query_vectors(query)
         return self._search_views(vectors, k, filter=filter, min_score=min_score, exact=exact, ef=ef, query=name,
                                   expand=expand)
@@ -823,11 +841,14 @@ class Index:
         return best
 
     @_guard_database
-    def search_many(self, queries: Iterable[str | os.PathLike], k: int = 10, *, filter: Filter | None = None,
+    def search_many(self, queries: str | os.PathLike | Iterable[str | os.PathLike], k: int = 10, *,
+                    filter: Filter | None = None,
                     min_score: float | None = None, exact: bool = False, ef: int | None = None,
                     batch_size: int = 16, expand: bool | expansion.Expansion = True) -> Iterator[QueryOutcome]:
         """Search with many image files (folders are walked), embedded in batches while the next
         ones decode. A file that cannot be read gives an outcome with `error` set; the rest go on."""
+        if isinstance(queries, (str, os.PathLike)):  # one file or folder, not its letters
+            queries = [queries]
         queries = [os.fspath(q) for q in queries]
         files: list[Path] = []
         for query in queries:

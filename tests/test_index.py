@@ -413,3 +413,18 @@ def test_an_index_from_format_2_is_migrated_to_float16_and_a_quantized_graph(tmp
         blob = index.store.conn.execute("SELECT vector FROM vectors LIMIT 1").fetchone()[0]
         assert len(blob) == 2 * 48
     assert validate((tmp_path / "idx.faiss").read_bytes(), 48) == len(float32)
+
+
+def test_one_item_is_taken_where_several_may_be_given(index, photos):
+    """A path where a list of paths may be given is one path, not its letters; a list of numbers is a
+    vector; a label given as a string is one label."""
+    outcomes = list(index.search_many(photos / "coffee.jpg", k=1))
+    assert len(outcomes) == 1 and outcomes[0].results[0].path == "coffee.jpg"
+    assert index.label("coffee.jpg", add="mug") == 1
+    coffee = next(r for r in index.images() if r["path"] == "coffee.jpg")
+    assert coffee["labels"] == ["mug"]
+    assert index.label(coffee["id"], remove="mug") == 1
+    vector = index.vector(coffee["id"])
+    assert index.search(vector.tolist(), k=1)[0].path == "coffee.jpg"
+    with pytest.raises(ImgsimError, match="must be numbers"):
+        index.search(["coffee.jpg", "rocket.jpg"])

@@ -5,6 +5,7 @@ a file or folder outside is followed, and its files are stored under the link's 
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 
@@ -89,3 +90,23 @@ def test_an_index_made_through_an_alias_is_put_right_by_the_next_run(tmp_path, p
         assert (report.moved, report.added, report.removed, report.embedded) == (1, 0, 0, 0)
         assert "2024/coffee.jpg" in [r.path for r in index.rows()]
         assert not [r.path for r in index.rows() if r.path.startswith("0-latest")]
+
+
+def test_a_link_that_cannot_be_followed_is_reported_and_the_run_goes_on(tmp_path, photos, monkeypatch):
+    """Resolving a link can fail (a link into /proc/1 for anyone but root: permission denied): the
+    link is reported as skipped, with why, and everything else is indexed; a folder of queries too."""
+    (photos / "guarded").symlink_to(tmp_path)
+    realpath = os.path.realpath
+
+    def refusing(path, *args, **kwargs):
+        if os.fspath(path).endswith("guarded"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return realpath(path, *args, **kwargs)
+
+    monkeypatch.setattr(os.path, "realpath", refusing)
+    result = run("index", photos, "--index", tmp_path / "idx", "--model", TINY_MODEL)
+    assert result.exit_code == 0, result.output
+    assert "guarded: Permission denied" in result.stderr and result.stdout.startswith("added ")
+    assert len(paths(tmp_path / "idx")) == sum(1 for p in photos.iterdir() if p.is_file())
+    searched = run("search", photos, "--index", tmp_path / "idx", "-k", "1")
+    assert searched.exit_code == 0 and "Traceback" not in searched.output
