@@ -25,6 +25,18 @@ def shown(path, one_line: bool = True) -> str:
     return text.translate(_CONTROL) if one_line else text
 
 
+def json_text(data, **options) -> str:
+    """`data` as JSON text that is valid UTF-8 whatever file names it holds. A name that is not UTF-8
+    is held as surrogate escapes (as Python reads such names); those are written \\udcNN, so the text
+    stays valid, and `os.fsencode(json.loads(text)[...])` gives the name's bytes back."""
+    text = json.dumps(data, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, ensure_ascii=True, **options)
+    return text
+
+
 def _cell(value, one_line: bool = True) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
@@ -46,7 +58,7 @@ class Printer:
 
     def __call__(self, record: dict) -> None:
         if self.fmt == "json":
-            click.echo(json.dumps(record, default=str, ensure_ascii=False))
+            click.echo(json_text(record, default=str))
         elif self.fmt == "csv":
             if self._csv is None:
                 self._csv = csv.DictWriter(sys.stdout, fieldnames=list(record), extrasaction="ignore",

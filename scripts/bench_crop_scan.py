@@ -50,6 +50,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/imgsim-crop-scan"))
     args = parser.parse_args()
+    if min(args.n) < 1 or args.queries < 1 or args.rounds < 1:
+        parser.error("--n, --queries and --rounds take numbers of at least 1")
 
     from imgsim import Index, crop_scan
 

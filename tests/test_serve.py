@@ -5,6 +5,8 @@ Results must be the CLI's; hostile requests get JSON 4xx answers; the server fol
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import json
 import struct
 import subprocess
@@ -488,3 +490,28 @@ def test_a_port_in_use_is_one_error_line_before_the_index_loads(tiny_index):
         result = run("serve", "--index", tiny_index, "--port", str(port))
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr == f"Error: cannot serve on 127.0.0.1:{port}: the port is in use\n", result.stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_answered_not_a_500(tmp_path, photos):
+    """Such names are indexed; every answer that shows one is valid JSON, the name written with
+    \\udcNN escapes, from which Python gets its bytes back (os.fsencode)."""
+    odd = os.fsdecode(b"bad\xff\xfename.jpg")
+    shutil.copy(photos / "coffee.jpg", photos / odd)
+    path = tmp_path / "odd"
+    with Index.create(path, model=TINY_MODEL) as index:
+        index.add(photos)
+        odd_id = next(r["id"] for r in index.images() if r["path"] == odd)
+    with make_client(path) as c:
+        found = upload(c, (photos / "coffee.jpg").read_bytes(), params="?limit=3")
+        assert found.status_code == 200, found.text
+        found.content.decode("utf-8")  # valid UTF-8
+        assert odd in [r["path"] for r in found.json()["results"]]
+        assert os.fsencode(next(r["path"] for r in found.json()["results"] if r["path"] == odd)) == \
+            b"bad\xff\xfename.jpg"
+        similar = c.get(f"/similar/{odd_id}")
+        assert similar.status_code == 200 and similar.json()["query"]["path"] == odd
+        served = c.get(f"/images/{odd_id}")  # the file itself, its name percent-encoded byte by byte
+        assert served.status_code == 200 and served.content == (photos / "coffee.jpg").read_bytes()
+        assert served.headers["content-disposition"].endswith("''bad%FF%FEname.jpg")
+    out = run("search", photos / "coffee.jpg", "--index", path, "-k", "3", "--json")
+    assert out.exit_code == 0 and odd in [json.loads(line)["path"] for line in out.stdout.splitlines()]

@@ -25,7 +25,7 @@ from ..errors import ImgsimError
 from ..defaults import THRESHOLDS_SAID
 from ..index import SearchResult
 from ..models import available_cpus
-from .errors import ApiError, install_error_handlers
+from .errors import ApiError, JsonResponse, install_error_handlers
 from .files import Thumbnails, open_indexed, stream
 from .filters import search_filters, supported_filters
 from .schema import SearchAnswer, errors
@@ -202,6 +202,7 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
             shared.close()
 
     app = FastAPI(title="imgsim", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=JsonResponse,
                   description="Search an imgsim index over HTTP: upload an image, get the most similar indexed "
                               "images. The web page is at `/`.")
     app.state.api = api
@@ -251,7 +252,7 @@ def create_app(settings: ServeSettings, shared: SharedIndex | None = None) -> Fa
         path, stored = await api.run(api.thumb_slots, api.locate, image_id)
         opened = await anyio.to_thread.run_sync(open_indexed, path, image_id)
         headers = {"ETag": opened.etag, "Cache-Control": "private, max-age=300",
-                   "Content-Disposition": f"inline; filename*=UTF-8''{quote(Path(stored).name)}"}
+                   "Content-Disposition": f"inline; filename*=UTF-8''{quote(os.fsencode(Path(stored).name))}"}
         if etag_matches(request, opened.etag):
             opened.file.close()
             return Response(status_code=304, headers=headers)

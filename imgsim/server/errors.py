@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ImageError, ImgsimError, IndexCorruptError, IndexNotFoundError, ModelError
+from ..output import json_text
 
 log = logging.getLogger("imgsim.server")
 
@@ -25,8 +26,17 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class JsonResponse(JSONResponse):
+    """Every JSON answer (the app's default response class): valid UTF-8 whatever file names it holds
+    (`output.json_text`: a name that is not UTF-8 is written with \\udcNN escapes), where FastAPI's
+    own encoder would fail on such a name and answer 500."""
+
+    def render(self, content) -> bytes:
+        return json_text(content, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JsonResponse({"error": message}, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
