@@ -264,13 +264,8 @@ def explain_empty(index, query: str | None, found, filter: Filter, min_score: fl
     or how many; not an error: the exit code stays 0)."""
     if found:
         return
-    about = f"{shown(query)}: " if query is not None else ""
-    if len(index) == 0:
-        warn(f"{about}the index is empty (add pictures with `imgsim index FOLDER`)")
-    elif not filter.empty and next(iter(index.images(filter, limit=1)), None) is None:
-        warn(f"{about}no indexed image matches the filter")
-    elif min_score is not None:
-        warn(f"{about}no result scores at least {min_score}")
+    if reason := index.why_empty(filter, min_score):
+        warn(f"{shown(query)}: {reason}" if query is not None else reason)
 
 
 def result_options(f):

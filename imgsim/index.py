@@ -910,6 +910,18 @@ class Index:
                                       query=row.path, skip=row.id, expand=expand)
         return results[:k]
 
+    @_guard_database
+    def why_empty(self, filter: Filter | None = None, min_score: float | None = None) -> str | None:
+        """Why a search (or a listing) with this filter and `min_score` can have found nothing: the
+        index is empty, no image matches the filter, or none scored that much; None if none of these."""
+        if len(self) == 0:
+            return "the index is empty (add pictures with `imgsim index FOLDER`)"
+        if filter is not None and not filter.empty and next(iter(self.images(filter, limit=1)), None) is None:
+            return "no indexed image matches the filter"
+        if min_score is not None:
+            return f"no result scores at least {min_score}"
+        return None
+
     def _allowed(self, filter: Filter | None) -> np.ndarray | None:
         """The ids a filter lets through (None: no filter)."""
         if filter is None or filter.empty:

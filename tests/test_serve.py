@@ -166,7 +166,13 @@ def test_filters_and_dupes_answer_as_the_cli_does(tmp_path, photos):
             assert got == expected and expected, params
         similar = client.get("/similar/1?format=png").json()["results"]
         assert similar and all(r["format"] == "PNG" for r in similar)
-        assert upload(client, data, params="?folder=%27%20OR%201%3D1%20--").json()["results"] == []
+        nothing = upload(client, data, params="?folder=%27%20OR%201%3D1%20--").json()
+        assert nothing["results"] == [] and nothing["note"] == "no indexed image matches the filter"
+        mirrored = png_bytes(Image.open(photos / "coffee.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        unreached = upload(client, mirrored, name="m.png", content_type="image/png", params="?min_score=1").json()
+        assert unreached["results"] == [] and unreached["note"] == "no result scores at least 1.0"
+        assert client.get("/similar/1?label=nosuch").json()["note"] == "no indexed image matches the filter"
+        assert "note" not in upload(client, data).json()  # results: nothing to explain
         bad = upload(client, data, params="?since=yesterday")
         assert bad.status_code == 400 and bad.json()["error"].startswith("not a date")
         assert upload(client, data, params="?min_width=-1").status_code == 422

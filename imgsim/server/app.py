@@ -97,9 +97,11 @@ class Api:
             vectors = gen.model.embed(imgs.query_arrays(decoded.image, gen.model.preprocess))  # as Index.search
             with gen.lock:
                 results = gen.index.search(vectors, k=k, **filters)
+                note = None if results else gen.index.why_empty(filters.get("filter"), filters.get("min_score"))
             query = {"filename": upload.filename, "width": decoded.width, "height": decoded.height,
                      "format": decoded.format}
-            return {"results": [result_json(r, upload.filename) for r in results], "query": query}
+            return {"results": [result_json(r, upload.filename) for r in results], "query": query,
+                    **({"note": note} if note else {})}
 
     def similar(self, image_id: int, k: int, filters: dict) -> dict:
         with self.shared.use() as gen, gen.lock:
@@ -107,7 +109,8 @@ class Api:
             if row is None:
                 raise ApiError(404, f"no image {image_id} in the index")
             results = [result_json(r, row.path) for r in gen.index.similar(image_id, k=k, **filters)]  # as the CLI's
-        return {"results": results, "query": {"id": image_id, **row_json(row)}}
+            note = None if results else gen.index.why_empty(filters.get("filter"), filters.get("min_score"))
+        return {"results": results, "query": {"id": image_id, **row_json(row)}, **({"note": note} if note else {})}
 
     def dupes(self, threshold: float | None, filters: dict) -> dict:
         """The groups of `imgsim dupes`, computed once per index generation and set of parameters."""
