@@ -111,7 +111,8 @@ function render(answer, name) {
   const results = answer.results || [];
   $("results").replaceChildren(...results.map((r) => card(r)));
   const what = results.length === 1 ? "1 result" : `${results.length} results`;
-  status(`${what} for ${name} in ${answer.took_ms} ms`);
+  const why = !results.length && answer.note ? `: ${answer.note}` : "";  // why nothing was found, where known
+  status(`${what} for ${name} in ${answer.took_ms} ms${why}`);
 }
 
 // -- duplicates ------------------------------------------------------------------------------------
