@@ -43,7 +43,6 @@ BYTE_LEVELS = LEVELS[(np.arange(256)[:, None] >> (2 * np.arange(4))) & 3]
 """(256, 4): the four levels each byte's value codes, lowest bits first."""
 
 
-
 def blob_size(code: str, dim: int) -> int:
     """Bytes of one stored crop view."""
     return 2 * dim if code == FLOAT16 else HEAD_BYTES + (dim + 3) // 4

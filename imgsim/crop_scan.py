@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import crop_codes
+from .crops import centred_scores
 
 SCAN_LIMIT = 20_000
 """Scan the crop views of an index of at most this many images (~10 ms more a scanned search at the
@@ -79,15 +80,8 @@ class CropScan:
         `crops._coded_scores` scores them; -inf for an image whose views are all damaged."""
         if not len(self.ids):
             return np.empty(0, np.float32)
-        if self.center is None:
-            by_view = self._dots(query)
-        else:
-            around = query - self.center
-            around /= max(float(np.sqrt(around @ around)), 1e-12)
-            cc = float(self.center @ self.center)
-            with np.errstate(invalid="ignore", over="ignore"):
-                by_view = (self._dots(around) - float(self.center @ around)) / \
-                    np.sqrt(np.maximum(1 - 2 * self._with_center + cc, 1e-24))
+        by_view = centred_scores(lambda vectors: np.stack([self._dots(v) for v in vectors]), query, self.center,
+                                 self._with_center)
         by_view = np.where(np.isnan(by_view), -np.inf, by_view).reshape(len(self.ids), self.views)
         return by_view.max(axis=1).astype(np.float32)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import crop_codes
@@ -93,13 +93,25 @@ def rerank(store: Store, manifest: Manifest, query: np.ndarray, scores: np.ndarr
 
 def _coded_scores(query: np.ndarray, blobs: bytes, n: int, dim: int, center: np.ndarray | None) -> np.ndarray:
     """Scores of `n` 2-bit views against `query` (unit length) as `Graph.score_against` scores them
-    decoded: the cosine of the two around the collection's mean `center` (plain without one), from
-    dot products alone (`crop_codes.dots`). For a decoded view x (unit length) and q' = q - c made
-    unit length: ((x - c).q') / |x - c|, where |x - c|^2 = 1 - 2 x.c + |c|^2."""
+    decoded (`centred_scores`, from `crop_codes.dots`)."""
+    return centred_scores(lambda vectors: crop_codes.dots(blobs, n, dim, vectors), query, center)
+
+
+def centred_scores(dots: Callable[[np.ndarray], np.ndarray], query: np.ndarray, center: np.ndarray | None,
+                   with_center: np.ndarray | None = None) -> np.ndarray:
+    """The cosine of views and `query` (unit length) around the collection's mean `center` (plain
+    without one), from dot products alone: `dots(vectors)` gives each view's dot (as a unit vector)
+    with each of `vectors` ((k, dim) -> (k, views)); `with_center`, where known, their dots with
+    `center`. For a view x and q' = q - c made unit length: ((x - c).q') / |x - c|, where
+    |x - c|^2 = 1 - 2 x.c + |c|^2. NaN for a damaged view, as `dots` gives."""
     if center is None:
-        return crop_codes.dots(blobs, n, dim, query[None])[0]
+        return dots(query[None])[0]
     around = query - center
     around /= max(float(np.sqrt(around @ around)), 1e-12)
-    with_query, with_center = crop_codes.dots(blobs, n, dim, np.stack([around, center]))
-    return (with_query - float(center @ around)) / np.sqrt(np.maximum(1 - 2 * with_center + float(center @ center),
-                                                                      1e-24))
+    if with_center is None:
+        with_query, with_center = dots(np.stack([around, center]))
+    else:
+        (with_query,) = dots(around[None])
+    with np.errstate(invalid="ignore", over="ignore"):  # a damaged view's NaN passes through
+        return (with_query - float(center @ around)) / np.sqrt(np.maximum(1 - 2 * with_center
+                                                                          + float(center @ center), 1e-24))

@@ -143,9 +143,10 @@ def _damaged_database(sqlite_path: Path, e: sqlite3.DatabaseError) -> ImgsimErro
     return IndexCorruptError(f"the index database {sqlite_path} is damaged: {e}; restore it, or re-index")
 
 
-def _view_names(views: str | Iterable[str]) -> tuple[str, ...]:
-    """Views as given to `Index.create`: a list of names, or one name alone (``"soft60"``)."""
-    return (views,) if isinstance(views, str) else tuple(views)
+def _items(given, one: tuple[type, ...] = (str,)) -> tuple:
+    """What a caller gave where one item or several may be: several as they are, one (an instance of
+    `one`) as a tuple of it, so that a name is one name and not its letters (``"soft60"``, a path)."""
+    return (given,) if isinstance(given, one) else tuple(given)
 
 
 def _views_text(index_views: tuple[str, ...], crop_views: tuple[str, ...]) -> str:
@@ -302,8 +303,8 @@ class Index:
             log.info("model: %s (%s)", model, why)
         loaded = Model.load(model)
         try:
-            crop_views = DEFAULT_CROP_VIEWS if crop_views is None else _view_names(crop_views)
-            preprocess = replace(loaded.preprocess, index_views=_view_names(index_views), crop_views=crop_views,
+            crop_views = DEFAULT_CROP_VIEWS if crop_views is None else _items(crop_views)
+            preprocess = replace(loaded.preprocess, index_views=_items(index_views), crop_views=crop_views,
                                  crop_code=crop_codes.TWO_BIT if crop_views else crop_codes.FLOAT16)
         except ValueError as e:
             raise ImgsimError(str(e)) from None
@@ -372,8 +373,8 @@ class Index:
         `crops.DEFAULT_CROP_VIEWS` for a new one. `crops.CROP_VIEWS` (``--centre-view``) asked of
         an index made with centre views averaged in (``--centre-view`` before crop views) or with
         colour crop views (before grey ones) are taken as those: it keeps indexing as it was made."""
-        index_views = None if index_views is None else _view_names(index_views)  # read more than once below
-        crop_views = None if crop_views is None else _view_names(crop_views)
+        index_views = None if index_views is None else _items(index_views)  # read more than once below
+        crop_views = None if crop_views is None else _items(crop_views)
         _, sqlite_path = index_files(path)
         if not sqlite_path.exists():
             return cls.create(path, model=model, root=root, index_views=index_views or (),
@@ -718,9 +719,8 @@ class Index:
         every indexed image under it). Returns how many images' labels changed: one that already had every label
         added, and none of those removed, is not counted. A label cannot be both added and removed."""
         self._writable()
-        if isinstance(images, (str, os.PathLike, int, np.integer)):  # one image or folder, not its letters
-            images = [images]
-        add, remove = ([names] if isinstance(names, str) else names for names in (add, remove))
+        images = _items(images, (str, os.PathLike, int, np.integer))
+        add, remove = _items(add), _items(remove)
         add, remove = Filter(labels=tuple(add)).labels, Filter(labels=tuple(remove)).labels
         if both := sorted(set(add) & set(remove)):
             raise ImgsimError(f"label {both[0]!r} is both added and removed")
@@ -847,9 +847,7 @@ class Index:
                     batch_size: int = 16, expand: bool | expansion.Expansion = True) -> Iterator[QueryOutcome]:
         """Search with many image files (folders are walked), embedded in batches while the next
         ones decode. A file that cannot be read gives an outcome with `error` set; the rest go on."""
-        if isinstance(queries, (str, os.PathLike)):  # one file or folder, not its letters
-            queries = [queries]
-        queries = [os.fspath(q) for q in queries]
+        queries = [os.fspath(q) for q in _items(queries, (str, os.PathLike))]
         files: list[Path] = []
         for query in queries:
             if not query:  # Path("") is the working folder: never search it unasked
